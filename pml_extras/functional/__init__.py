@@ -1,0 +1,19 @@
+"""Stateless losses: tensors in, per-sample losses out. The modules in
+:mod:`pml_extras.losses` are thin PML wrappers around these."""
+
+from .center import center_distances, center_loss, center_update, standalone_center_loss
+from .circle import circle_target_logit, class_circle_loss, sparse_circle_loss
+from .curricular import curricular_face_loss, curricular_target, update_t
+
+__all__ = [
+    "center_distances",
+    "center_loss",
+    "center_update",
+    "circle_target_logit",
+    "class_circle_loss",
+    "curricular_face_loss",
+    "curricular_target",
+    "sparse_circle_loss",
+    "standalone_center_loss",
+    "update_t",
+]

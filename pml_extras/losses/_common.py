@@ -1,0 +1,81 @@
+"""Pieces shared by the loss modules: distance checks, loss dicts, miner weights."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from torch import Tensor
+
+
+def require_cosine(distance, owner: str) -> None:
+    if (
+        type(distance) is not CosineSimilarity
+        or not distance.normalize_embeddings
+        or distance.power != 1
+    ):
+        raise ValueError(
+            f"{owner} works on cosine similarities and needs distance=CosineSimilarity() "
+            f"(normalize_embeddings=True, power=1); got {describe_distance(distance)}"
+        )
+
+
+def require_lp(distance, owner: str) -> None:
+    if not isinstance(distance, LpDistance):
+        raise ValueError(
+            f"{owner} supports LpDistance only (default: squared Euclidean, "
+            f"LpDistance(normalize_embeddings=False, p=2, power=2)); "
+            f"got {describe_distance(distance)}"
+        )
+
+
+def describe_distance(distance) -> str:
+    fields = ("normalize_embeddings", "p", "power", "is_inverted")
+    args = ", ".join(f"{f}={getattr(distance, f)}" for f in fields if hasattr(distance, f))
+    return f"{type(distance).__name__}({args})"
+
+
+def element_loss(losses: Tensor) -> dict:
+    return {
+        "losses": losses,
+        "indices": torch.arange(losses.shape[0], device=losses.device),
+        "reduction_type": "element",
+    }
+
+
+def miner_weights(indices_tuple, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """PML's convention for classification losses: weight = how often a sample was mined."""
+    return lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+
+
+def cosine_logits(embeddings: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """(B, C) scaled cosines; a cast *copy* of W is used, the parameter keeps its dtype."""
+    dtype = torch.promote_types(embeddings.dtype, weight.dtype)
+    x = torch.nn.functional.normalize(embeddings.to(dtype), dim=1)
+    w = torch.nn.functional.normalize(weight.to(dtype), dim=0)
+    return scale * (x @ w)
+
+
+def check_proxy_args(num_classes: int, embedding_size: int, owner: str) -> None:
+    for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def lp_settings(distance) -> dict:
+    return {
+        "p": float(distance.p),
+        "power": float(distance.power),
+        "normalize_embeddings": bool(distance.normalize_embeddings),
+    }
+
+
+def check_impl(impl: str, chunk_size: Optional[int], owner: str) -> None:
+    from ..ops.class_lse import IMPLS
+
+    if impl not in IMPLS:
+        raise ValueError(f"{owner}: impl must be one of {IMPLS}, got {impl!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{owner}: chunk_size must be a positive int or None, got {chunk_size!r}")

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.reducers import MeanReducer
+
+from .._validation import check_embeddings, check_labels, check_no_ref
+from ..functional.curricular import curricular_face_loss, update_t
+from ..ops.class_lse import target_cosine
+from . import _common
+
+
+class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """CurricularFace: an ArcFace margin plus an adaptive curriculum on hard negatives.
+
+    Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face
+    Recognition", CVPR 2020, as the authors' code computes it. With c_j = cos(theta_j):
+
+        f(c_y) = cos(theta_y + m)  if c_y > cos(pi - m)  else  c_y - m*sin(pi - m)
+        g(c_j) = c_j*(t + c_j)     if c_j > cos(theta_y + m)  else  c_j
+        L      = cross_entropy(scale * [f(c_y), g(c_j)...], y)
+
+    ``t`` (a buffer, saved in the state_dict) is an EMA of the batch-mean target cosine,
+    ``t <- momentum*mean(c_y) + (1 - momentum)*t``, updated without gradient before it
+    is used, and only in training mode. (The seed TF version swaps the two EMA factors,
+    giving the new batch weight 0.99, and averages cos(theta_y + m) instead of c_y.)
+
+    Args:
+        num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
+        margin: additive angular margin m (paper: 0.5). scale: logit scale s (paper: 64).
+        momentum: EMA factor of t (paper: 0.01).
+        chunk_size, impl: as in :class:`SparseCircleLoss`.
+        weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
+        (CosineSimilarity only), embedding_regularizer: as in PML.
+
+    Shapes: embeddings (B, D), labels (B,) in [0, C); per-sample losses to the reducer.
+
+    Example:
+        >>> loss_fn = CurricularFaceLoss(num_classes=1000, embedding_size=512)
+        >>> loss = loss_fn(torch.randn(64, 512), torch.randint(0, 1000, (64,)))
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.5,
+        scale: float = 64.0,
+        momentum: float = 0.01,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        _common.require_cosine(self.distance, name)
+        _common.check_proxy_args(num_classes, embedding_size, name)
+        _common.check_impl(impl, chunk_size, name)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{name}: momentum must lie in [0, 1], got {momentum}")
+        if scale <= 0:
+            raise ValueError(f"{name}: scale must be > 0, got {scale}")
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
+        self.chunk_size, self.impl = chunk_size, impl
+        self.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
+        self.weight_init_func(self.W)
+        self.register_buffer("t", torch.zeros(1))
+        self.add_to_recordable_attributes(
+            list_of_names=["margin", "scale", "momentum"], is_stat=False
+        )
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        name = type(self).__name__
+        check_no_ref(embeddings, labels, ref_emb, ref_labels, name, "its references are W")
+        check_embeddings(embeddings, self.embedding_size, name)
+        labels = check_labels(labels, self.num_classes, embeddings.shape[0], name)
+        if embeddings.shape[0] == 0:
+            loss_dict = {"loss": self.zero_loss()}
+        else:
+            x = torch.nn.functional.normalize(embeddings, dim=1)
+            cos_y = target_cosine(x, self.W, labels)
+            if self.training:
+                self.t.copy_(update_t(self.t, cos_y, self.momentum))
+            losses = curricular_face_loss(
+                x,
+                self.W,
+                labels,
+                # A copy, so that a later in-place update cannot reach a pending backward.
+                self.t.detach().clone(),
+                self.margin,
+                self.scale,
+                target_cos=cos_y,
+                chunk_size=self.chunk_size,
+                impl=self.impl,
+            )
+            weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
+            loss_dict = {"loss": _common.element_loss(losses * weights)}
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_logits(self, embeddings):
+        """(B, C) scale * cosine to each proxy (no margin); argmax is the predicted class."""
+        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
+        return _common.cosine_logits(embeddings, self.W, self.scale)
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_reducer(self):
+        return MeanReducer()

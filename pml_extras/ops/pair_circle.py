@@ -1,0 +1,346 @@
+"""Stateless core of the pair-level Circle loss, computed without a B x N similarity matrix.
+
+For an anchor row i with positive similarities s_p and negative similarities s_n,
+
+    P_i = logsumexp_k  -gamma * [1 + m - s_p_k]_+ * (s_p_k - (1 - m))
+    N_i = logsumexp_j   gamma * [s_n_j + m]_+    * (s_n_j - m)
+    L_i = softplus(P_i + N_i)           (0 when the row has no positive or no negative)
+
+with the [.]_+ weights treated as constants in the gradient (as in the paper and PML).
+
+Two entry points, both returning per-anchor losses of shape (B,):
+
+* ``all_pairs_circle_loss``: every (i, j) pair is positive when the labels match and negative
+  otherwise.  A custom autograd Function runs an online logsumexp over column blocks of the
+  reference set and recomputes each block in backward, so memory is O((B + N) * D) plus one
+  block of temporaries.
+* ``mined_pairs_circle_loss``: explicit (anchor, positive) and (anchor, negative) index pairs
+  from a miner; each pair's similarity is a row-wise dot product, followed by a per-anchor
+  scatter logsumexp, so memory is O(P * D) in the number of mined pairs.
+
+Inputs are the already-normalised embeddings: s_ij = <x_i, y_j>.  All logsumexp / softplus
+arithmetic is done in float32, or float64 when an input is float64.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+BlockSize = Union[int, Sequence[int], None]
+
+# Each block holds a handful of rows x cols temporaries; 2**21 float32 elements (8 MB each)
+# keeps them cache/allocator friendly while the matmuls stay large enough to be efficient.
+_BLOCK_ELEMS = 1 << 21
+_MAX_ROW_BLOCK = 1024
+
+
+def accumulate_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when any input is float64: never narrower than float32."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def resolve_block_size(block_size: BlockSize, num_rows: int, num_cols: int) -> Tuple[int, int]:
+    """Return ``(row_block, col_block)``; an int sets both, None picks a default."""
+    if block_size is None:
+        rb = max(1, min(num_rows, _MAX_ROW_BLOCK))
+        cb = max(1, min(num_cols, _BLOCK_ELEMS // rb))
+        return rb, cb
+    if isinstance(block_size, int):
+        rb = cb = block_size
+    else:
+        rb, cb = (int(b) for b in block_size)
+    if rb < 1 or cb < 1:
+        raise ValueError(f"block_size must be positive, got {block_size!r}")
+    return rb, cb
+
+
+def circle_logits(
+    s: Tensor, is_pos: Tensor, m: float, gamma: float, detach_weights: bool = True
+) -> Tuple[Tensor, Tensor]:
+    """Return ``(z, dz/ds)`` for similarities ``s``: the positive logit where ``is_pos``,
+    the negative logit elsewhere.
+
+    With ``detach_weights`` the [.]_+ factor counts as a constant in dz/ds; otherwise
+    dz/ds is the full derivative (used to gradcheck the blockwise machinery).
+    """
+
+    # Positive: -gamma * [1+m-s]_+ * (s-(1-m)); negative: gamma * [s+m]_+ * (s-m).
+    # Both are sign * [w]_+ * (s - delta), so one fused expression serves both.  The
+    # constants are 0-dim tensors of s's dtype so float64 inputs stay exact.
+    def const(a: float, b: float) -> Tensor:
+        return torch.where(is_pos, s.new_tensor(a), s.new_tensor(b))
+
+    sign = const(-gamma, gamma)
+    w = (const(1.0 + m, m) + const(-1.0, 1.0) * s).clamp_min(0.0)
+    delta = const(1.0 - m, m)
+    centred = s - delta
+    z = sign * w * centred
+    dz = sign * w
+    if not detach_weights:
+        # sign * dw/ds = gamma where the [.]_+ is active, for positives and negatives alike.
+        active = (w > 0).to(s.dtype)
+        dz = dz + gamma * active * centred
+    return z, dz
+
+
+def _lse_update(run_max: Tensor, run_sum: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
+    """One step of a streaming logsumexp over dim 1; masked entries of ``z`` are -inf."""
+    new_max = torch.maximum(run_max, z.amax(dim=1))
+    # Rows that have seen no entry yet keep max = -inf; shifting them by 0 instead avoids
+    # (-inf) - (-inf) = nan while still giving exp(-inf) = 0.
+    shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+    run_sum = run_sum * torch.exp(run_max - shift) + torch.exp(z - shift[:, None]).sum(dim=1)
+    return new_max, run_sum
+
+
+def _lse_finish(run_max: Tensor, run_sum: Tensor) -> Tuple[Tensor, Tensor]:
+    has = torch.isfinite(run_max)
+    # log(1) on empty rows keeps the unused branch finite (no inf/nan in where's backward).
+    lse = torch.where(has, run_max + torch.log(torch.where(has, run_sum, 1.0)), 0.0)
+    return lse, has
+
+
+def _block_masks(
+    labels_r: Tensor,
+    ref_labels_c: Tensor,
+    r0: int,
+    c0: int,
+    self_compare: bool,
+) -> Tuple[Tensor, Tensor]:
+    same = labels_r[:, None] == ref_labels_c[None, :]
+    neg = ~same
+    pos = same
+    rb, cb = same.shape
+    # Self-comparisons are neither positive nor negative; skip the work for blocks that
+    # cannot touch the diagonal (decided from Python ints, so no device sync).
+    if self_compare and r0 < c0 + cb and c0 < r0 + rb:
+        rows = torch.arange(r0, r0 + rb, device=same.device)
+        cols = torch.arange(c0, c0 + cb, device=same.device)
+        pos = same & (rows[:, None] != cols[None, :])
+    return pos, neg
+
+
+class _AllPairsCircle(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, labels, ref_labels, self_compare, m, gamma, rb, cb, detach_weights):
+        num_rows, num_cols = x.shape[0], y.shape[0]
+        neg_inf = float("-inf")
+        lse_p = x.new_zeros(num_rows)
+        lse_n = x.new_zeros(num_rows)
+        valid = torch.zeros(num_rows, dtype=torch.bool, device=x.device)
+        for r0 in range(0, num_rows, rb):
+            xr = x[r0 : r0 + rb]
+            lab_r = labels[r0 : r0 + rb]
+            n_r = xr.shape[0]
+            max_p = xr.new_full((n_r,), neg_inf)
+            max_n = xr.new_full((n_r,), neg_inf)
+            sum_p = xr.new_zeros(n_r)
+            sum_n = xr.new_zeros(n_r)
+            for c0 in range(0, num_cols, cb):
+                yc = y[c0 : c0 + cb]
+                s = xr @ yc.t()
+                pos, neg = _block_masks(lab_r, ref_labels[c0 : c0 + cb], r0, c0, self_compare)
+                z, _ = circle_logits(s, pos, m, gamma)
+                max_p, sum_p = _lse_update(max_p, sum_p, z.masked_fill(~pos, neg_inf))
+                max_n, sum_n = _lse_update(max_n, sum_n, z.masked_fill(~neg, neg_inf))
+            lp, has_p = _lse_finish(max_p, sum_p)
+            ln, has_n = _lse_finish(max_n, sum_n)
+            lse_p[r0 : r0 + n_r] = lp
+            lse_n[r0 : r0 + n_r] = ln
+            valid[r0 : r0 + n_r] = has_p & has_n
+        logit = lse_p + lse_n
+        losses = torch.where(valid, F.softplus(logit), 0.0)
+        ctx.save_for_backward(x, y, labels, ref_labels, lse_p, lse_n, valid)
+        ctx.args = (self_compare, m, gamma, rb, cb, detach_weights)
+        return losses
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_losses):
+        x, y, labels, ref_labels, lse_p, lse_n, valid = ctx.saved_tensors
+        self_compare, m, gamma, rb, cb, detach_weights = ctx.args
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        num_rows, num_cols = x.shape[0], y.shape[0]
+        # dL_i/d(P_i + N_i) = sigmoid(P_i + N_i); rows without a loss pass no gradient.
+        g_row = torch.where(valid, grad_losses.to(x.dtype) * torch.sigmoid(lse_p + lse_n), 0.0)
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_y = torch.zeros_like(y) if need_y else None
+        for r0 in range(0, num_rows, rb):
+            xr = x[r0 : r0 + rb]
+            lab_r = labels[r0 : r0 + rb]
+            n_r = xr.shape[0]
+            g_r = g_row[r0 : r0 + n_r, None]
+            valid_r = valid[r0 : r0 + n_r, None]
+            lp = lse_p[r0 : r0 + n_r, None]
+            ln = lse_n[r0 : r0 + n_r, None]
+            for c0 in range(0, num_cols, cb):
+                yc = y[c0 : c0 + cb]
+                s = xr @ yc.t()
+                pos, neg = _block_masks(lab_r, ref_labels[c0 : c0 + cb], r0, c0, self_compare)
+                z, dz = circle_logits(s, pos, m, gamma, detach_weights)
+                # softmax weight of each pair within its own (positive or negative) set
+                prob = torch.exp(z - torch.where(pos, lp, ln))
+                # Invalid rows may hold exp(z - 0) = inf; mask before multiplying by g_r = 0.
+                keep = (pos | neg) & valid_r
+                ds = torch.where(keep, prob * dz * g_r, 0.0)
+                if need_x:
+                    grad_x[r0 : r0 + n_r] += ds @ yc
+                if need_y:
+                    grad_y[c0 : c0 + yc.shape[0]] += ds.t() @ xr
+        return grad_x, grad_y, None, None, None, None, None, None, None, None
+
+
+def all_pairs_circle_loss(
+    x: Tensor,
+    y: Tensor,
+    labels: Tensor,
+    ref_labels: Tensor,
+    *,
+    m: float = 0.4,
+    gamma: float = 80.0,
+    self_compare: bool = False,
+    block_size: BlockSize = None,
+    detach_weights: bool = True,
+) -> Tensor:
+    """Per-anchor pair-level Circle loss over all pairs, computed blockwise.
+
+    Args:
+        x: (B, D) normalised query embeddings.
+        y: (N, D) normalised reference embeddings (may be ``x`` itself).
+        labels: (B,) query labels; ref_labels: (N,) reference labels.
+        self_compare: drop the pairs (i, i) (the reference set is the batch itself).
+        block_size: int for square blocks, ``(rows, cols)``, or None for a default.
+        detach_weights: treat the [.]_+ weights as constants in the gradient (paper / PML).
+
+    Returns:
+        (B,) losses in float32 (float64 if an input is float64); 0 for rows with no positive
+        or no negative.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must be (B, D) and (N, D), got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    if labels.shape != (x.shape[0],) or ref_labels.shape != (y.shape[0],):
+        raise ValueError("labels must be (B,) and ref_labels (N,)")
+    acc = accumulate_dtype(x, y)
+    rb, cb = resolve_block_size(block_size, x.shape[0], y.shape[0])
+    # Matmuls run in the accumulation dtype too: with gamma=256 a bf16 rounding error of
+    # ~4e-3 in s would move a logit by ~1.
+    xa = x.to(acc)
+    ya = xa if y is x else y.to(acc)
+    return _AllPairsCircle.apply(
+        xa,
+        ya,
+        labels,
+        ref_labels,
+        bool(self_compare),
+        float(m),
+        float(gamma),
+        rb,
+        cb,
+        bool(detach_weights),
+    )
+
+
+def unique_pairs(rows: Tensor, cols: Tensor, num_cols: int) -> Tuple[Tensor, Tensor]:
+    """Deduplicate (row, col) index pairs; sets semantics like a boolean mask."""
+    key = rows.long() * max(num_cols, 1) + cols.long()
+    key = torch.unique(key)
+    return key // max(num_cols, 1), key % max(num_cols, 1)
+
+
+def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tuple[Tensor, Tensor]:
+    """Per-bin logsumexp of ``values`` grouped by ``index``; returns ``(lse, has_any)``.
+
+    Empty bins get lse = 0.  The per-bin max is detached: logsumexp is shift invariant, so
+    its gradient is exactly softmax(values) within each bin either way.
+    """
+    has = torch.zeros(size, dtype=torch.bool, device=values.device).index_fill_(0, index, True)
+    with torch.no_grad():
+        vmax = values.new_full((size,), float("-inf"))
+        vmax = vmax.scatter_reduce(0, index, values, reduce="amax", include_self=True)
+        shift = torch.where(has, vmax, 0.0)
+    sums = values.new_zeros(size).index_add(0, index, torch.exp(values - shift[index]))
+    lse = torch.where(has, shift + torch.log(torch.where(has, sums, 1.0)), 0.0)
+    return lse, has
+
+
+def _pair_similarity(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return (x.index_select(0, rows) * y.index_select(0, cols)).sum(dim=1)
+
+
+def mined_pairs_circle_loss(
+    x: Tensor,
+    y: Tensor,
+    a1: Tensor,
+    p: Tensor,
+    a2: Tensor,
+    n: Tensor,
+    *,
+    m: float = 0.4,
+    gamma: float = 80.0,
+    detach_weights: bool = True,
+    check: bool = True,
+) -> Tensor:
+    """Per-anchor pair-level Circle loss over explicit pairs (a1[k], p[k]) and (a2[k], n[k]).
+
+    Repeated pairs count once (PML builds boolean masks from the indices).  With ``check``
+    (default), out-of-range indices and pairs that are both positive and negative raise
+    ValueError; these checks synchronise with the device once per call.
+
+    Returns (B,) losses, B = x.shape[0], in float32 (float64 if an input is float64).
+    """
+    num_rows, num_cols = x.shape[0], y.shape[0]
+    acc = accumulate_dtype(x, y)
+    device = x.device
+    a1, p, a2, n = (t.to(device=device, dtype=torch.long).reshape(-1) for t in (a1, p, a2, n))
+    if a1.shape != p.shape or a2.shape != n.shape:
+        raise ValueError("a1/p and a2/n must have equal lengths")
+    if check:
+        rows, cols = torch.cat([a1, a2]), torch.cat([p, n])
+        bad = (rows < 0) | (rows >= num_rows) | (cols < 0) | (cols >= num_cols)
+        if bool(bad.any()):
+            raise ValueError(
+                f"pair indices out of range for {num_rows} embeddings and {num_cols} references"
+            )
+    pa, pj = unique_pairs(a1, p, num_cols)
+    na, nj = unique_pairs(a2, n, num_cols)
+    if check and bool(torch.isin(pa * num_cols + pj, na * num_cols + nj).any()):
+        raise ValueError("Each pair should be either be positive or negative")
+    xa = x.to(acc)
+    ya = xa if y is x else y.to(acc)
+    z_pos = pair_logits(_pair_similarity(xa, ya, pa, pj), True, m, gamma, detach_weights)
+    z_neg = pair_logits(_pair_similarity(xa, ya, na, nj), False, m, gamma, detach_weights)
+    lse_p, has_p = scatter_logsumexp(z_pos, pa, num_rows)
+    lse_n, has_n = scatter_logsumexp(z_neg, na, num_rows)
+    return torch.where(has_p & has_n, F.softplus(lse_p + lse_n), 0.0)
+
+
+def pair_logits(
+    s: Tensor, positive: bool, m: float, gamma: float, detach_weights: bool = True
+) -> Tensor:
+    """Autograd-friendly Circle logits of positive (or negative) pair similarities ``s``."""
+    sw = s.detach() if detach_weights else s
+    if positive:
+        return -gamma * torch.clamp_min(1.0 + m - sw, 0.0) * (s - (1.0 - m))
+    return gamma * torch.clamp_min(sw + m, 0.0) * (s - m)
+
+
+__all__ = [
+    "accumulate_dtype",
+    "all_pairs_circle_loss",
+    "circle_logits",
+    "mined_pairs_circle_loss",
+    "pair_logits",
+    "resolve_block_size",
+    "scatter_logsumexp",
+    "unique_pairs",
+]
