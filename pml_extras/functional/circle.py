@@ -60,7 +60,8 @@ def class_circle_loss(
     """
     if similarities.ndim != 2:
         raise ValueError(
-            f"similarities must have shape (batch_size, num_classes), got {tuple(similarities.shape)}"
+            "similarities must have shape (batch_size, num_classes), "
+            f"got {tuple(similarities.shape)}"
         )
     batch, num_classes = similarities.shape
     if targets.ndim == 1:
