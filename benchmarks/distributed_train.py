@@ -1,0 +1,203 @@
+"""A small multi-process training run with a class-sharded loss, and its memory per rank.
+
+    torchrun --nproc_per_node=2 benchmarks/distributed_train.py --num-classes 2000 --steps 300
+    torchrun --nproc_per_node=2 benchmarks/distributed_train.py --num-classes 1000000 \\
+        --dim 128 --steps 3 --memory
+    torchrun --nproc_per_node=1 benchmarks/distributed_train.py ...   # one-process baseline
+
+The backbone (an MLP on synthetic inputs) is wrapped in DistributedDataParallel; the loss
+(``ShardedSparseCircleLoss`` or ``ShardedCurricularFaceLoss``) is not, and each rank
+holds only its shard of W. ``--backend auto`` picks NCCL when CUDA is available, else gloo.
+
+Data: class c's inputs are ``sin(c * f + phase) + noise`` for fixed random frequencies f and
+phases (a distinct, learnable pattern per class, without a C-sized table in memory); each
+rank draws its own labels from a rank-specific generator.
+
+Memory is reported two ways, per rank: *counted* = the bytes of the loss's parameters, their
+gradients and the optimizer state (exact, from the tensors), and *measured* = the process's
+peak resident set size (VmHWM, Linux; includes the Python runtime, torch and transients) or,
+on CUDA, ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from pml_extras.distributed import ShardedCurricularFaceLoss, ShardedSparseCircleLoss
+
+MB = 1 << 20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    p.add_argument("--loss", default="circle", choices=["circle", "curricular"])
+    p.add_argument("--num-classes", type=int, default=2000)
+    p.add_argument("--dim", type=int, default=128, help="embedding size D")
+    p.add_argument("--input-dim", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--sample-rate", type=float, default=1.0)
+    p.add_argument("--noise", type=float, default=0.3)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: keep)")
+    p.add_argument(
+        "--memory", action="store_true", help="report memory after every step (large-C runs)"
+    )
+    return p.parse_args(argv)
+
+
+def setup(backend: str):
+    if "RANK" not in os.environ:  # plain `python benchmarks/distributed_train.py`
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+    use_cuda = torch.cuda.is_available() and backend in ("auto", "nccl")
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, backend
+
+
+def make_batch(labels, freq, phase, noise, generator):
+    x = torch.sin(labels[:, None].to(freq.dtype) * freq[None, :] + phase[None, :])
+    return x + noise * torch.randn(x.shape, generator=generator, device=x.device)
+
+
+def peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def counted_bytes(params, optimizer) -> dict:
+    """Exact bytes of parameters, gradients and optimizer state of ``params``."""
+    ids = {id(p) for p in params}
+    param = sum(p.numel() * p.element_size() for p in params)
+    grad = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    state = 0
+    for p, st in optimizer.state.items():
+        if id(p) in ids:
+            state += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return {"param": param, "grad": grad, "optim": state, "total": param + grad + state}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world, device, backend = setup(args.backend)
+    torch.manual_seed(args.seed)  # same backbone init and data pattern on every rank
+    freq = torch.rand(args.input_dim, device=device) * 2.0 + 0.05
+    phase = torch.rand(args.input_dim, device=device) * 6.2832
+    backbone = torch.nn.Sequential(
+        torch.nn.Linear(args.input_dim, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, args.dim),
+    ).to(device)
+    ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    model = torch.nn.parallel.DistributedDataParallel(backbone, **ddp_kw)
+    common = dict(sample_rate=args.sample_rate, seed=args.seed, init_seed=args.seed)
+    if args.loss == "circle":
+        loss_fn = ShardedSparseCircleLoss(args.num_classes, args.dim, m=0.25, gamma=64.0, **common)
+    else:
+        loss_fn = ShardedCurricularFaceLoss(args.num_classes, args.dim, **common)
+    loss_fn = loss_fn.to(device)
+    loss_params = list(loss_fn.parameters())
+    groups = [{"params": model.parameters()}, {"params": loss_params}]
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=args.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank + 1)
+
+    if rank == 0:
+        print(
+            f"backend={backend} world={world} device={device} loss={args.loss} "
+            f"C={args.num_classes} D={args.dim} batch/rank={args.batch_size} "
+            f"sample_rate={args.sample_rate} optimizer={args.optimizer} "
+            f"threads/rank={torch.get_num_threads()}",
+            flush=True,
+        )
+    dist.barrier()
+    print(
+        f"[rank {rank}] owns classes [{loss_fn.class_start}, {loss_fn.class_end}) "
+        f"W shard {tuple(loss_fn.W.shape)} {loss_fn.W.numel() * loss_fn.W.element_size() / MB:.1f} "
+        "MB",
+        flush=True,
+    )
+    dist.barrier()
+
+    start = time.perf_counter()
+    window = []
+    for step in range(1, args.steps + 1):
+        labels = torch.randint(
+            0, args.num_classes, (args.batch_size,), generator=generator, device=device
+        )
+        x = make_batch(labels, freq, phase, args.noise, generator)
+        loss = loss_fn(model(x), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # global mean of the per-rank losses, for the log
+            value = loss.detach().clone()
+            dist.all_reduce(value)
+            window.append(float(value) / world)
+        if step % args.log_every == 0 or step == args.steps or step == 1:
+            if rank == 0:
+                print(
+                    f"step {step:5d}  loss {sum(window) / len(window):9.4f}  "
+                    f"({time.perf_counter() - start:7.1f} s)",
+                    flush=True,
+                )
+            window = []
+        if args.memory:
+            report_memory(rank, world, device, loss_params, optimizer, step)
+    if not args.memory:
+        report_memory(rank, world, device, loss_params, optimizer, args.steps)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def report_memory(rank, world, device, loss_params, optimizer, step):
+    counted = counted_bytes(loss_params, optimizer)
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    local = torch.tensor(
+        [counted["total"], peak_rss_mb() * MB, cuda_peak], dtype=torch.float64, device=device
+    )
+    rows = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(rows, local)
+    if rank == 0:
+        for r, row in enumerate(rows):
+            total, rss, cuda = row.tolist()
+            measured = f"cuda peak {cuda / MB:8.1f} MB" if cuda else f"peak RSS {rss / MB:8.1f} MB"
+            print(
+                f"[step {step}] rank {r}: loss W+grad+optimizer state {total / MB:8.1f} MB "
+                f"(counted), {measured} (measured)",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Multi-process training: class-sharded losses and data-parallel loss/miner wrappers.
+
+* :class:`ShardedSparseCircleLoss`, :class:`ShardedCurricularFaceLoss`: the class-level
+  losses with W split by classes over the ranks (model parallel, Partial-FC style, with
+  optional negative-class sampling). Keep them outside DDP.
+* :class:`DistributedLossWrapper`, :class:`DistributedMinerWrapper`: for losses whose
+  parameters are replicated (CenterLoss, StandaloneCenterLoss, CircleLoss, the
+  single-GPU SparseCircleLoss / CurricularFaceLoss); unlike PML's wrapper, the loss
+  parameters get the single-process gradient instead of world_size times it.
+
+Gradient contract of everything here, with N ranks: the loss parameters receive the
+gradient of the objective DDP optimises (the single-process loss on the concatenated
+batch, for equal local batches and a mean reduction); rank r's embeddings receive N times
+that gradient, which DDP's averaging of the model gradients divides back.
+"""
+
+from .sharded import ShardedCurricularFaceLoss, ShardedSparseCircleLoss, shard_ranges
+from .wrapper import DistributedLossWrapper, DistributedMinerWrapper
+
+__all__ = [
+    "DistributedLossWrapper",
+    "DistributedMinerWrapper",
+    "ShardedCurricularFaceLoss",
+    "ShardedSparseCircleLoss",
+    "shard_ranges",
+]

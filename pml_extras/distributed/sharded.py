@@ -1,0 +1,538 @@
+"""Class-sharded (model-parallel, Partial-FC style) SparseCircleLoss and CurricularFaceLoss.
+
+The class proxies W (D x C) are split by classes over the ranks of a process group: rank r
+owns the contiguous columns [start_r, end_r) and no rank ever holds all of W. Per step:
+
+1. every rank normalises its embeddings and all-gathers them (with gradient) and the labels,
+   in rank order, so every rank sees the global batch X (B_g x D);
+2. each rank runs :func:`pml_extras.ops.class_lse.class_logsumexp` over *its* classes for all
+   B_g rows, with labels remapped to local columns (-1 where another rank owns the class):
+   this gives a partial logsumexp over its non-target classes and the target cosine (0 on
+   ranks that do not own the class);
+3. the (B_g,) partials are all-gathered (with gradient) and combined, lse = logsumexp over
+   ranks and cos_y = sum over ranks, which are exactly the single-process quantities;
+4. each rank turns the rows of its own samples into per-sample losses and hands them to the
+   PML reducer. Miners work through per-sample weights, as in the single-GPU losses.
+
+Communication per step is O(B_g * D) for the embeddings plus O(world * B_g) for the partials,
+independent of C; memory per rank is O(D * C / world) for W, its gradient and its optimizer
+state, plus one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.utils import common_functions as c_f
+from torch import Tensor
+
+from .._validation import check_embeddings, check_labels
+from ..functional._numerics import masked_logsumexp
+from ..functional.circle import circle_target_logit
+from ..functional.curricular import curricular_target, update_t
+from ..losses import _common
+from ..ops.class_lse import class_logsumexp, target_cosine
+from . import _comm
+
+_MASK64 = (1 << 64) - 1
+
+
+def shard_ranges(
+    num_classes: int, world_size: int, shard_sizes: Optional[Sequence[int]] = None
+) -> List[Tuple[int, int]]:
+    """The contiguous class range [start, end) owned by each rank.
+
+    By default the classes are split as evenly as possible, the first ``num_classes %
+    world_size`` ranks getting one extra class (C=10 over 3 ranks: [0,4), [4,7), [7,10)).
+    ``shard_sizes`` (one positive int per rank, summing to ``num_classes``) overrides it.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if shard_sizes is None:
+        if num_classes < world_size:
+            raise ValueError(
+                f"num_classes={num_classes} is smaller than the world size {world_size}: "
+                "every rank must own at least one class"
+            )
+        base, extra = divmod(num_classes, world_size)
+        shard_sizes = [base + (r < extra) for r in range(world_size)]
+    shard_sizes = [int(n) for n in shard_sizes]
+    if len(shard_sizes) != world_size or any(n < 1 for n in shard_sizes):
+        raise ValueError(
+            f"shard_sizes must hold {world_size} positive ints (one per rank), got {shard_sizes}"
+        )
+    if sum(shard_sizes) != num_classes:
+        raise ValueError(
+            f"shard_sizes {shard_sizes} sum to {sum(shard_sizes)}, not num_classes={num_classes}"
+        )
+    starts = [sum(shard_sizes[:r]) for r in range(world_size)]
+    return [(s, s + n) for s, n in zip(starts, shard_sizes)]
+
+
+def _mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from a few ints (splitmix64 rounds)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) & _MASK64
+        h = (h * 0xBF58476D1CE4E5B9) & _MASK64
+        h ^= h >> 27
+        h = (h * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """Shared machinery; see :class:`ShardedSparseCircleLoss` for the full description."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        shard_sizes: Optional[Sequence[int]] = None,
+        process_group=None,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+        init_seed: Optional[int] = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        name = type(self).__name__
+        _common.require_cosine(self.distance, name)
+        _common.check_proxy_args(num_classes, embedding_size, name)
+        _common.check_impl(impl, chunk_size, name)
+        if not 0.0 < float(sample_rate) <= 1.0:
+            raise ValueError(f"{name}: sample_rate must lie in (0, 1], got {sample_rate}")
+        rank, world = _comm.group_info(process_group)
+        ranges = shard_ranges(num_classes, world, shard_sizes)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.sample_rate, self.seed = float(sample_rate), int(seed)
+        self.chunk_size, self.impl = chunk_size, impl
+        self.process_group = process_group
+        self.world_size, self.rank = world, rank
+        self.shard_sizes = [end - start for start, end in ranges]
+        self.class_start, self.class_end = ranges[rank]
+        self.register_buffer("class_range", torch.tensor(ranges[rank], dtype=torch.int64))
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
+        self.W = torch.nn.Parameter(torch.empty(embedding_size, self.class_end - self.class_start))
+        self._init_shard(init_seed)
+        self.last_sampled_classes: Optional[Tensor] = None
+        self._anchor: Optional[Tensor] = None
+
+    # ----------------------------------------------------------------- construction
+    def _init_shard(self, init_seed: Optional[int]) -> None:
+        """``weight_init_func`` on this shard, from a per-rank seed.
+
+        With one base seed on every rank (the usual ``torch.manual_seed(s)`` everywhere),
+        drawing the shards from the global generator would give every rank the *same*
+        values, i.e. classes start + j of all shards would share a proxy. The base is
+        ``init_seed`` or one draw from the global generator; rank r uses mix(base, r).
+        """
+        if self.world_size == 1 and init_seed is None:
+            self.weight_init_func(self.W)
+            return
+        base = init_seed if init_seed is not None else int(torch.randint(0, 2**62, ()).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix_seed(base, self.rank))
+            self.weight_init_func(self.W)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+            f"shard=[{self.class_start}, {self.class_end}) on rank {self.rank}/{self.world_size}, "
+            f"sample_rate={self.sample_rate}"
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "class_range")
+        if saved is not None and saved.tolist() != [self.class_start, self.class_end]:
+            lo, hi = saved.tolist()
+            raise RuntimeError(
+                f"{type(self).__name__}: this state_dict holds the shard of classes [{lo}, {hi}) "
+                f"but rank {self.rank} owns [{self.class_start}, {self.class_end}); load the "
+                "file saved by the matching rank, or re-shard a full W with load_full_weight()"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ----------------------------------------------------------------- PML entry point
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's forward without its local shape check (ours is synchronised over ranks).
+
+        The returned loss always depends on the collective part of the graph, even for an
+        empty local batch, so that every rank runs the same collectives in backward.
+        """
+        self.reset_stats()
+        self._anchor = None
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        if torch.is_tensor(labels):
+            labels = c_f.to_device(labels, embeddings)
+        loss = self.reducer(loss_dict, embeddings, labels)
+        anchor, self._anchor = self._anchor, None
+        return loss if anchor is None else loss + anchor
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        name = type(self).__name__
+        group = self.process_group
+        rank, world = _comm.group_info(group)
+        if world != self.world_size:
+            raise RuntimeError(
+                f"{name} was built for {self.world_size} rank(s) but the process group now has "
+                f"{world}; build the loss after init_process_group, in every rank"
+            )
+        checked = {}
+
+        def check():
+            if (ref_emb is not None and ref_emb is not embeddings) or (
+                ref_labels is not None and ref_labels is not labels
+            ):
+                raise ValueError(f"{name}: ref_emb/ref_labels are not supported (refs are W)")
+            check_embeddings(embeddings, self.embedding_size, name)
+            checked["labels"] = check_labels(labels, self.num_classes, embeddings.shape[0], name)
+            return embeddings.shape[0]
+
+        device = embeddings.device if torch.is_tensor(embeddings) else self.W.device
+        sizes = _comm.synced_validation(check, name, labels, self.num_classes, device, group)
+        labels = checked["labels"].to(embeddings.device)
+        w_scaled = _comm.scale_grad(self.W, 1.0 / world)
+        if sum(sizes) == 0:
+            loss_dict = {"loss": self.zero_loss()}
+            self.add_weight_regularization_to_loss_dict(loss_dict, w_scaled.t())
+            return loss_dict
+
+        x = F.normalize(embeddings, dim=1)
+        x_all = _comm.gather_rows(x, sizes, group)
+        y_all = _comm.gather_rows_nograd(labels, sizes, group)
+        cols, target = self._columns_and_targets(y_all)
+        w_used = w_scaled if cols is None else w_scaled.index_select(1, cols)
+
+        lse_part, cos_part = self._partials(x_all, w_used, target)
+        parts = _comm.gather_stack(torch.stack([lse_part, cos_part]), group)  # (world, 2, B_g)
+        lse_parts = parts[:, 0]
+        lse = masked_logsumexp(lse_parts, torch.isfinite(lse_parts), dim=0)
+        cos_y = parts[:, 1].sum(0)
+
+        start = sum(sizes[:rank])
+        own = slice(start, start + sizes[rank])
+        losses = self._per_sample(lse[own], cos_y[own])
+        # Zero-valued, but it keeps the collectives in this rank's graph whatever the reducer
+        # does (an empty local batch, a reducer that returns a detached zero...).
+        self._anchor = 0.0 * losses.sum()
+        if sizes[rank] == 0:
+            loss_dict = {"loss": self.zero_loss()}
+        else:
+            weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
+            loss_dict = {"loss": _common.element_loss(losses * weights)}
+        self.add_weight_regularization_to_loss_dict(loss_dict, w_used.t())
+        return loss_dict
+
+    # ----------------------------------------------------------------- sampling
+    def _columns_and_targets(self, y_all: Tensor) -> Tuple[Optional[Tensor], Tensor]:
+        """Local columns to use (None = the whole shard) and each row's target among them."""
+        lo, hi = self.class_start, self.class_end
+        num_local = hi - lo
+        owned = (y_all >= lo) & (y_all < hi)
+        local = torch.where(owned, y_all - lo, torch.full_like(y_all, -1))
+        if self.sample_rate >= 1.0 or not self.training:
+            self.last_sampled_classes = None
+            return None, local
+        device = self.W.device
+        positives = torch.unique(local[owned])
+        wanted = int(math.ceil(self.sample_rate * num_local - 1e-9))
+        keep = min(num_local, max(wanted, positives.numel(), 1))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_mix_seed(self.seed, int(self.sample_step), self.rank))
+        score = torch.rand(num_local, generator=generator, device=device)
+        score[positives] = 2.0  # positives always kept
+        cols = torch.topk(score, keep, sorted=False).indices.sort().values
+        remap = torch.full((num_local,), -1, dtype=torch.int64, device=device)
+        remap[cols] = torch.arange(keep, device=device)
+        target = torch.where(owned, remap[local.clamp_min(0)], local)
+        self.sample_step += 1
+        self.last_sampled_classes = cols + lo
+        return cols, target
+
+    # ----------------------------------------------------------------- per kind
+    def _partials(self, x_all: Tensor, w_used: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _per_sample(self, lse: Tensor, cos_y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _scale(self) -> float:
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- inspection
+    @torch.no_grad()
+    def gather_weight(self) -> Tensor:
+        """The full (D, C) W, assembled on every rank (a collective: call it on all ranks).
+
+        Only for inspection, export or evaluation at sizes where D x C fits one device.
+        ``SparseCircleLoss(C, D).W.copy_(sharded.gather_weight())`` gives the equivalent
+        single-process loss (plus ``.t.copy_(sharded.t)`` for CurricularFace).
+        """
+        w_t = self.W.detach().t().contiguous()
+        return _comm.gather_rows_nograd(w_t, self.shard_sizes, self.process_group).t()
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: Tensor) -> None:
+        """Copy this rank's columns out of a full (D, C) W (re-sharding a checkpoint)."""
+        if tuple(weight.shape) != (self.embedding_size, self.num_classes):
+            raise ValueError(
+                f"expected a full W of shape {(self.embedding_size, self.num_classes)}, "
+                f"got {tuple(weight.shape)}"
+            )
+        self.W.copy_(weight[:, self.class_start : self.class_end])
+
+    def shard_logits(self, embeddings: Tensor) -> Tensor:
+        """(B, C_local) scaled cosines to this rank's classes [class_start, class_end)."""
+        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
+        return _common.cosine_logits(embeddings, self.W, self._scale())
+
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> Tensor:
+        """Nearest-proxy class of each local embedding, over all C classes (a collective).
+
+        Each rank scores the gathered batch against its shard; the per-rank best cosines
+        are all-gathered and compared, so no rank builds a B x C matrix of all classes.
+        """
+        name = type(self).__name__
+        group = self.process_group
+        rank, _ = _comm.group_info(group)
+
+        def check():
+            check_embeddings(embeddings, self.embedding_size, name)
+            return embeddings.shape[0]
+
+        device = embeddings.device if torch.is_tensor(embeddings) else self.W.device
+        sizes = _comm.synced_validation(check, name, None, None, device, group)
+        x_all = _comm.gather_rows_nograd(F.normalize(embeddings, dim=1), sizes, group)
+        dtype = torch.promote_types(torch.promote_types(x_all.dtype, self.W.dtype), torch.float32)
+        w = F.normalize(self.W.detach().to(dtype), dim=0)
+        best, idx = (x_all.to(dtype) @ w).max(dim=1)
+        scores = _comm.gather_stack(best, group)
+        classes = _comm.gather_stack(idx + self.class_start, group)
+        winner = scores.argmax(dim=0)
+        pred = classes.gather(0, winner[None]).squeeze(0)
+        start = sum(sizes[:rank])
+        return pred[start : start + sizes[rank]]
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_reducer(self):
+        return MeanReducer()
+
+
+class ShardedSparseCircleLoss(_ShardedClassLoss):
+    """Class-level Circle loss with W sharded by classes over the ranks (model parallel).
+
+    The same loss as :class:`pml_extras.losses.SparseCircleLoss` (Sun et al., CVPR 2020,
+    class-level form, one positive proxy per sample),
+
+        l_i = softplus( logsumexp_{j != y_i} gamma*[s_ij + m]_+*(s_ij - m)
+                        - gamma*[1 + m - s_iy]_+*(s_iy - (1 - m)) ),
+
+    computed over the *global* batch of a process group while each rank holds only its
+    shard W[:, class_start:class_end] (Partial-FC style model parallelism, An et al. 2021).
+    Rank r owns the contiguous classes of :func:`shard_ranges` (uneven shards allowed).
+    Without ``torch.distributed`` (or with one rank) it is the single-GPU loss.
+
+    Use it like any PML loss, *outside* DistributedDataParallel: every rank calls it on
+    its local batch, and its W shard goes to the optimizer but not to DDP (W differs per
+    rank; DDP would average unrelated tensors, or refuse uneven shapes)::
+
+        model = DDP(backbone)                                     # embeddings only
+        loss_fn = ShardedSparseCircleLoss(C, D).to(device)        # after init_process_group
+        opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
+        loss = loss_fn(model(x), y)                               # local x, y
+        loss.backward(); opt.step()
+
+    Gradient contract (N ranks, L_s the loss returned on rank s, which is the reducer
+    applied to rank s's own samples, plus its share of the weight regularizer; and
+    L = (1/N) * sum_s L_s the objective DDP optimises):
+
+    * rank r's embeddings receive  N * dL/dx_r = d(sum_s L_s)/dx_r,  so that after DDP's
+      averaging of the model gradients the model gets exactly dL/dtheta;
+    * rank r's shard receives exactly  dL/dW_r  (its gradient is scaled by 1/N inside the
+      loss, and it must not be averaged by DDP);
+    * with equal local batch sizes and the default MeanReducer, L is the single-process
+      mean loss over the concatenated global batch with the concatenated W, so both are
+      the single-process gradients (the embedding one times N before DDP's averaging).
+      With unequal local batches each sample weighs 1/(N * B_s), as in any DDP training.
+
+    The returned value is L_r (this rank's samples); all-reduce it for the global mean.
+
+    Negative-class sampling (``sample_rate`` < 1, training mode only): each rank keeps
+    every class of its shard that is a label somewhere in the global batch, plus random
+    others, ceil(sample_rate * shard size) columns in all (or more, if there are more
+    positives). The draw uses a generator seeded from (``seed``, the ``sample_step``
+    buffer, rank): reproducible, and resumed by the state_dict. Unused columns get an
+    exactly zero gradient (note that momentum/Adam still move them with old statistics);
+    the weight regularizer only sees the used columns. ``last_sampled_classes`` holds
+    the global ids used at the last step.
+
+    Args:
+        num_classes: C (>= number of ranks). embedding_size: D. m, gamma: as in
+            :class:`~pml_extras.losses.SparseCircleLoss` (face recognition m=0.25, gamma=256).
+        sample_rate: fraction of each shard used per step, in (0, 1]. seed: sampling seed.
+        shard_sizes: optional classes per rank (default: as even as possible).
+        process_group: the group to shard over (default: the world).
+        chunk_size, impl: as in the single-GPU loss.
+        init_seed: base seed of the shard initialisation (default: one draw from the global
+            generator); rank r initialises its shard from mix(init_seed, r).
+        weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
+        (CosineSimilarity only), embedding_regularizer: as in PML.
+
+    State: ``state_dict()`` is per rank: ``W`` (D, C_r), ``class_range`` [start, end) (checked
+    on load) and ``sample_step``; save one file per rank. :meth:`gather_weight` builds the
+    full (D, C) W on every rank, :meth:`load_full_weight` takes a rank's slice of one, and
+    :meth:`predict` gives nearest-proxy classes without materialising all logits.
+
+    Bad inputs on any rank raise on every rank (no hang): an out-of-range label is a
+    ValueError naming the label and ``num_classes``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        m: float = 0.25,
+        gamma: float = 256.0,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        shard_sizes: Optional[Sequence[int]] = None,
+        process_group=None,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+        init_seed: Optional[int] = None,
+        **kwargs,
+    ):
+        if gamma <= 0:
+            raise ValueError(f"{type(self).__name__}: gamma must be > 0, got {gamma}")
+        super().__init__(
+            num_classes,
+            embedding_size,
+            sample_rate=sample_rate,
+            seed=seed,
+            shard_sizes=shard_sizes,
+            process_group=process_group,
+            chunk_size=chunk_size,
+            impl=impl,
+            init_seed=init_seed,
+            **kwargs,
+        )
+        self.m, self.gamma = float(m), float(gamma)
+        self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
+
+    def _partials(self, x_all, w_used, target):
+        return class_logsumexp(
+            x_all,
+            w_used,
+            target,
+            "circle",
+            self.gamma,
+            self.m,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+        )
+
+    def _per_sample(self, lse, cos_y):
+        return F.softplus(lse - circle_target_logit(cos_y, self.m, self.gamma))
+
+    def _scale(self) -> float:
+        return self.gamma
+
+
+class ShardedCurricularFaceLoss(_ShardedClassLoss):
+    """CurricularFace with W sharded by classes over the ranks (model parallel).
+
+    The same loss as :class:`pml_extras.losses.CurricularFaceLoss` (Huang et al., CVPR
+    2020), over the global batch of a process group, each rank holding one class shard of
+    W; see :class:`ShardedSparseCircleLoss` for the sharding, sampling, state and the
+    gradient contract, which are identical.
+
+    ``t`` is updated (training mode only, no gradient) from the mean target cosine of the
+    *global* batch: the target cosines are summed over ranks (each class lives on exactly
+    one rank, the others contribute 0), so every rank computes the same t, bit for bit,
+    and the hard-negative threshold cos(theta_y + m) of every row is the global one.
+    ``t`` is in every rank's state_dict (identical values).
+
+    Args:
+        num_classes, embedding_size, margin (0.5), scale (64), momentum (0.01): as in the
+            single-GPU loss. sample_rate, seed, shard_sizes, process_group, chunk_size,
+            impl, init_seed and PML's kwargs: as in :class:`ShardedSparseCircleLoss`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.5,
+        scale: float = 64.0,
+        momentum: float = 0.01,
+        sample_rate: float = 1.0,
+        seed: int = 0,
+        shard_sizes: Optional[Sequence[int]] = None,
+        process_group=None,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+        init_seed: Optional[int] = None,
+        **kwargs,
+    ):
+        name = type(self).__name__
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{name}: momentum must lie in [0, 1], got {momentum}")
+        if scale <= 0:
+            raise ValueError(f"{name}: scale must be > 0, got {scale}")
+        super().__init__(
+            num_classes,
+            embedding_size,
+            sample_rate=sample_rate,
+            seed=seed,
+            shard_sizes=shard_sizes,
+            process_group=process_group,
+            chunk_size=chunk_size,
+            impl=impl,
+            init_seed=init_seed,
+            **kwargs,
+        )
+        self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
+        self.register_buffer("t", torch.zeros(1))
+        self.add_to_recordable_attributes(
+            list_of_names=["margin", "scale", "momentum"], is_stat=False
+        )
+
+    def _partials(self, x_all, w_used, target):
+        # Global target cosines (each class is owned by one rank; the others add 0).
+        cos_det = _comm.all_reduce_sum(target_cosine(x_all, w_used, target), self.process_group)
+        if self.training:
+            self.t.copy_(update_t(self.t, cos_det, self.momentum))
+        _, threshold = curricular_target(cos_det, self.margin)
+        return class_logsumexp(
+            x_all,
+            w_used,
+            target,
+            "curricular",
+            self.scale,
+            # A copy, so that a later in-place update cannot reach a pending backward.
+            self.t.detach().clone(),
+            row_param=threshold,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+        )
+
+    def _per_sample(self, lse, cos_y):
+        target_logit, _ = curricular_target(cos_y, self.margin)
+        return F.softplus(lse - self.scale * target_logit)
+
+    def _scale(self) -> float:
+        return self.scale
