@@ -24,6 +24,7 @@ arithmetic is done in float32, or float64 when an input is float64.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -62,6 +63,16 @@ def resolve_block_size(block_size: BlockSize, num_rows: int, num_cols: int) -> T
     return rb, cb
 
 
+def exp_floor(dtype: torch.dtype) -> float:
+    """Offsets below which exp() terms are dropped: eps**3 relative to the largest term.
+
+    Dropping them changes a logsumexp by less than N * eps**3 (relative), far below
+    rounding, and keeps exp() off the underflow path, which on CPU is ~50x slower and
+    then feeds subnormals into the matmuls.
+    """
+    return 3.0 * math.log(torch.finfo(dtype).eps)
+
+
 def circle_logits(
     s: Tensor, is_pos: Tensor, m: float, gamma: float, detach_weights: bool = True
 ) -> Tuple[Tensor, Tensor]:
@@ -71,24 +82,32 @@ def circle_logits(
     With ``detach_weights`` the [.]_+ factor counts as a constant in dz/ds; otherwise
     dz/ds is the full derivative (used to gradcheck the blockwise machinery).
     """
-
-    # Positive: -gamma * [1+m-s]_+ * (s-(1-m)); negative: gamma * [s+m]_+ * (s-m).
-    # Both are sign * [w]_+ * (s - delta), so one fused expression serves both.  The
-    # constants are 0-dim tensors of s's dtype so float64 inputs stay exact.
-    def const(a: float, b: float) -> Tensor:
-        return torch.where(is_pos, s.new_tensor(a), s.new_tensor(b))
-
-    sign = const(-gamma, gamma)
-    w = (const(1.0 + m, m) + const(-1.0, 1.0) * s).clamp_min(0.0)
-    delta = const(1.0 - m, m)
-    centred = s - delta
-    z = sign * w * centred
-    dz = sign * w
+    # With u = 1 - s for positives and u = s for negatives both logits have one form:
+    #   -gamma [1+m-s]_+ (s-(1-m)) = gamma [u+m]_+ (u-m) = gamma [s+m]_+ (s-m),
+    # so a single elementwise chain serves the whole block.
+    u = torch.where(is_pos, 1.0 - s, s)
+    gw = (u + m).clamp_min(0.0) * gamma
+    centred = u - m
+    z = gw * centred
+    dz_du = gw
     if not detach_weights:
-        # sign * dw/ds = gamma where the [.]_+ is active, for positives and negatives alike.
-        active = (w > 0).to(s.dtype)
-        dz = dz + gamma * active * centred
-    return z, dz
+        dz_du = gw + gamma * (u + m > 0).to(s.dtype) * centred
+    # du/ds = -1 for positives
+    return z, torch.where(is_pos, -dz_du, dz_du)
+
+
+def pair_logits(
+    s: Tensor, positive: bool, m: float, gamma: float, detach_weights: bool = True
+) -> Tensor:
+    """Autograd-friendly Circle logits of positive (or negative) pair similarities ``s``."""
+    sw = s.detach() if detach_weights else s
+    if positive:
+        return -gamma * torch.clamp_min(1.0 + m - sw, 0.0) * (s - (1.0 - m))
+    return gamma * torch.clamp_min(sw + m, 0.0) * (s - m)
+
+
+def _exp_above(arg: Tensor, floor: float) -> Tensor:
+    return torch.exp(torch.where(arg >= floor, arg, float("-inf")))
 
 
 def _lse_update(run_max: Tensor, run_sum: Tensor, z: Tensor) -> Tuple[Tensor, Tensor]:
@@ -96,8 +115,10 @@ def _lse_update(run_max: Tensor, run_sum: Tensor, z: Tensor) -> Tuple[Tensor, Te
     new_max = torch.maximum(run_max, z.amax(dim=1))
     # Rows that have seen no entry yet keep max = -inf; shifting them by 0 instead avoids
     # (-inf) - (-inf) = nan while still giving exp(-inf) = 0.
-    shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-    run_sum = run_sum * torch.exp(run_max - shift) + torch.exp(z - shift[:, None]).sum(dim=1)
+    shift = torch.where(torch.isfinite(new_max), new_max, 0.0)
+    floor = exp_floor(z.dtype)
+    block_sum = _exp_above(z - shift[:, None], floor).sum(dim=1)
+    run_sum = run_sum * torch.exp(run_max - shift) + block_sum
     return new_max, run_sum
 
 
@@ -171,6 +192,12 @@ class _AllPairsCircle(torch.autograd.Function):
         num_rows, num_cols = x.shape[0], y.shape[0]
         # dL_i/d(P_i + N_i) = sigmoid(P_i + N_i); rows without a loss pass no gradient.
         g_row = torch.where(valid, grad_losses.to(x.dtype) * torch.sigmoid(lse_p + lse_n), 0.0)
+        # Rows whose whole gradient is below the smallest normal/eps cannot move any
+        # embedding by a representable amount; zeroing them keeps the matmuls subnormal-free.
+        g_row = g_row.masked_fill(
+            g_row.abs() < torch.finfo(x.dtype).tiny / torch.finfo(x.dtype).eps, 0.0
+        )
+        floor = exp_floor(x.dtype)
         grad_x = torch.zeros_like(x) if need_x else None
         grad_y = torch.zeros_like(y) if need_y else None
         for r0 in range(0, num_rows, rb):
@@ -178,7 +205,6 @@ class _AllPairsCircle(torch.autograd.Function):
             lab_r = labels[r0 : r0 + rb]
             n_r = xr.shape[0]
             g_r = g_row[r0 : r0 + n_r, None]
-            valid_r = valid[r0 : r0 + n_r, None]
             lp = lse_p[r0 : r0 + n_r, None]
             ln = lse_n[r0 : r0 + n_r, None]
             for c0 in range(0, num_cols, cb):
@@ -186,15 +212,18 @@ class _AllPairsCircle(torch.autograd.Function):
                 s = xr @ yc.t()
                 pos, neg = _block_masks(lab_r, ref_labels[c0 : c0 + cb], r0, c0, self_compare)
                 z, dz = circle_logits(s, pos, m, gamma, detach_weights)
-                # softmax weight of each pair within its own (positive or negative) set
-                prob = torch.exp(z - torch.where(pos, lp, ln))
-                # Invalid rows may hold exp(z - 0) = inf; mask before multiplying by g_r = 0.
-                keep = (pos | neg) & valid_r
-                ds = torch.where(keep, prob * dz * g_r, 0.0)
+                # Softmax weight of each pair within its own (positive or negative) set.
+                # Every kept entry belongs to a non-empty set whose lse is real, so arg <= 0
+                # even in rows without a loss (their g is 0).
+                arg = z - torch.where(pos, lp, ln)
+                arg = arg.masked_fill(~(pos | neg), float("-inf"))
+                ds = _exp_above(arg, floor) * dz
+                # The per-row factor g is applied outside the matmuls: tiny g times tiny
+                # softmax weights would otherwise fill ds with subnormals.
                 if need_x:
-                    grad_x[r0 : r0 + n_r] += ds @ yc
+                    grad_x[r0 : r0 + n_r] += (ds @ yc) * g_r
                 if need_y:
-                    grad_y[c0 : c0 + yc.shape[0]] += ds.t() @ xr
+                    grad_y[c0 : c0 + yc.shape[0]] += ds.t() @ (xr * g_r)
         return grad_x, grad_y, None, None, None, None, None, None, None, None
 
 
@@ -268,7 +297,8 @@ def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tuple[Tensor,
         vmax = values.new_full((size,), float("-inf"))
         vmax = vmax.scatter_reduce(0, index, values, reduce="amax", include_self=True)
         shift = torch.where(has, vmax, 0.0)
-    sums = values.new_zeros(size).index_add(0, index, torch.exp(values - shift[index]))
+    terms = _exp_above(values - shift[index], exp_floor(values.dtype))
+    sums = values.new_zeros(size).index_add(0, index, terms)
     lse = torch.where(has, shift + torch.log(torch.where(has, sums, 1.0)), 0.0)
     return lse, has
 
@@ -322,16 +352,6 @@ def mined_pairs_circle_loss(
     lse_p, has_p = scatter_logsumexp(z_pos, pa, num_rows)
     lse_n, has_n = scatter_logsumexp(z_neg, na, num_rows)
     return torch.where(has_p & has_n, F.softplus(lse_p + lse_n), 0.0)
-
-
-def pair_logits(
-    s: Tensor, positive: bool, m: float, gamma: float, detach_weights: bool = True
-) -> Tensor:
-    """Autograd-friendly Circle logits of positive (or negative) pair similarities ``s``."""
-    sw = s.detach() if detach_weights else s
-    if positive:
-        return -gamma * torch.clamp_min(1.0 + m - sw, 0.0) * (s - (1.0 - m))
-    return gamma * torch.clamp_min(sw + m, 0.0) * (s - m)
 
 
 __all__ = [
