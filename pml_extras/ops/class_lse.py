@@ -160,19 +160,26 @@ class _ClassLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, target, row_param, kind, p0, p1, chunk, impl):
         x_d, w_d = x.detach(), weight.detach()
+        state = ()
         if impl == "triton":
             from . import class_lse_triton
 
-            lse, cos_y = class_lse_triton.forward(x_d, w_d, target, row_param, kind, p0, p1)
+            # When x needs a gradient the kernels also return d lse / d x and the class
+            # inverse norms, which spares the backward a second pass over W.
+            out = class_lse_triton.forward(
+                x_d, w_d, target, row_param, kind, p0, p1, need_state=ctx.needs_input_grad[0]
+            )
+            lse, cos_y = out[0], out[1]
+            state = tuple(out[2]) if len(out) > 2 else ()
         else:
             lse, cos_y = _forward_torch(x_d, w_d, target, row_param, kind, p0, p1, chunk)
-        ctx.save_for_backward(x_d, w_d, target, row_param, lse)
+        ctx.save_for_backward(x_d, w_d, target, row_param, lse, *state)
         ctx.args = (kind, p0, p1, chunk, impl)
         return lse, cos_y
 
     @staticmethod
     def backward(ctx, grad_lse, grad_cos):
-        x, weight, target, row_param, lse = ctx.saved_tensors
+        x, weight, target, row_param, lse, *state = ctx.saved_tensors
         kind, p0, p1, chunk, impl = ctx.args
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
         grad_cos = torch.zeros_like(lse) if grad_cos is None else grad_cos.to(lse.dtype)
@@ -180,7 +187,19 @@ class _ClassLogSumExp(torch.autograd.Function):
             from . import class_lse_triton
 
             grad_x, grad_w = class_lse_triton.backward(
-                x, weight, target, row_param, kind, p0, p1, lse, grad_lse, grad_cos
+                x,
+                weight,
+                target,
+                row_param,
+                kind,
+                p0,
+                p1,
+                lse,
+                grad_lse,
+                grad_cos,
+                state=tuple(state) or None,
+                need_grad_x=ctx.needs_input_grad[0],
+                need_grad_w=ctx.needs_input_grad[1],
             )
         else:
             grad_x, grad_w = _backward_torch(
@@ -199,11 +218,14 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """``dtype``: the inputs' promoted dtype; "auto" keeps float64 on the torch path."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        if device.type != "cuda" or dtype == torch.float64:
+            return "torch"
+        return "triton" if triton_available(device) else "torch"
     if impl == "triton" and not triton_available(device):
         raise RuntimeError(
             "impl='triton' needs the triton package and a CUDA tensor "
@@ -251,7 +273,7 @@ def class_logsumexp(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if row_param is None:
         row_param = torch.zeros(batch, device=x.device, dtype=torch.float32)
-    impl = resolve_impl(impl, x.device)
+    impl = resolve_impl(impl, x.device, _compute_dtype(x, weight))
     acc = accumulate_dtype(x, weight)
     p1 = p1.detach().to(device=x.device, dtype=acc) if torch.is_tensor(p1) else float(p1)
     return _ClassLogSumExp.apply(
