@@ -9,6 +9,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.reducers import MeanReducer
 
 from .._validation import check_embeddings, check_labels, check_no_ref
+from ..functional._numerics import working_dtype
 from ..functional.curricular import curricular_face_loss, update_t
 from ..ops.class_lse import target_cosine
 from . import _common
@@ -82,7 +83,10 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         if embeddings.shape[0] == 0:
             loss_dict = {"loss": self.zero_loss()}
         else:
-            x = torch.nn.functional.normalize(embeddings, dim=1)
+            # float32 or wider, as in functional.curricular_face_loss (fp16 overflow).
+            x = torch.nn.functional.normalize(
+                embeddings.to(working_dtype(embeddings, self.W)), dim=1
+            )
             cos_y = target_cosine(x, self.W, labels)
             if self.training:
                 self.t.copy_(update_t(self.t, cos_y, self.momentum))
