@@ -604,9 +604,11 @@ def train_and_evaluate(
         "normalize_eval": method.normalize_eval,
         "n_loss_params": int(sum(p.numel() for p in loss_params)),
         "frozen_loss_params": frozen,
-        "loss_params_updated": bool(
-            loss_params
-            and all(not torch.equal(a, b.detach()) for a, b in zip(before, method.parameters()))
+        # None: the loss has no parameters (pair losses)
+        "loss_params_updated": (
+            all(not torch.equal(a, b.detach()) for a, b in zip(before, method.parameters()))
+            if loss_params
+            else None
         ),
         "diverged": diverged,
         "metrics": {},
@@ -751,7 +753,7 @@ def plot_results(out_dir: str) -> List[str]:
             cols = min(5, n)
             rows = math.ceil(n / cols)
             kw = {"projection": "3d"} if dim == 3 else {}
-            fig = plt.figure(figsize=(3.2 * cols, 3.3 * rows + 0.4))
+            fig = plt.figure(figsize=(3.2 * cols, 3.5 * rows + 0.4))
             cmap = plt.get_cmap("tab10" if labels.max() < 10 else "tab20")
             for i, r in enumerate(runs):
                 ax = fig.add_subplot(rows, cols, i + 1, **kw)
@@ -803,7 +805,7 @@ def plot_results(out_dir: str) -> List[str]:
                     fontsize=7,
                     frameon=False,
                 )
-            fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 0.97))
+            fig.tight_layout(rect=(0, 0.04 if handles else 0, 1, 0.97), h_pad=1.5)
             p = os.path.join(out_dir, "embeddings.png")
             fig.savefig(p, dpi=110)
             plt.close(fig)

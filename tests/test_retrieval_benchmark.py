@@ -338,7 +338,9 @@ def test_smoke_all_losses_digits(tmp_path, capsys):
             assert math.isfinite(r["metrics"][k]) and 0.0 <= r["metrics"][k] <= 1.0, (r["loss"], k)
             assert r["metrics"][k] > 0.3, (r["loss"], k)  # 10 classes: chance is ~0.1
         if r["n_loss_params"]:
-            assert r["loss_params_updated"], r["loss"]  # no frozen proxies/centers
+            assert r["loss_params_updated"] is True, r["loss"]  # no frozen proxies/centers
+        else:
+            assert r["loss_params_updated"] is None, r["loss"]
         assert r["loss"] in printed
     by = {r["loss"]: r for r in res["losses"]}
     assert "center_acc" in by["StandaloneCenterLoss"]["metrics"]
