@@ -140,13 +140,15 @@ def main(argv=None):
             f"threads/rank={torch.get_num_threads()}",
             flush=True,
         )
-    dist.barrier()
-    print(
-        f"[rank {rank}] owns classes [{loss_fn.class_start}, {loss_fn.class_end}) "
-        f"W shard {tuple(loss_fn.W.shape)} {loss_fn.W.numel() * loss_fn.W.element_size() / MB:.1f} "
-        "MB",
-        flush=True,
-    )
+    for r in range(world):  # one rank at a time, so that the lines do not interleave
+        dist.barrier()
+        if r == rank:
+            shard_mb = loss_fn.W.numel() * loss_fn.W.element_size() / MB
+            print(
+                f"[rank {rank}] owns classes [{loss_fn.class_start}, {loss_fn.class_end}) "
+                f"W shard {tuple(loss_fn.W.shape)} {shard_mb:.1f} MB",
+                flush=True,
+            )
     dist.barrier()
 
     start = time.perf_counter()
@@ -176,8 +178,29 @@ def main(argv=None):
             report_memory(rank, world, device, loss_params, optimizer, step)
     if not args.memory:
         report_memory(rank, world, device, loss_params, optimizer, args.steps)
+        evaluate(args, rank, world, device, model, loss_fn, freq, phase)
     dist.barrier()
     dist.destroy_process_group()
+
+
+@torch.no_grad()
+def evaluate(args, rank, world, device, model, loss_fn, freq, phase, batches=4):
+    """Nearest-proxy accuracy on fresh samples, over all C classes (``loss_fn.predict``)."""
+    model.eval()
+    loss_fn.eval()
+    generator = torch.Generator(device=device).manual_seed(10**6 + rank)
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for _ in range(batches):
+        labels = torch.randint(0, args.num_classes, (256,), generator=generator, device=device)
+        pred = loss_fn.predict(model(make_batch(labels, freq, phase, args.noise, generator)))
+        correct += torch.stack([(pred == labels).sum(), torch.tensor(len(labels))]).to(correct)
+    dist.all_reduce(correct)
+    if rank == 0:
+        print(
+            f"eval: nearest-proxy accuracy over all {args.num_classes} classes "
+            f"{correct[0] / correct[1]:.3f} ({int(correct[1])} fresh samples)",
+            flush=True,
+        )
 
 
 def report_memory(rank, world, device, loss_params, optimizer, step):
