@@ -1,8 +1,15 @@
 """PML-native losses. Each subclasses ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
 from .center_loss import CenterLoss
+from .circle_loss import CircleLoss
 from .curricular_face_loss import CurricularFaceLoss
 from .sparse_circle_loss import SparseCircleLoss
 from .standalone_center_loss import StandaloneCenterLoss
 
-__all__ = ["CenterLoss", "CurricularFaceLoss", "SparseCircleLoss", "StandaloneCenterLoss"]
+__all__ = [
+    "CenterLoss",
+    "CircleLoss",
+    "CurricularFaceLoss",
+    "SparseCircleLoss",
+    "StandaloneCenterLoss",
+]
