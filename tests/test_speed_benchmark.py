@@ -1,0 +1,148 @@
+"""Smoke tests for benchmarks/speed.py: tiny grids on CPU, no timed assertions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH_DIR)
+
+import naive  # noqa: E402
+import speed  # noqa: E402
+
+CLASS_PROVIDERS = ["sparse_circle_torch", "curricular_torch", "pml_arcface", "naive_circle"]
+PAIR_PROVIDERS = ["pml_circle"]
+MODES = ["fwd", "fwd+bwd"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _tiny_args(out, *extra):
+    return [
+        "--device", "cpu", "--B", "8", "--D", "16", "--C", "64", "--dtype", "fp32",
+        "--pair-B", "16", "--pair-D", "8", "--repeats", "2", "--warmup", "1",
+        "--out", str(out), "--name", "tiny", *extra,
+    ]  # fmt: skip
+
+
+def _key(row):
+    return (row["level"], row["C"], row["provider"], row["mode"])
+
+
+def test_main_writes_rows_floors_and_ratios(tmp_path):
+    providers = ",".join(CLASS_PROVIDERS + PAIR_PROVIDERS)
+    result = speed.main(
+        _tiny_args(
+            tmp_path, "--providers", providers, "--modes", ",".join(MODES), "--memory", "none"
+        )
+    )
+    with open(tmp_path / "tiny.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    meta = saved["meta"]
+    assert meta["device"] == "cpu"
+    assert meta["versions"]["torch"] == torch.__version__
+    for field in ("pytorch_metric_learning", "pml_extras", "triton"):
+        assert field in meta["versions"]
+    assert "--providers" in meta["command"] and meta["command"].startswith("python ")
+
+    rows = saved["rows"]
+    expected = {
+        ("class", C, p, m) for C in (64,) for p in ["floor"] + CLASS_PROVIDERS for m in MODES
+    } | {("pair", None, p, m) for p in ["floor"] + PAIR_PROVIDERS for m in MODES}
+    assert {_key(r) for r in rows} == expected
+    assert len(rows) == len(expected)
+
+    floors = {(r["level"], r["C"], r["mode"]): r for r in rows if r["provider"] == "floor"}
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert math.isfinite(row["time_ms"]) and row["time_ms"] > 0
+        assert len(row["time_samples_ms"]) == 2
+        assert all(math.isfinite(t) and t > 0 for t in row["time_samples_ms"])
+        floor = floors[(row["level"], row["C"], row["mode"])]
+        assert row["floor_time_ms"] == floor["time_ms"]
+        assert row["time_ratio"] == pytest.approx(row["time_ms"] / floor["time_ms"], rel=1e-12)
+        assert row["cpu_time_ratio"] == pytest.approx(
+            row["cpu_time_ms"] / floor["cpu_time_ms"], rel=1e-12
+        )
+        # Memory floor: dW + dx (class level), dx (pair level), fp32.
+        w = 16 * row["C"] if row["level"] == "class" else 0
+        x = 8 * 16 if row["level"] == "class" else 16 * 8
+        assert row["floor_mem_bytes"] == 4 * (w + x)
+    for floor in floors.values():
+        assert floor["time_ratio"] == 1.0 and floor["mem_ratio"] == 1.0
+        assert floor["mem_source"] == "analytical"
+
+    with open(tmp_path / "tiny.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {"time_ms", "time_ratio", "extra_mem_bytes", "mem_ratio"} <= set(csv_rows[0])
+    md = (tmp_path / "tiny.md").read_text()
+    assert meta["command"] in md and "| floor |" in md
+
+
+@pytest.mark.slow  # starts a forkserver, i.e. one fresh interpreter importing torch
+def test_memory_child_and_skips(tmp_path):
+    # One case through the fresh-process memory measurement; triton is recorded as skipped.
+    args = _tiny_args(
+        tmp_path, "--providers", "sparse_circle_torch,sparse_circle_triton", "--modes", "fwd+bwd"
+    )
+    args[args.index("--pair-B") + 1] = ""
+    rows = speed.main(args)["rows"]
+    assert {_key(r) for r in rows} == {
+        ("class", C, p, "fwd+bwd")
+        for C in (64,)
+        for p in ("floor", "sparse_circle_torch", "sparse_circle_triton")
+    }
+    for row in rows:
+        if row["provider"] == "sparse_circle_triton":
+            assert row["status"] == "skipped" and "CUDA" in row["reason"]
+            assert row["time_ms"] is None
+        elif row["provider"] == "sparse_circle_torch":
+            assert row["status"] == "ok"
+            assert isinstance(row["extra_mem_bytes"], int) and row["extra_mem_bytes"] >= 0, row
+            assert row["mem_ratio"] == row["extra_mem_bytes"] / row["floor_mem_bytes"]
+
+
+def test_memory_estimate_skips_instead_of_crashing(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "available_bytes", lambda device: 1 << 20)
+    args = _tiny_args(tmp_path, "--providers", "naive_circle", "--modes", "fwd", "--memory", "none")
+    args[args.index("--C") + 1] = "100000"
+    args[args.index("--pair-B") + 1] = ""
+    rows = speed.main(args)["rows"]
+    assert {r["provider"]: r["status"] for r in rows} == {
+        "floor": "skipped",
+        "naive_circle": "skipped",
+    }
+    assert all("available" in r["reason"] for r in rows)
+
+
+def test_naive_baselines_match_ours():
+    from pml_extras.losses import CurricularFaceLoss, SparseCircleLoss
+
+    torch.manual_seed(0)
+    B, D, C = 12, 16, 30
+    x = torch.randn(B, D, dtype=torch.float64)
+    labels = torch.randint(0, C, (B,))
+    W = torch.randn(D, C, dtype=torch.float64)
+
+    ours = SparseCircleLoss(C, D, impl="torch").double()
+    ref = naive.NaiveClassCircleLoss(C, D).double()
+    ours.W.data.copy_(W)
+    ref.W.data.copy_(W)
+    assert ref(x, labels).item() == pytest.approx(ours(x, labels).item(), rel=1e-9)
+
+    ours = CurricularFaceLoss(C, D, impl="torch").double()
+    ref = naive.NaiveCurricularFace(C, D).double()
+    ours.W.data.copy_(W)
+    ref.W.data.copy_(W)
+    for _ in range(2):  # t moves between the calls
+        assert ref(x, labels).item() == pytest.approx(ours(x, labels).item(), rel=1e-9)
+        assert ref.t.item() == pytest.approx(ours.t.item(), rel=1e-9)
