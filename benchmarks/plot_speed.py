@@ -69,6 +69,11 @@ def plot_group(key: tuple, rows: List[dict], path: str, device: str) -> str:
     for j, mode in enumerate(modes):
         for i, (field, ylabel, scale, title) in enumerate(PANELS):
             ax = axes[i][j]
+            if field == "over_floor_mem_bytes" and mode == "fwd":
+                ax.axis("off")
+                ax.text(0.5, 0.5, "fwd allocates no gradients:\nsee the extra peak memory above",
+                        ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+                continue
             series = _series(rows, mode, field)
             if field == "over_floor_mem_bytes":
                 series.pop("floor", None)
@@ -93,7 +98,8 @@ def plot_group(key: tuple, rows: List[dict], path: str, device: str) -> str:
                     color=[colors[n] for n in names],
                 )  # fmt: skip
                 ax.tick_params(axis="x", rotation=30)
-            if field == "over_floor_mem_bytes":
+            values = [v for points in series.values() for _, v in points]
+            if values and min(values) <= 0:  # e.g. a case that stays under dW + dx
                 ax.set_yscale("symlog", linthresh=1.0)
             else:
                 ax.set_yscale("log")
