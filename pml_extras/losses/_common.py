@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
+
+from .._validation import check_embeddings, check_labels, check_no_ref
 
 
 def require_cosine(distance, owner: str) -> None:
@@ -79,3 +81,25 @@ def check_impl(impl: str, chunk_size: Optional[int], owner: str) -> None:
         raise ValueError(f"{owner}: impl must be one of {IMPLS}, got {impl!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{owner}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def class_proxy_loss_dict(
+    loss_fn, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample: Callable
+) -> dict:
+    """The PML loss dict of a proxy loss (``loss_fn.W``) around its per-sample function.
+
+    Validates the batch, gives an empty batch a zero loss, calls ``per_sample(labels)``
+    otherwise, turns miners into per-sample weights and adds the weight regularizer.
+    """
+    name = type(loss_fn).__name__
+    check_no_ref(embeddings, labels, ref_emb, ref_labels, name, "its references are W")
+    check_embeddings(embeddings, loss_fn.embedding_size, name)
+    labels = check_labels(labels, loss_fn.num_classes, embeddings.shape[0], name)
+    if embeddings.shape[0] == 0:
+        loss_dict = {"loss": loss_fn.zero_loss()}
+    else:
+        losses = per_sample(labels)
+        weights = miner_weights(indices_tuple, labels, losses.dtype)
+        loss_dict = {"loss": element_loss(losses * weights)}
+    loss_fn.add_weight_regularization_to_loss_dict(loss_dict, loss_fn.W.t())
+    return loss_dict

@@ -8,7 +8,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.reducers import MeanReducer
 
-from .._validation import check_embeddings, check_labels, check_no_ref
+from .._validation import check_embeddings
 from ..functional._numerics import working_dtype
 from ..functional.curricular import curricular_face_loss, update_t
 from ..ops.class_lse import target_cosine
@@ -76,13 +76,7 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         )
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        name = type(self).__name__
-        check_no_ref(embeddings, labels, ref_emb, ref_labels, name, "its references are W")
-        check_embeddings(embeddings, self.embedding_size, name)
-        labels = check_labels(labels, self.num_classes, embeddings.shape[0], name)
-        if embeddings.shape[0] == 0:
-            loss_dict = {"loss": self.zero_loss()}
-        else:
+        def per_sample(labels):
             # float32 or wider, as in functional.curricular_face_loss (fp16 overflow).
             x = torch.nn.functional.normalize(
                 embeddings.to(working_dtype(embeddings, self.W)), dim=1
@@ -90,7 +84,7 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             cos_y = target_cosine(x, self.W, labels)
             if self.training:
                 self.t.copy_(update_t(self.t, cos_y, self.momentum))
-            losses = curricular_face_loss(
+            return curricular_face_loss(
                 x,
                 self.W,
                 labels,
@@ -102,10 +96,10 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 chunk_size=self.chunk_size,
                 impl=self.impl,
             )
-            weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
-            loss_dict = {"loss": _common.element_loss(losses * weights)}
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
-        return loss_dict
+
+        return _common.class_proxy_loss_dict(
+            self, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample
+        )
 
     def get_logits(self, embeddings):
         """(B, C) scale * cosine to each proxy (no margin); argmax is the predicted class."""

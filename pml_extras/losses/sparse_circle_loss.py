@@ -8,7 +8,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.reducers import MeanReducer
 
-from .._validation import check_embeddings, check_labels, check_no_ref
+from .._validation import check_embeddings
 from ..functional.circle import sparse_circle_loss
 from . import _common
 
@@ -73,14 +73,8 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        name = type(self).__name__
-        check_no_ref(embeddings, labels, ref_emb, ref_labels, name, "its references are W")
-        check_embeddings(embeddings, self.embedding_size, name)
-        labels = check_labels(labels, self.num_classes, embeddings.shape[0], name)
-        if embeddings.shape[0] == 0:
-            loss_dict = {"loss": self.zero_loss()}
-        else:
-            losses = sparse_circle_loss(
+        def per_sample(labels):
+            return sparse_circle_loss(
                 embeddings,
                 self.W,
                 labels,
@@ -89,10 +83,10 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 chunk_size=self.chunk_size,
                 impl=self.impl,
             )
-            weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
-            loss_dict = {"loss": _common.element_loss(losses * weights)}
-        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
-        return loss_dict
+
+        return _common.class_proxy_loss_dict(
+            self, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample
+        )
 
     def get_logits(self, embeddings):
         """(B, C) gamma * cosine to each proxy; argmax is the predicted class."""
