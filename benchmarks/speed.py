@@ -6,11 +6,12 @@ Structure: setup x provider x mode.
   proxies W of shape (D, C); ``level="pair"`` is an all-pairs loss over a batch of B
   embeddings (C is then unused; labels have 4 samples per identity).
 * A *provider* is one implementation (see ``PROVIDERS``): ours (``SparseCircleLoss``,
-  ``CurricularFaceLoss`` with ``impl="torch"`` and, on CUDA, ``impl="triton"``; the pair-level
-  ``pml_extras.losses.circle_loss.CircleLoss``), PML's ``ArcFaceLoss``, ``CosFaceLoss`` and
-  ``CircleLoss``, the straightforward dense versions of ``benchmarks/naive.py``, and the bare
-  matmul ``floor``: x @ W forward and dC @ W^T, x^T @ dC backward, same shapes and dtype
-  (pair level: x @ x^T, dS @ x, dS^T @ x).
+  ``CurricularFaceLoss``, ``ArcFaceLoss``, ``CosFaceLoss`` with ``impl="torch"`` and, on
+  CUDA, ``impl="triton"``; the pair-level ``pml_extras.losses.circle_loss.CircleLoss``),
+  PML's ``ArcFaceLoss``, ``CosFaceLoss`` and ``CircleLoss``, the straightforward dense
+  versions of ``benchmarks/naive.py``, and the bare matmul ``floor``: x @ W forward and
+  dC @ W^T, x^T @ dC backward, same shapes and dtype (pair level: x @ x^T, dS @ x,
+  dS^T @ x).
 * A *mode* is ``fwd`` (the training forward, autograd recording, no backward) or ``fwd+bwd``.
 
 Time: median over ``--repeats`` calls after warm-up, timed with CUDA events on GPU and with
@@ -235,6 +236,19 @@ def _curricular(impl):
     return build
 
 
+def _margin(name, impl):
+    """Ours: ArcFaceLoss / CosFaceLoss with PML's default margin and scale."""
+
+    def build(setup, inputs, device, opts):
+        from pml_extras import losses
+
+        cls = getattr(losses, name)
+        fn = cls(setup.C, setup.D, impl=impl, chunk_size=opts.get("chunk_size"))
+        return _loss_case(fn, inputs)
+
+    return build
+
+
 def _pml(name, **kwargs):
     def build(setup, inputs, device, opts):
         from pytorch_metric_learning import losses
@@ -332,6 +346,40 @@ PROVIDERS: Dict[str, Provider] = {
             _curricular("triton"),
             0,
             "ours: CurricularFaceLoss(impl='triton')",
+            _has_triton,
+            blockwise=True,
+        ),
+        Provider(
+            "arcface_torch",
+            "class",
+            _margin("ArcFaceLoss", "torch"),
+            0,
+            "ours: ArcFaceLoss(impl='torch'), blockwise",
+            blockwise=True,
+        ),
+        Provider(
+            "arcface_triton",
+            "class",
+            _margin("ArcFaceLoss", "triton"),
+            0,
+            "ours: ArcFaceLoss(impl='triton')",
+            _has_triton,
+            blockwise=True,
+        ),
+        Provider(
+            "cosface_torch",
+            "class",
+            _margin("CosFaceLoss", "torch"),
+            0,
+            "ours: CosFaceLoss(impl='torch'), blockwise",
+            blockwise=True,
+        ),
+        Provider(
+            "cosface_triton",
+            "class",
+            _margin("CosFaceLoss", "triton"),
+            0,
+            "ours: CosFaceLoss(impl='triton')",
             _has_triton,
             blockwise=True,
         ),

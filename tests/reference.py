@@ -311,3 +311,71 @@ def dense_class_logsumexp(
         lse.append(torch.logsumexp(z[i, keep], 0) if keep else torch.tensor(NEG_INF, dtype=F64))
         cos_y.append(c[i, y] if y >= 0 else torch.zeros((), dtype=F64))
     return torch.stack(lse), torch.stack(cos_y)
+
+
+# --------------------------------------------------------------------------------------
+# ArcFace (Deng et al. 2019) and CosFace (Wang et al. 2018)
+# --------------------------------------------------------------------------------------
+
+
+def _margin_target(c_y: Tensor, kind: str, margin: float) -> Tensor:
+    """The target logit before scaling.
+
+    ArcFace: cos(theta_y + m) with theta_y = arccos(c_y), while theta_y + m <= pi; past
+    that, c_y - m*sin(m) (the monotonic fallback pytorch-metric-learning uses).
+    CosFace: c_y - m.
+    """
+    if kind == "cosface":
+        return c_y - margin
+    if kind != "arcface":
+        raise ValueError(kind)
+    theta = torch.acos(c_y)
+    if float(theta.detach()) <= math.pi - margin:
+        return torch.cos(theta + margin)
+    return c_y - margin * math.sin(margin)
+
+
+def margin_softmax_losses(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, kind: str, margin: float, scale: float
+) -> Tensor:
+    """Per-anchor ArcFace / CosFace loss, one class at a time.
+
+    logits_j = s * c_j for j != y, logits_y = s * f(c_y); loss = -log softmax(logits)[y].
+    ``margin`` is in radians for ArcFace. ``weight`` is (D, C).
+    """
+    x, w = embeddings.to(F64), weight.to(F64)
+    out: List[Tensor] = []
+    for i in range(x.shape[0]):
+        y = int(labels[i])
+        logits = []
+        for j in range(w.shape[1]):
+            c = _cos(x[i], w[:, j])
+            logits.append(scale * (_margin_target(c, kind, margin) if j == y else c))
+        z = torch.stack(logits)
+        out.append(torch.logsumexp(z, dim=0) - z[y])
+    return torch.stack(out) if out else torch.zeros(0, dtype=F64)
+
+
+def margin_softmax_losses_dense(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, kind: str, margin: float, scale: float
+) -> Tensor:
+    """The same loss from the full (B, C) cosine matrix and torch's cross-entropy (for the
+    larger shapes, where the per-class loop is too slow)."""
+    x, w = embeddings.to(F64), weight.to(F64)
+    cos = torch.clamp(F.normalize(x, dim=1) @ F.normalize(w, dim=0), -1.0, 1.0)
+    rows = torch.arange(x.shape[0])
+    c_y = cos[rows, labels]
+    if kind == "cosface":
+        target = c_y - margin
+    elif kind == "arcface":
+        theta = torch.acos(c_y)
+        target = torch.where(
+            theta.detach() <= math.pi - margin,
+            torch.cos(theta + margin),
+            c_y - margin * math.sin(margin),
+        )
+    else:
+        raise ValueError(kind)
+    onehot = F.one_hot(labels, w.shape[1]).to(torch.bool)
+    logits = scale * torch.where(onehot, target[:, None], cos)
+    return F.cross_entropy(logits, labels, reduction="none")

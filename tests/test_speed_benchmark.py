@@ -17,7 +17,14 @@ sys.path.insert(0, BENCH_DIR)
 import naive  # noqa: E402
 import speed  # noqa: E402
 
-CLASS_PROVIDERS = ["sparse_circle_torch", "curricular_torch", "pml_arcface", "naive_circle"]
+CLASS_PROVIDERS = [
+    "sparse_circle_torch",
+    "curricular_torch",
+    "arcface_torch",
+    "cosface_torch",
+    "pml_arcface",
+    "naive_circle",
+]
 PAIR_PROVIDERS = ["pml_circle"]
 MODES = ["fwd", "fwd+bwd"]
 
@@ -146,3 +153,20 @@ def test_naive_baselines_match_ours():
     for _ in range(2):  # t moves between the calls
         assert ref(x, labels).item() == pytest.approx(ours(x, labels).item(), rel=1e-9)
         assert ref.t.item() == pytest.approx(ours.t.item(), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "ours,theirs", [("arcface_torch", "pml_arcface"), ("cosface_torch", "pml_cosface")]
+)
+def test_margin_providers_compute_the_same_loss_as_pml(ours, theirs):
+    """The providers compared in the tables build the same loss (margin, scale, shared W)."""
+    setup = speed.Setup("class", 12, 16, 30, "fp64")
+    device = torch.device("cpu")
+    inputs = speed.Inputs(setup, device)
+    values = {}
+    for name in (ours, theirs):
+        case = speed.PROVIDERS[name].build(setup, inputs, device, {"chunk_size": 7})
+        loss_fn = case.keep[0]
+        assert loss_fn.W.data_ptr() == inputs.W.data_ptr()  # the setup's W, shared
+        values[name] = loss_fn(inputs.x, inputs.labels).item()
+    assert values[ours] == pytest.approx(values[theirs], rel=1e-9)

@@ -4,13 +4,18 @@
 from .center import center_distances, center_loss, center_update, standalone_center_loss
 from .circle import circle_target_logit, class_circle_loss, sparse_circle_loss
 from .curricular import curricular_face_loss, curricular_target, update_t
+from .margin import arcface_loss, arcface_target, cosface_loss, cosface_target
 
 __all__ = [
+    "arcface_loss",
+    "arcface_target",
     "center_distances",
     "center_loss",
     "center_update",
     "circle_target_logit",
     "class_circle_loss",
+    "cosface_loss",
+    "cosface_target",
     "curricular_face_loss",
     "curricular_target",
     "sparse_circle_loss",

@@ -1,14 +1,18 @@
 """PML-native losses. Each subclasses ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
+from .arcface_loss import ArcFaceLoss
 from .center_loss import CenterLoss
 from .circle_loss import CircleLoss
+from .cosface_loss import CosFaceLoss
 from .curricular_face_loss import CurricularFaceLoss
 from .sparse_circle_loss import SparseCircleLoss
 from .standalone_center_loss import StandaloneCenterLoss
 
 __all__ = [
+    "ArcFaceLoss",
     "CenterLoss",
     "CircleLoss",
+    "CosFaceLoss",
     "CurricularFaceLoss",
     "SparseCircleLoss",
     "StandaloneCenterLoss",

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+from typing import Optional
+
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.reducers import MeanReducer
+
+from .._validation import check_embeddings
+from ..functional.margin import check_margin_args, cosface_target
+from . import _common
+from .arcface_loss import init_margin_loss, margin_loss_dict
+
+
+class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """CosFace (large margin cosine) loss; a blockwise drop-in for PML's ``CosFaceLoss``.
+
+    Wang, Wang, Zhou, Ji, Gong, Zhou, Li and Liu, "CosFace: Large Margin Cosine Loss for
+    Deep Face Recognition", CVPR 2018. With c_j = cos(theta_j) the cosine between the
+    normalised embedding and class proxy j, and y the label:
+
+        L = cross_entropy(s * [c_y - m, c_j for j != y], y)
+          = softplus( logsumexp_{j != y} s*c_j - s*(c_y - m) )
+
+    Per-sample values equal PML's ``CosFaceLoss``, but the B x C logits are never
+    materialised: the logsumexp runs blockwise over class chunks in float32 (Triton
+    kernels on CUDA). Same arguments, defaults and ``W`` of shape (D, C) as PML's, so a
+    PML state_dict loads as is; unlike PML, ``W`` keeps its dtype.
+
+    Args:
+        num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
+        margin: additive cosine margin m (paper: 0.35, the default; the paper finds
+            0.25-0.45 works well).
+        scale: logit scale s (paper: 64, the default).
+        chunk_size: classes per block (default: about 4M logits per block).
+        impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
+        weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
+        (CosineSimilarity only), embedding_regularizer: as in PML.
+
+    Shapes: embeddings (B, D), labels (B,) in [0, C). Per-sample losses go to the
+    reducer (default MeanReducer); miners' ``indices_tuple`` become per-sample weights.
+    With ``collect_stats``, ``avg_angle`` is the mean target angle in degrees, as in PML.
+
+    Example:
+        >>> loss_fn = CosFaceLoss(num_classes=1000, embedding_size=128)
+        >>> loss = loss_fn(torch.randn(32, 128), torch.randint(0, 1000, (32,)))
+        >>> loss.backward()
+        >>> preds = loss_fn.get_logits(torch.randn(4, 128)).argmax(1)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        margin: float = 0.35,
+        scale: float = 64,
+        chunk_size: Optional[int] = None,
+        impl: str = "auto",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.margin = float(margin)
+        check_margin_args(self.margin, scale, type(self).__name__, arc=False)
+        init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
+
+    def modify_cosine_of_target_classes(self, cosine_of_target_classes):
+        """f(c_y) = c_y - m, PML's name for it."""
+        return cosface_target(cosine_of_target_classes, self.margin)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        return margin_loss_dict(
+            self,
+            self.modify_cosine_of_target_classes,
+            embeddings,
+            labels,
+            indices_tuple,
+            ref_emb,
+            ref_labels,
+        )
+
+    def get_logits(self, embeddings):
+        """(B, C) scale * cosine to each proxy (no margin), like PML's; argmax predicts."""
+        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
+        return _common.cosine_logits(embeddings, self.W, self.scale)
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def get_default_reducer(self):
+        return MeanReducer()
