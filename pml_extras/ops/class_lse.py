@@ -85,20 +85,53 @@ def _target_columns(weight: Tensor, target: Tensor, acc) -> Tuple[Tensor, Tensor
     return w_y * inv_norm[:, None], inv_norm, has_target
 
 
+def _chunk_cosines(xc, w, acc):
+    """Raw cosines (B, n) in ``acc``, normalised proxies w_hat (D, n) and their inverse norms.
+
+    Full-precision inputs multiply by w_hat directly, which saves a pass over the B x n
+    block; half inputs keep the half matmul and scale the product afterwards.
+    """
+    wf = w.to(acc)
+    inv_norm = torch.rsqrt(torch.clamp_min((wf * wf).sum(0), _EPS))
+    w_hat = wf * inv_norm
+    if xc.dtype == acc:
+        return xc @ w_hat, w_hat, inv_norm
+    return (xc @ w.to(xc.dtype)).to(acc).mul_(inv_norm), w_hat, inv_norm
+
+
+def _mask_target_(z: Tensor, target: Tensor, start: int) -> Tensor:
+    """Set z[i, target_i - start] = -inf where the target falls in this chunk: O(B), not
+    a B x n comparison, and no host sync."""
+    n = z.shape[1]
+    local = target - start
+    inside = ((local >= 0) & (local < n))[:, None]
+    idx = local.clamp(0, n - 1)[:, None]
+    cur = z.gather(1, idx)
+    return z.scatter_(1, idx, torch.where(inside, torch.full_like(cur, float("-inf")), cur))
+
+
+def _logits_inplace(kind, c, row_param, p0, p1):
+    """g(c) for the forward, overwriting ``c`` where that saves a temporary."""
+    if kind == "circle":
+        weight = (c + p1).clamp_min_(0.0)
+        return weight.mul_(c.sub_(p1)).mul_(p0)
+    if kind == "curricular":
+        hard = c > row_param[:, None]
+        return torch.where(hard, c * (p1 + c), c).mul_(p0)
+    if kind == "scaled":
+        return c.mul_(p0)
+    raise ValueError(f"unknown transform kind {kind!r}; expected one of {KINDS}")
+
+
 def _forward_torch(x, weight, target, row_param, kind, p0, p1, chunk):
     batch, num_classes = x.shape[0], weight.shape[1]
     cdtype, acc = _compute_dtype(x, weight), accumulate_dtype(x, weight)
     xc = x.to(cdtype)
     lse = torch.full((batch,), float("-inf"), device=x.device, dtype=acc)
     for start in range(0, num_classes, chunk):
-        w = weight[:, start : start + chunk]
-        wf = w.to(acc)
-        inv_norm = torch.rsqrt(torch.clamp_min((wf * wf).sum(0), _EPS))
-        c = (xc @ w.to(cdtype)).to(acc) * inv_norm
-        c = c.clamp_(-1.0, 1.0)
-        z, _ = transform(kind, c, row_param, p0, p1)
-        cols = torch.arange(start, start + w.shape[1], device=x.device)
-        z = z.masked_fill(cols[None, :] == target[:, None], float("-inf"))
+        c, _, _ = _chunk_cosines(xc, weight[:, start : start + chunk], acc)
+        z = _logits_inplace(kind, c.clamp_(-1.0, 1.0), row_param, p0, p1)
+        z = _mask_target_(z, target, start)
         lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
     return lse, target_cosine(x, weight, target)
 
@@ -123,27 +156,24 @@ def _backward_torch(x, weight, target, row_param, kind, p0, p1, chunk, lse, grad
     grad_x = torch.zeros(x.shape, device=x.device, dtype=acc)
     grad_w = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
     # Rows whose negatives are all masked have lse = -inf and every p_ij = 0.
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[:, None]
     for start in range(0, num_classes, chunk):
-        w = weight[:, start : start + chunk]
-        wf = w.to(acc)
-        inv_norm = torch.rsqrt(torch.clamp_min((wf * wf).sum(0), _EPS))
-        w_hat = wf * inv_norm
-        raw = (xc @ w.to(cdtype)).to(acc) * inv_norm
+        raw, w_hat, inv_norm = _chunk_cosines(xc, weight[:, start : start + chunk], acc)
         c = raw.clamp(-1.0, 1.0)
+        clamped = c != raw  # clamp passes no gradient outside [-1, 1]
+        del raw
         z, dz = transform(kind, c, row_param, p0, p1)
-        cols = torch.arange(start, start + w.shape[1], device=x.device)
-        z = z.masked_fill(cols[None, :] == target[:, None], float("-inf"))
-        # d lse_i / d c_ij = softmax_ij * g'(c_ij); clamp passes no gradient outside [-1, 1].
-        g = torch.exp(z - lse_safe[:, None]) * dz * grad_lse[:, None]
-        g = g * ((raw >= -1.0) & (raw <= 1.0))
+        del c
+        z = _mask_target_(z, target, start)
+        # d lse_i / d c_ij = softmax_ij * g'(c_ij), computed in place over z.
+        g = z.sub_(lse_safe).exp_().mul_(dz).mul_(grad_lse[:, None])
+        g.masked_fill_(clamped, 0.0)
+        del dz, clamped
         grad_x += g @ w_hat.t()
         grad_w_hat = xf.t() @ g
         # Project out the radial part: d(w/||w||)/dw = (I - w_hat w_hat^T) / ||w||.
         radial = (grad_w_hat * w_hat).sum(0)
-        grad_w[:, start : start + chunk] = ((grad_w_hat - w_hat * radial) * inv_norm).to(
-            weight.dtype
-        )
+        grad_w[:, start : start + chunk] = grad_w_hat.sub_(w_hat * radial).mul_(inv_norm)
     w_y, inv_norm_y, has_target = _target_columns(weight, target, acc)
     gc = torch.where(has_target, grad_cos, torch.zeros_like(grad_cos))
     cos_raw = (xf * w_y).sum(1)
