@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=2 benchmarks/distributed_train.py --num-classes 1000000 \\
         --dim 128 --steps 3 --memory
     torchrun --nproc_per_node=1 benchmarks/distributed_train.py ...   # one-process baseline
+    torchrun --nproc_per_node=2 benchmarks/distributed_train.py --clip-grad-norm 5.0 ...
 
 The backbone (an MLP on synthetic inputs) is wrapped in DistributedDataParallel; the loss
 (``ShardedSparseCircleLoss`` or ``ShardedCurricularFaceLoss``) is not, and each rank
@@ -12,6 +13,11 @@ holds only its shard of W. ``--backend auto`` picks NCCL when CUDA is available,
 Data: class c's inputs are ``sin(c * f + phase) + noise`` for fixed random frequencies f and
 phases (a distinct, learnable pattern per class, without a C-sized table in memory); each
 rank draws its own labels from a rank-specific generator.
+
+``--clip-grad-norm MAX`` clips the gradient of (backbone + the whole sharded W) with
+:func:`pml_extras.distributed.clip_grad_norm_` before each optimizer step; the log then
+shows that total norm, and at step 1 each rank's local-only norm (what
+``torch.nn.utils.clip_grad_norm_`` on one rank would have used).
 
 Memory is reported two ways, per rank: *counted* = the bytes of the loss's parameters, their
 gradients and the optimizer state (exact, from the tensors), and *measured* = the process's
@@ -28,7 +34,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from pml_extras.distributed import ShardedCurricularFaceLoss, ShardedSparseCircleLoss
+from pml_extras.distributed import (
+    ShardedCurricularFaceLoss,
+    ShardedSparseCircleLoss,
+    clip_grad_norm_,
+)
 
 MB = 1 << 20
 
@@ -49,6 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: keep)")
+    p.add_argument(
+        "--clip-grad-norm",
+        type=float,
+        default=None,
+        metavar="MAX",
+        help="clip the (backbone + full W) gradient norm to MAX before each step",
+    )
     p.add_argument(
         "--memory", action="store_true", help="report memory after every step (large-C runs)"
     )
@@ -152,7 +169,7 @@ def main(argv=None):
     dist.barrier()
 
     start = time.perf_counter()
-    window = []
+    window, norm_window = [], []
     for step in range(1, args.steps + 1):
         labels = torch.randint(
             0, args.num_classes, (args.batch_size,), generator=generator, device=device
@@ -161,6 +178,14 @@ def main(argv=None):
         loss = loss_fn(model(x), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if args.clip_grad_norm is not None:
+            if step == 1:
+                report_local_norms(rank, world, device, model, loss_params)
+            # DDP has averaged the backbone's gradients (replicated); W differs per rank.
+            grad_norm = clip_grad_norm_(
+                model.parameters(), args.clip_grad_norm, sharded=loss_params
+            )
+            norm_window.append(float(grad_norm))
         optimizer.step()
         with torch.no_grad():  # global mean of the per-rank losses, for the log
             value = loss.detach().clone()
@@ -168,12 +193,15 @@ def main(argv=None):
             window.append(float(value) / world)
         if step % args.log_every == 0 or step == args.steps or step == 1:
             if rank == 0:
+                norm = ""
+                if norm_window:  # the same value on every rank
+                    norm = f"  grad norm {sum(norm_window) / len(norm_window):9.4f}"
                 print(
-                    f"step {step:5d}  loss {sum(window) / len(window):9.4f}  "
+                    f"step {step:5d}  loss {sum(window) / len(window):9.4f}{norm}  "
                     f"({time.perf_counter() - start:7.1f} s)",
                     flush=True,
                 )
-            window = []
+            window, norm_window = [], []
         if args.memory:
             report_memory(rank, world, device, loss_params, optimizer, step)
     if not args.memory:
@@ -181,6 +209,18 @@ def main(argv=None):
         evaluate(args, rank, world, device, model, loss_fn, freq, phase)
     dist.barrier()
     dist.destroy_process_group()
+
+
+@torch.no_grad()
+def report_local_norms(rank, world, device, model, loss_params):
+    """Each rank's 2-norm of (backbone + its own shard): what a per-rank clip would see."""
+    grads = [p.grad for p in [*model.parameters(), *loss_params] if p.grad is not None]
+    local = torch.stack([g.detach().double().norm() for g in grads]).norm().reshape(1)
+    rows = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(rows, local.to(device))
+    if rank == 0:
+        values = ", ".join(f"rank {r}: {float(v):.4f}" for r, v in enumerate(rows))
+        print(f"step 1 local-only grad norms (model + own shard): {values}", flush=True)
 
 
 @torch.no_grad()

@@ -125,7 +125,76 @@ def suite_sharded(rank, world, sizes, num_classes, dim):
         res[f"one_shard_{name}_curricular"], _ = run_sharded(
             "curricular", case, sizes, rank, world, 2, scale=16.0, momentum=0.5
         )
+    res["clip"] = run_clip(make_case(8, sizes, num_classes, dim), sizes, rank, world)
     return res
+
+
+CLIP_MAX_NORM = 0.05
+CLIP_NORM_TYPES = (2.0, float("inf"), 3.0)
+
+
+def clip_model(dim):
+    """A replicated "backbone" x -> x @ A + b with the same values on every rank.
+
+    A is large, so its gradient is small and the largest gradient entry lies in W (the
+    inf-norm test then depends on the shards of the other ranks).
+    """
+    g = torch.Generator().manual_seed(11)
+    a = 10.0 * (torch.eye(dim, dtype=F64) + 0.3 * torch.randn(dim, dim, generator=g, dtype=F64))
+    return a, torch.randn(dim, generator=g, dtype=F64)
+
+
+def run_clip(case, sizes, rank, world):
+    """One step of backbone + sharded loss, then the sharded-aware clip_grad_norm_."""
+    from pml_extras.distributed import ShardedSparseCircleLoss, clip_grad_norm_
+
+    xs, ys, w_full = case
+    loss_fn = ShardedSparseCircleLoss(w_full.shape[1], w_full.shape[0], gamma=32.0).double()
+    loss_fn.load_full_weight(w_full)
+    a, b = [t.clone().requires_grad_(True) for t in clip_model(w_full.shape[0])]
+    unused = torch.zeros(3, dtype=F64, requires_grad=True)  # its grad stays None
+    x = xs[0][rows(sizes, rank)]
+    loss_fn(x @ a + b, ys[0][rows(sizes, rank)]).backward()
+    for t in (a, b):  # what DDP does to the replicated model's gradients
+        dist.all_reduce(t.grad)
+        t.grad /= world
+    params = (a, b, loss_fn.W)
+    saved = [t.grad.clone() for t in params]
+
+    def clip(p, **kw):
+        for t, g in zip(params, saved):
+            t.grad = g.clone()
+        return clip_grad_norm_([a, b, unused], CLIP_MAX_NORM, p, sharded=loss_fn.W, **kw)
+
+    out = {"range": (loss_fn.class_start, loss_fn.class_end), "grads": list(saved)}
+    for p in CLIP_NORM_TYPES:
+        total = clip(p)
+        out[p] = {"total": total, "grads": [t.grad.clone() for t in params]}
+    # The whole parameter list as `parameters`: W is still counted as a shard.
+    for t, g in zip(params, saved):
+        t.grad = g.clone()
+    out["all_in_parameters"] = clip_grad_norm_(
+        [a, b, loss_fn.W], CLIP_MAX_NORM, sharded=loss_fn.parameters()
+    )
+    # Rank 0 has no shard gradient: it still joins the collective.
+    for t, g in zip(params, saved):
+        t.grad = g.clone()
+    if rank == 0:
+        loss_fn.W.grad = None
+    out["rank0_no_grad"] = clip_grad_norm_([a, b], CLIP_MAX_NORM, sharded=[loss_fn.W])
+    out["empty"] = clip_grad_norm_([], CLIP_MAX_NORM, sharded=[])
+    # A NaN in the last rank's shard only: every rank sees a NaN total (also for p = inf,
+    # whose MAX reduction alone need not propagate NaN) and raises if asked to.
+    saved[2] = saved[2].clone()
+    if rank == world - 1:
+        saved[2][0, 0] = float("nan")
+    out["nan_total"] = [clip(p) for p in (2.0, float("inf"))]
+    try:
+        clip(float("inf"), error_if_nonfinite=True)
+        out["nan_error"] = "no error"
+    except RuntimeError as exc:
+        out["nan_error"] = f"RuntimeError: {exc}"
+    return out
 
 
 def suite_sampling(rank, world, sizes, num_classes, dim):

@@ -7,6 +7,9 @@
   parameters are replicated (CenterLoss, StandaloneCenterLoss, CircleLoss, the
   single-GPU SparseCircleLoss / CurricularFaceLoss); unlike PML's wrapper, the loss
   parameters get the single-process gradient instead of world_size times it.
+* :func:`clip_grad_norm_`: gradient clipping by the norm of the whole gradient when some
+  parameters (the W shards) differ per rank; ``torch.nn.utils.clip_grad_norm_`` on one
+  rank would see only its own shard.
 
 Gradient contract of everything here, with N ranks: the loss parameters receive the
 gradient of the objective DDP optimises (the single-process loss on the concatenated
@@ -14,6 +17,7 @@ batch, for equal local batches and a mean reduction); rank r's embeddings receiv
 that gradient, which DDP's averaging of the model gradients divides back.
 """
 
+from .clip import clip_grad_norm_
 from .sharded import ShardedCurricularFaceLoss, ShardedSparseCircleLoss, shard_ranges
 from .wrapper import DistributedLossWrapper, DistributedMinerWrapper
 
@@ -22,5 +26,6 @@ __all__ = [
     "DistributedMinerWrapper",
     "ShardedCurricularFaceLoss",
     "ShardedSparseCircleLoss",
+    "clip_grad_norm_",
     "shard_ranges",
 ]

@@ -102,13 +102,23 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         init_seed: Optional[int] = None,
+        positive: Optional[dict] = None,
+        unit_interval: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         name = type(self).__name__
-        _common.require_cosine(self.distance, name)
-        _common.check_proxy_args(num_classes, embedding_size, name)
-        _common.check_impl(impl, chunk_size, name)
+        # The subclass's hyper-parameters are checked by the same function as the
+        # single-GPU losses', so the errors are identical.
+        _common.check_class_loss_args(
+            self,
+            num_classes,
+            embedding_size,
+            impl,
+            chunk_size,
+            positive=positive,
+            unit_interval=unit_interval,
+        )
         if not 0.0 < float(sample_rate) <= 1.0:
             raise ValueError(f"{name}: sample_rate must lie in (0, 1], got {sample_rate}")
         rank, world = _comm.group_info(process_group)
@@ -180,15 +190,52 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return loss if anchor is None else loss + anchor
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        group = self.process_group
+        sizes, x_all, labels, y_all = self._global_batch(embeddings, labels, ref_emb, ref_labels)
+        rank, world = _comm.group_info(group)
+        w_used = _comm.scale_grad(self.W, 1.0 / world)
+        loss_dict = {"loss": self.zero_loss()}
+        if x_all is not None:  # else the global batch is empty: no collectives to run
+            cols, target = self._columns_and_targets(y_all)
+            if cols is not None:
+                w_used = w_used.index_select(1, cols)
+            lse_part, cos_part = self._partials(x_all, w_used, target)
+            parts = _comm.gather_stack(torch.stack([lse_part, cos_part]), group)  # (world,2,B_g)
+            lse_parts = parts[:, 0]
+            lse = masked_logsumexp(lse_parts, torch.isfinite(lse_parts), dim=0)
+            cos_y = parts[:, 1].sum(0)
+            start = sum(sizes[:rank])
+            own = slice(start, start + sizes[rank])
+            losses = self._per_sample(lse[own], cos_y[own])
+            # Zero-valued, but it keeps the collectives in this rank's graph whatever the
+            # reducer does (an empty local batch, a reducer that returns a detached zero...).
+            self._anchor = 0.0 * losses.sum()
+            if sizes[rank] > 0:
+                weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
+                loss_dict = {"loss": _common.element_loss(losses * weights)}
+        self.add_weight_regularization_to_loss_dict(loss_dict, w_used.t())
+        return loss_dict
+
+    def _global_batch(
+        self, embeddings, labels=None, ref_emb=None, ref_labels=None, *, with_labels=True
+    ):
+        """Validate the local batch on every rank, then all-gather it in rank order.
+
+        A bad input on any rank raises on every rank (see ``_comm.synced_validation``).
+        Returns (local batch sizes, normalised global embeddings, local labels, global
+        labels); the embeddings are gathered with gradient. With ``with_labels=False`` only
+        the embeddings are checked and both label entries are None. For an empty global batch
+        nothing is gathered and the two global entries are None.
+        """
         name = type(self).__name__
         group = self.process_group
-        rank, world = _comm.group_info(group)
+        _, world = _comm.group_info(group)
         if world != self.world_size:
             raise RuntimeError(
                 f"{name} was built for {self.world_size} rank(s) but the process group now has "
                 f"{world}; build the loss after init_process_group, in every rank"
             )
-        checked = {}
+        checked = {"labels": None}
 
         def check():
             if (ref_emb is not None and ref_emb is not embeddings) or (
@@ -196,43 +243,22 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             ):
                 raise ValueError(f"{name}: ref_emb/ref_labels are not supported (refs are W)")
             check_embeddings(embeddings, self.embedding_size, name)
-            checked["labels"] = check_labels(labels, self.num_classes, embeddings.shape[0], name)
+            if with_labels:
+                n = embeddings.shape[0]
+                checked["labels"] = check_labels(labels, self.num_classes, n, name).to(
+                    embeddings.device
+                )
             return embeddings.shape[0]
 
         device = embeddings.device if torch.is_tensor(embeddings) else self.W.device
-        sizes = _comm.synced_validation(check, name, labels, self.num_classes, device, group)
-        labels = checked["labels"].to(embeddings.device)
-        w_scaled = _comm.scale_grad(self.W, 1.0 / world)
+        num_classes = self.num_classes if with_labels else None
+        sizes = _comm.synced_validation(check, name, labels, num_classes, device, group)
+        labels = checked["labels"]
         if sum(sizes) == 0:
-            loss_dict = {"loss": self.zero_loss()}
-            self.add_weight_regularization_to_loss_dict(loss_dict, w_scaled.t())
-            return loss_dict
-
-        x = F.normalize(embeddings, dim=1)
-        x_all = _comm.gather_rows(x, sizes, group)
-        y_all = _comm.gather_rows_nograd(labels, sizes, group)
-        cols, target = self._columns_and_targets(y_all)
-        w_used = w_scaled if cols is None else w_scaled.index_select(1, cols)
-
-        lse_part, cos_part = self._partials(x_all, w_used, target)
-        parts = _comm.gather_stack(torch.stack([lse_part, cos_part]), group)  # (world, 2, B_g)
-        lse_parts = parts[:, 0]
-        lse = masked_logsumexp(lse_parts, torch.isfinite(lse_parts), dim=0)
-        cos_y = parts[:, 1].sum(0)
-
-        start = sum(sizes[:rank])
-        own = slice(start, start + sizes[rank])
-        losses = self._per_sample(lse[own], cos_y[own])
-        # Zero-valued, but it keeps the collectives in this rank's graph whatever the reducer
-        # does (an empty local batch, a reducer that returns a detached zero...).
-        self._anchor = 0.0 * losses.sum()
-        if sizes[rank] == 0:
-            loss_dict = {"loss": self.zero_loss()}
-        else:
-            weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
-            loss_dict = {"loss": _common.element_loss(losses * weights)}
-        self.add_weight_regularization_to_loss_dict(loss_dict, w_used.t())
-        return loss_dict
+            return sizes, None, labels, None
+        x_all = _comm.gather_rows(F.normalize(embeddings, dim=1), sizes, group)
+        y_all = _comm.gather_rows_nograd(labels, sizes, group) if with_labels else None
+        return sizes, x_all, labels, y_all
 
     # ----------------------------------------------------------------- sampling
     def _columns_and_targets(self, y_all: Tensor) -> Tuple[Optional[Tensor], Tensor]:
@@ -270,6 +296,20 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def _scale(self) -> float:
         raise NotImplementedError
 
+    def _class_lse(self, x_all, w_used, target, kind, param, row_param=None):
+        """This shard's (partial logsumexp, target cosine) of ``kind`` for every global row."""
+        return class_logsumexp(
+            x_all,
+            w_used,
+            target,
+            kind,
+            self._scale(),
+            param,
+            row_param=row_param,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+        )
+
     # ----------------------------------------------------------------- inspection
     @torch.no_grad()
     def gather_weight(self) -> Tensor:
@@ -304,17 +344,11 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         Each rank scores the gathered batch against its shard; the per-rank best cosines
         are all-gathered and compared, so no rank builds a B x C matrix of all classes.
         """
-        name = type(self).__name__
         group = self.process_group
         rank, _ = _comm.group_info(group)
-
-        def check():
-            check_embeddings(embeddings, self.embedding_size, name)
-            return embeddings.shape[0]
-
-        device = embeddings.device if torch.is_tensor(embeddings) else self.W.device
-        sizes = _comm.synced_validation(check, name, None, None, device, group)
-        x_all = _comm.gather_rows_nograd(F.normalize(embeddings, dim=1), sizes, group)
+        sizes, x_all, _, _ = self._global_batch(embeddings, with_labels=False)
+        if x_all is None:
+            return torch.empty(0, dtype=torch.int64, device=embeddings.device)
         dtype = torch.promote_types(torch.promote_types(x_all.dtype, self.W.dtype), torch.float32)
         w = F.normalize(self.W.detach().to(dtype), dim=0)
         best, idx = (x_all.to(dtype) @ w).max(dim=1)
@@ -355,6 +389,10 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
         opt = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1)
         loss = loss_fn(model(x), y)                               # local x, y
         loss.backward(); opt.step()
+
+    To clip gradients, use :func:`pml_extras.distributed.clip_grad_norm_` (``model.parameters(),
+    max_norm, sharded=loss_fn.parameters()``): ``torch.nn.utils.clip_grad_norm_`` on one rank
+    would measure the model plus only its own shard.
 
     Gradient contract (N ranks, L_s the loss returned on rank s, which is the reducer
     applied to rank s's own samples, plus its share of the weight regularizer; and
@@ -416,8 +454,6 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
         init_seed: Optional[int] = None,
         **kwargs,
     ):
-        if gamma <= 0:
-            raise ValueError(f"{type(self).__name__}: gamma must be > 0, got {gamma}")
         super().__init__(
             num_classes,
             embedding_size,
@@ -428,22 +464,14 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
             chunk_size=chunk_size,
             impl=impl,
             init_seed=init_seed,
+            positive={"gamma": gamma},
             **kwargs,
         )
         self.m, self.gamma = float(m), float(gamma)
         self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
 
     def _partials(self, x_all, w_used, target):
-        return class_logsumexp(
-            x_all,
-            w_used,
-            target,
-            "circle",
-            self.gamma,
-            self.m,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
-        )
+        return self._class_lse(x_all, w_used, target, "circle", self.m)
 
     def _per_sample(self, lse, cos_y):
         return F.softplus(lse - circle_target_logit(cos_y, self.m, self.gamma))
@@ -488,11 +516,6 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
         init_seed: Optional[int] = None,
         **kwargs,
     ):
-        name = type(self).__name__
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{name}: momentum must lie in [0, 1], got {momentum}")
-        if scale <= 0:
-            raise ValueError(f"{name}: scale must be > 0, got {scale}")
         super().__init__(
             num_classes,
             embedding_size,
@@ -503,6 +526,8 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
             chunk_size=chunk_size,
             impl=impl,
             init_seed=init_seed,
+            positive={"scale": scale},
+            unit_interval={"momentum": momentum},
             **kwargs,
         )
         self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
@@ -517,17 +542,9 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
         if self.training:
             self.t.copy_(update_t(self.t, cos_det, self.momentum))
         _, threshold = curricular_target(cos_det, self.margin)
-        return class_logsumexp(
-            x_all,
-            w_used,
-            target,
-            "curricular",
-            self.scale,
-            # A copy, so that a later in-place update cannot reach a pending backward.
-            self.t.detach().clone(),
-            row_param=threshold,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
+        # t: a copy, so that a later in-place update cannot reach a pending backward.
+        return self._class_lse(
+            x_all, w_used, target, "curricular", self.t.detach().clone(), row_param=threshold
         )
 
     def _per_sample(self, lse, cos_y):

@@ -103,3 +103,33 @@ def class_proxy_loss_dict(
         loss_dict = {"loss": element_loss(losses * weights)}
     loss_fn.add_weight_regularization_to_loss_dict(loss_dict, loss_fn.W.t())
     return loss_dict
+
+
+def check_class_loss_args(
+    loss_fn,
+    num_classes: int,
+    embedding_size: int,
+    impl: str,
+    chunk_size: Optional[int],
+    *,
+    positive: Optional[dict] = None,
+    unit_interval: Optional[dict] = None,
+) -> None:
+    """The constructor checks shared by the class-proxy losses (single-GPU and sharded).
+
+    Call after ``BaseMetricLossFunction.__init__`` (``loss_fn.distance`` must be cosine).
+    ``positive`` maps hyper-parameter names to values that must be > 0 (gamma, scale);
+    ``unit_interval`` maps names to values that must lie in [0, 1] (momentum). Every error
+    is a ValueError naming the loss, the argument and the offending value.
+    """
+    owner = type(loss_fn).__name__
+    require_cosine(loss_fn.distance, owner)
+    check_proxy_args(num_classes, embedding_size, owner)
+    check_impl(impl, chunk_size, owner)
+    for name, value in (unit_interval or {}).items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{owner}: {name} must lie in [0, 1], got {value}")
+    for name, value in (positive or {}).items():
+        # `not > 0` rather than `<= 0`: a NaN is rejected too.
+        if not value > 0:
+            raise ValueError(f"{owner}: {name} must be > 0, got {value}")

@@ -57,14 +57,15 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        name = type(self).__name__
-        _common.require_cosine(self.distance, name)
-        _common.check_proxy_args(num_classes, embedding_size, name)
-        _common.check_impl(impl, chunk_size, name)
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{name}: momentum must lie in [0, 1], got {momentum}")
-        if scale <= 0:
-            raise ValueError(f"{name}: scale must be > 0, got {scale}")
+        _common.check_class_loss_args(
+            self,
+            num_classes,
+            embedding_size,
+            impl,
+            chunk_size,
+            positive={"scale": scale},
+            unit_interval={"momentum": momentum},
+        )
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
         self.chunk_size, self.impl = chunk_size, impl

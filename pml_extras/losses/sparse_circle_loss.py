@@ -59,12 +59,9 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        name = type(self).__name__
-        _common.require_cosine(self.distance, name)
-        _common.check_proxy_args(num_classes, embedding_size, name)
-        _common.check_impl(impl, chunk_size, name)
-        if gamma <= 0:
-            raise ValueError(f"{name}: gamma must be > 0, got {gamma}")
+        _common.check_class_loss_args(
+            self, num_classes, embedding_size, impl, chunk_size, positive={"gamma": gamma}
+        )
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.m, self.gamma = float(m), float(gamma)
         self.chunk_size, self.impl = chunk_size, impl
