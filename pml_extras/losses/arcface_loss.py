@@ -19,10 +19,7 @@ from . import _common
 def init_margin_loss(loss_fn, num_classes, embedding_size, scale, chunk_size, impl) -> None:
     """What ArcFaceLoss and CosFaceLoss share after ``super().__init__``: checks, W of shape
     (D, C) initialised by ``weight_init_func`` (as PML's), and PML's recordable attributes."""
-    name = type(loss_fn).__name__
-    _common.require_cosine(loss_fn.distance, name)
-    _common.check_proxy_args(num_classes, embedding_size, name)
-    _common.check_impl(impl, chunk_size, name)
+    _common.check_class_loss_args(loss_fn, num_classes, embedding_size, impl, chunk_size)
     loss_fn.num_classes, loss_fn.embedding_size = num_classes, embedding_size
     loss_fn.scale = float(scale)
     loss_fn.chunk_size, loss_fn.impl = chunk_size, impl

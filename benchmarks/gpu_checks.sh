@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one go, for a machine with one CUDA device.
+#
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]      # default OUT_DIR: $OUT, else out/gpu
+#
+# 1. the CUDA tests (tests/test_gpu.py, TestGPU in tests/test_class_lse_triton.py and the
+#    retrieval benchmark's CUDA smoke test), log in OUT_DIR/pytest_gpu.log;
+# 2. the speed benchmark on the issue's grid (B=1024, D=512, C in {100k, 1M}, bf16 and
+#    fp32; pair level B=16384), results in OUT_DIR/cuda.{json,csv,md};
+# 3. a one-rank NCCL run of the sharded loss's training example (one GPU cannot host two
+#    NCCL ranks; multi-GPU runs need a bigger machine).
+#
+# Missing Python packages (pytorch-metric-learning on the lent machines) can be carried as
+# wheels in .whl/: they are installed into /tmp/site first. Steps run even if an earlier
+# one fails; the exit status is the number of failed steps.
+set -u
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-out/gpu}}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+fi
+failed=0
+step() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    if "$@" >"$out/$name.log" 2>&1; then
+        echo "    ok ($((SECONDS - t0)) s)"
+    else
+        echo "    FAILED ($((SECONDS - t0)) s); tail of $out/$name.log:"
+        tail -n 40 "$out/$name.log"
+        failed=$((failed + 1))
+    fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$out/device.txt"
+
+step pytest_gpu python3 -m pytest -q -p no:cacheprovider --maxfail=20 \
+    tests/test_gpu.py tests/test_class_lse_triton.py tests/test_retrieval_benchmark.py \
+    -k "gpu or GPU or cuda" -rs
+grep -E "passed|failed" "$out/pytest_gpu.log" | tail -n 1
+
+step speed python3 benchmarks/speed.py --device cuda --out "$out" \
+    --note "Run by benchmarks/gpu_checks.sh."
+tail -n 30 "$out/speed.log"
+
+step nccl_one_rank python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
+    benchmarks/distributed_train.py --backend nccl --num-classes 100000 --steps 50
+tail -n 5 "$out/nccl_one_rank.log"
+
+echo "failed steps: $failed"
+exit "$failed"
