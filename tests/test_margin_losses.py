@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import subprocess
-import sys
 
-_CHILD = "PML_EXTRAS_MARGIN_TRITON_INTERPRET_CHILD"
+_CHILD = "PML_EXTRAS_TRITON_INTERPRET_CHILD"  # set by test_class_lse_triton.py
 if os.environ.get(_CHILD) == "1":
     # Read when triton.jit decorates the kernels, so before anything imports them.
     os.environ["TRITON_INTERPRET"] = "1"
@@ -551,25 +548,8 @@ def test_bad_arguments(make, match):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_interpreter_suite():
-    """Runs ``TestInterpreted`` in a TRITON_INTERPRET=1 child process (the variable must be
-    set before triton decorates the kernels, and must not leak into other test modules)."""
-    if INTERPRET:
-        pytest.skip("already under TRITON_INTERPRET=1: the interpreter tests run directly")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-rfEs"]
-    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", "TestInterpreted"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    summary = out.strip().splitlines()[-1] if out.strip() else ""
-    assert proc.returncode == 0, f"interpreter tests failed:\n{out[-8000:]}"
-    passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 2, f"too few interpreter tests ran:\n{out[-4000:]}"
-    assert not re.search(r"\d+ (skipped|failed|error)", summary), out[-4000:]
-
-
+# Run by tests/test_class_lse_triton.py::test_interpreter_suite, in the one
+# TRITON_INTERPRET=1 child process that also runs the kernels' own interpreter tests.
 @pytest.mark.skipif(not INTERPRET, reason="runs in a TRITON_INTERPRET=1 child process")
 class TestInterpreted:
     # Both losses share the kernels' "scaled" transform; one dtype each keeps this cheap.
