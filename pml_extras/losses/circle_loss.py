@@ -40,7 +40,9 @@ class CircleLoss(BaseMetricLossFunction):
     Without ``indices_tuple``, all pairs are streamed through an online logsumexp over
     blocks of the reference set (memory O((B + N) * D) plus one block).  With
     ``indices_tuple`` (4-tuple of pairs, or 3-tuple of triplets converted to pairs),
-    only the mined pairs are evaluated (memory O(P * D)); a pair mined twice counts once.
+    only the P mined pairs are evaluated, chunk by chunk (memory O(P) for the per-pair
+    scalars and deduplicated indices plus O(chunk * D), never a (P, D) tensor); a pair mined
+    twice counts once.
 
     Args:
         m: relaxation margin. Paper settings: face recognition m=0.25 (gamma=256), person

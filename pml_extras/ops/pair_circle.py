@@ -15,8 +15,10 @@ Two entry points, both returning per-anchor losses of shape (B,):
   reference set and recomputes each block in backward, so memory is O((B + N) * D) plus one
   block of temporaries.
 * ``mined_pairs_circle_loss``: explicit (anchor, positive) and (anchor, negative) index pairs
-  from a miner; each pair's similarity is a row-wise dot product, followed by a per-anchor
-  scatter logsumexp, so memory is O(P * D) in the number of mined pairs.
+  from a miner; each pair's similarity is a row-wise dot product computed over chunks of pairs
+  by a second custom autograd Function (``pair_similarity``), followed by a per-anchor scatter
+  logsumexp.  Memory is O(P) per-pair scalars and indices (the miner already hands over P
+  indices) plus O(chunk * D), never O(P * D).
 
 Inputs are the already-normalised embeddings: s_ij = <x_i, y_j>.  All logsumexp / softplus
 arithmetic is done in float32, or float64 when an input is float64.
@@ -25,7 +27,7 @@ arithmetic is done in float32, or float64 when an input is float64.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -279,11 +281,49 @@ def all_pairs_circle_loss(
     )
 
 
+def _pair_keys(rows: Tensor, cols: Tensor, num_cols: int) -> Tensor:
+    """Sorted unique keys ``row * num_cols + col`` of the pairs."""
+    key = rows.long() * max(num_cols, 1)
+    return torch.unique(key.add_(cols))
+
+
+def _split_keys(key: Tensor, num_cols: int) -> Tuple[Tensor, Tensor]:
+    """Inverse of ``_pair_keys``; consumes ``key`` (its storage becomes the rows)."""
+    cols = torch.remainder(key, max(num_cols, 1))
+    # exact division once the remainder is gone; in place, so one P-sized temporary less
+    rows = key.sub_(cols).div_(max(num_cols, 1), rounding_mode="floor")
+    return rows, cols
+
+
 def unique_pairs(rows: Tensor, cols: Tensor, num_cols: int) -> Tuple[Tensor, Tensor]:
-    """Deduplicate (row, col) index pairs; sets semantics like a boolean mask."""
-    key = rows.long() * max(num_cols, 1) + cols.long()
-    key = torch.unique(key)
-    return key // max(num_cols, 1), key % max(num_cols, 1)
+    """Deduplicate (row, col) index pairs, sorted by row then col; set semantics like the
+    boolean masks PML builds from the indices."""
+    return _split_keys(_pair_keys(rows, cols, num_cols), num_cols)
+
+
+def _sorted_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two sorted, duplicate-free key tensors share an element (one device sync).
+
+    Binary search of the shorter in the longer: O(min(Pa, Pb)) memory, where ``isin`` would
+    concatenate and sort both.
+    """
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    small, large = (a, b) if a.numel() <= b.numel() else (b, a)
+    pos = torch.searchsorted(large, small).clamp_(max=large.numel() - 1)
+    return bool((large[pos] == small).any())
+
+
+def _check_index_range(indices: Sequence[Tensor], size: int, what: str) -> None:
+    """Raise ValueError unless every index lies in [0, size); one device sync, O(1) memory."""
+    bounds = [torch.stack(torch.aminmax(t)) for t in indices if t.numel()]
+    if not bounds:
+        return
+    bounds = torch.stack(bounds)
+    lo, hi = torch.stack([bounds[:, 0].min(), bounds[:, 1].max()]).tolist()
+    if lo < 0 or hi >= size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{what} index {bad} is out of range [0, {size})")
 
 
 def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tuple[Tensor, Tensor]:
@@ -303,8 +343,119 @@ def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tuple[Tensor,
     return lse, has
 
 
-def _pair_similarity(x: Tensor, y: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    return (x.index_select(0, rows) * y.index_select(0, cols)).sum(dim=1)
+def resolve_pair_chunk(chunk_size: Optional[int], num_pairs: int, dim: int) -> int:
+    """Pairs per chunk of ``pair_similarity``; None keeps one chunk x D gather near 2M elements."""
+    if chunk_size is None:
+        return max(1, min(num_pairs, _BLOCK_ELEMS // max(dim, 1)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+class _PairSimilarity(torch.autograd.Function):
+    """s_k = <x[rows[k]], y[cols[k]]> over chunks of pairs.
+
+    Only x, y and the indices are saved; backward regathers each chunk and scatters
+    g_k * y[cols[k]] into grad_x[rows[k]] (and symmetrically), so neither pass holds more than
+    a chunk of gathered rows.  ``same`` says y is x: one gradient buffer then takes both sides.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, rows, cols, chunk, same):
+        acc = accumulate_dtype(x, y)
+        num_pairs = rows.shape[0]
+        out = torch.empty(num_pairs, dtype=acc, device=x.device)
+        for c0 in range(0, num_pairs, chunk):
+            xr = x.index_select(0, rows[c0 : c0 + chunk]).to(acc)
+            yc = y.index_select(0, cols[c0 : c0 + chunk]).to(acc)
+            # xr is a fresh gather (or a fresh upcast), so multiplying in place is safe
+            out[c0 : c0 + chunk] = xr.mul_(yc).sum(dim=1)
+        ctx.save_for_backward(x, y, rows, cols)
+        ctx.chunk, ctx.same = chunk, same
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s):
+        x, y, rows, cols = ctx.saved_tensors
+        chunk, same = ctx.chunk, ctx.same
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Half-precision inputs: a row of x can collect thousands of pair terms, so the
+        # scatter-add runs into a float32 (or float64) buffer cast back once at the end.
+        acc = accumulate_dtype(x, y)
+        grad_s = grad_s.to(acc)
+        grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
+        if same:
+            grad_y = grad_x
+        else:
+            grad_y = torch.zeros(y.shape, dtype=acc, device=y.device) if need_y else None
+        for c0 in range(0, rows.shape[0], chunk):
+            r, c = rows[c0 : c0 + chunk], cols[c0 : c0 + chunk]
+            g = grad_s[c0 : c0 + chunk, None]
+            if grad_x is not None:
+                grad_x.index_add_(0, r, y.index_select(0, c).to(acc).mul_(g))
+            if grad_y is not None:
+                grad_y.index_add_(0, c, x.index_select(0, r).to(acc).mul_(g))
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+        if same:
+            # x and y are one tensor: autograd adds the two returned gradients, so the
+            # combined buffer goes out once.
+            grad_y = None
+        elif grad_y is not None:
+            grad_y = grad_y.to(y.dtype)
+        return grad_x, grad_y, None, None, None, None
+
+
+def pair_similarity(
+    x: Tensor,
+    y: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    *,
+    chunk_size: Optional[int] = None,
+    check: bool = True,
+) -> Tensor:
+    """Dot products s_k = <x[rows[k]], y[cols[k]]> of P index pairs, chunk by chunk.
+
+    Equal to ``(x[rows] * y[cols]).sum(1)`` (up to rounding), but neither the forward nor
+    the backward ever holds the two (P, D) gathers: extra memory is the (P,) result plus
+    O(chunk_size * D).  Repeated pairs and self-pairs are fine; their gradients add up.
+
+    Args:
+        x: (B, D) embeddings; y: (N, D) embeddings (may be ``x`` itself).
+        rows: (P,) indices into x; cols: (P,) indices into y (any integer dtype).
+        chunk_size: pairs per chunk; None picks ~2M / D (e.g. 16384 pairs at D = 128).
+            Affects speed and peak memory only.
+        check: raise ValueError for out-of-range indices (one device sync) instead of an
+            indexing error or, on GPU, a device-side assert.
+
+    Returns:
+        (P,) similarities in float32 (float64 if an input is float64); gradients w.r.t. x
+        and y are accumulated in that dtype and returned in the inputs' dtypes.
+
+    Example::
+
+        >>> x = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+        >>> rows, cols = torch.tensor([0, 0, 3]), torch.tensor([1, 5, 3])
+        >>> s = pair_similarity(x, x, rows, cols, chunk_size=2)
+        >>> s.sum().backward()
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must be (B, D) and (N, D), got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    rows = rows.to(device=x.device, dtype=torch.long).reshape(-1)
+    cols = cols.to(device=x.device, dtype=torch.long).reshape(-1)
+    if rows.shape != cols.shape:
+        raise ValueError(
+            f"rows and cols must have equal lengths, got {rows.numel()} and {cols.numel()}"
+        )
+    if check:
+        _check_index_range([rows], x.shape[0], "row")
+        _check_index_range([cols], y.shape[0], "col")
+    chunk = resolve_pair_chunk(chunk_size, rows.numel(), x.shape[1])
+    return _PairSimilarity.apply(x, y, rows, cols, chunk, y is x)
 
 
 def mined_pairs_circle_loss(
@@ -319,6 +470,7 @@ def mined_pairs_circle_loss(
     gamma: float = 80.0,
     detach_weights: bool = True,
     check: bool = True,
+    chunk_size: Optional[int] = None,
 ) -> Tensor:
     """Per-anchor pair-level Circle loss over explicit pairs (a1[k], p[k]) and (a2[k], n[k]).
 
@@ -326,29 +478,33 @@ def mined_pairs_circle_loss(
     (default), out-of-range indices and pairs that are both positive and negative raise
     ValueError; these checks synchronise with the device once per call.
 
+    Memory: the deduplicated pairs and a few per-pair scalars, O(P), plus one chunk of
+    ``chunk_size`` gathered rows (see ``pair_similarity``); never a (P, D) tensor.
+
     Returns (B,) losses, B = x.shape[0], in float32 (float64 if an input is float64).
     """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"x and y must be (B, D) and (N, D), got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     num_rows, num_cols = x.shape[0], y.shape[0]
-    acc = accumulate_dtype(x, y)
     device = x.device
     a1, p, a2, n = (t.to(device=device, dtype=torch.long).reshape(-1) for t in (a1, p, a2, n))
     if a1.shape != p.shape or a2.shape != n.shape:
         raise ValueError("a1/p and a2/n must have equal lengths")
     if check:
-        rows, cols = torch.cat([a1, a2]), torch.cat([p, n])
-        bad = (rows < 0) | (rows >= num_rows) | (cols < 0) | (cols >= num_cols)
-        if bool(bad.any()):
-            raise ValueError(
-                f"pair indices out of range for {num_rows} embeddings and {num_cols} references"
-            )
-    pa, pj = unique_pairs(a1, p, num_cols)
-    na, nj = unique_pairs(a2, n, num_cols)
-    if check and bool(torch.isin(pa * num_cols + pj, na * num_cols + nj).any()):
+        _check_index_range([a1, a2], num_rows, "anchor")
+        _check_index_range([p, n], num_cols, "positive/negative")
+    key_p = _pair_keys(a1, p, num_cols)
+    key_n = _pair_keys(a2, n, num_cols)
+    if check and _sorted_overlap(key_p, key_n):
         raise ValueError("Each pair should be either be positive or negative")
-    xa = x.to(acc)
-    ya = xa if y is x else y.to(acc)
-    z_pos = pair_logits(_pair_similarity(xa, ya, pa, pj), True, m, gamma, detach_weights)
-    z_neg = pair_logits(_pair_similarity(xa, ya, na, nj), False, m, gamma, detach_weights)
+    pa, pj = _split_keys(key_p, num_cols)
+    na, nj = _split_keys(key_n, num_cols)
+    del key_p, key_n  # consumed: their storage now holds pa and na
+    sim = dict(chunk_size=chunk_size, check=False)
+    z_pos = pair_logits(pair_similarity(x, y, pa, pj, **sim), True, m, gamma, detach_weights)
+    z_neg = pair_logits(pair_similarity(x, y, na, nj, **sim), False, m, gamma, detach_weights)
     lse_p, has_p = scatter_logsumexp(z_pos, pa, num_rows)
     lse_n, has_n = scatter_logsumexp(z_neg, na, num_rows)
     return torch.where(has_p & has_n, F.softplus(lse_p + lse_n), 0.0)
@@ -360,7 +516,9 @@ __all__ = [
     "circle_logits",
     "mined_pairs_circle_loss",
     "pair_logits",
+    "pair_similarity",
     "resolve_block_size",
+    "resolve_pair_chunk",
     "scatter_logsumexp",
     "unique_pairs",
 ]
