@@ -42,8 +42,33 @@ def check_labels(labels: Optional[Tensor], num_classes: int, batch_size: int, ow
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{owner}: labels must be an integer tensor, got dtype {labels.dtype}")
-    if batch_size == 0:
-        return labels.long()
+    if batch_size > 0:
+        _check_label_range(labels, num_classes, owner)
+    return labels.long()
+
+
+def _compile_opt_out(reason: str):
+    """``torch.compiler.disable``, with a reason for fullgraph errors where torch has one."""
+
+    def wrap(fn):
+        try:
+            return torch.compiler.disable(fn, reason=reason)
+        except TypeError:  # torch < 2.7: no reason=
+            return torch.compiler.disable(fn)
+
+    return wrap
+
+
+# Under torch.compile this host-synchronising check opts out of the graph (one graph
+# break, run eagerly) instead of being traced. Traced, ``.tolist()`` breaks the graph
+# anyway, and the resumed code then guarded on the Python ints min/max, so a batch with
+# a new label minimum or maximum recompiled. Returning None keeps the label values out
+# of the compiled code; with fullgraph=True, compilation stops here with the reason.
+@_compile_opt_out(
+    "pml_extras checks the label range on the host (one sync), so that a bad label is "
+    "a ValueError naming it rather than a device-side assert"
+)
+def _check_label_range(labels: Tensor, num_classes: int, owner: str) -> None:
     lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
@@ -51,7 +76,6 @@ def check_labels(labels: Optional[Tensor], num_classes: int, batch_size: int, ow
             f"{owner}: label {bad} is out of range for num_classes={num_classes} "
             f"(labels must lie in [0, {num_classes}))"
         )
-    return labels.long()
 
 
 def check_no_ref(embeddings, labels, ref_emb, ref_labels, owner: str, why: str) -> None:
