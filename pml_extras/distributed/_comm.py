@@ -39,9 +39,10 @@ def global_rank(group, group_rank: int) -> int:
 def all_gather_ints(values: Sequence[int], device, group=None) -> List[List[int]]:
     """All-gather a short list of ints from every rank (one small collective, one sync)."""
     rank, world = group_info(group)
-    local = torch.tensor(list(values), dtype=torch.int64, device=device)
     if world == 1:
-        return [local.tolist()]
+        # No tensor round trip: under torch.compile that would be a needless graph break.
+        return [[int(v) for v in values]]
+    local = torch.tensor(list(values), dtype=torch.int64, device=device)
     out = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(out, local, group=group)
     return torch.stack(out).tolist()
