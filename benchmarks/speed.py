@@ -11,7 +11,10 @@ Structure: setup x provider x mode.
   PML's ``ArcFaceLoss``, ``CosFaceLoss`` and ``CircleLoss``, the straightforward dense
   versions of ``benchmarks/naive.py``, and the bare matmul ``floor``: x @ W forward and
   dC @ W^T, x^T @ dC backward, same shapes and dtype (pair level: x @ x^T, dS @ x,
-  dS^T @ x).
+  dS^T @ x).  Pair-level mined variants (``pair_circle_ms`` / ``pml_circle_ms``:
+  MultiSimilarityMiner(epsilon=0.1) pairs; ``pair_circle_all`` / ``pml_circle_all``: every
+  pair passed as mined pairs) compute their indices once per case, outside the timed and
+  measured region.
 * A *mode* is ``fwd`` (the training forward, autograd recording, no backward) or ``fwd+bwd``.
 
 Time: median over ``--repeats`` calls after warm-up, timed with CUDA events on GPU and with
@@ -276,6 +279,39 @@ def _pair_circle(setup, inputs, device, opts):
     return _loss_case(CircleLoss(m=0.25, gamma=256.0), inputs)
 
 
+def mined_indices(miner: str, inputs: Inputs):
+    """The pairs a pair-level mined provider hands to the loss, computed once per case, outside
+    the timed and measured region: ``"ms"`` is MultiSimilarityMiner(epsilon=0.1) on the
+    setup's embeddings, ``"all"`` every pair (the densest mining, 2 * B^2 int64 per side)."""
+    from pytorch_metric_learning import miners
+    from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+    with torch.no_grad():
+        if miner == "ms":
+            return miners.MultiSimilarityMiner(epsilon=0.1)(inputs.x.detach(), inputs.labels)
+        return lmu.get_all_pairs_indices(inputs.labels)
+
+
+def _mined_pair(ours: bool, miner: str):
+    def build(setup, inputs, device, opts):
+        if ours:
+            from pml_extras.losses.circle_loss import CircleLoss
+        else:
+            from pytorch_metric_learning.losses import CircleLoss
+        loss_fn = CircleLoss(m=0.25, gamma=256.0).to(device).train()
+        indices = mined_indices(miner, inputs)
+        x, labels = inputs.x, inputs.labels
+
+        def step(mode: str) -> None:
+            loss = loss_fn(x, labels, indices)
+            if mode == "fwd+bwd":
+                loss.backward()
+
+        return Case(step, [x], keep=(loss_fn, indices))
+
+    return build
+
+
 def _floor(setup, inputs, device, opts):
     return _floor_case(setup, inputs, device)
 
@@ -420,6 +456,39 @@ PAIR_PROVIDERS: Dict[str, Provider] = {
             _pml("CircleLoss", m=0.25, gamma=256.0),
             12,
             "PML CircleLoss (dense B x B)",
+        ),
+        # Mined pairs (indices computed outside the timed region, see mined_indices).
+        Provider(
+            "pair_circle_ms",
+            "pair",
+            _mined_pair(True, "ms"),
+            0,
+            "ours: CircleLoss with MultiSimilarityMiner(epsilon=0.1) pairs",
+            lambda device: _has_pair_circle(),
+            blockwise=True,
+        ),
+        Provider(
+            "pml_circle_ms",
+            "pair",
+            _mined_pair(False, "ms"),
+            12,
+            "PML CircleLoss with MultiSimilarityMiner(epsilon=0.1) pairs (dense B x B)",
+        ),
+        Provider(
+            "pair_circle_all",
+            "pair",
+            _mined_pair(True, "all"),
+            0,
+            "ours: CircleLoss with every pair passed as mined pairs",
+            lambda device: _has_pair_circle(),
+            blockwise=True,
+        ),
+        Provider(
+            "pml_circle_all",
+            "pair",
+            _mined_pair(False, "all"),
+            12,
+            "PML CircleLoss with every pair passed as mined pairs (dense B x B)",
         ),
     ]
 }
@@ -895,6 +964,8 @@ def comparison_lines(rows: List[dict]) -> List[str]:
         ("sparse_circle_triton", "naive_circle"),
         ("curricular_triton", "naive_curricular"),
         ("pair_circle", "pml_circle"),
+        ("pair_circle_ms", "pml_circle_ms"),
+        ("pair_circle_all", "pml_circle_all"),
     ]
     index = {_case_key(r) + (r["provider"],): r for r in rows if r["status"] == "ok"}
     out = []

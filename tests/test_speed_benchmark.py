@@ -170,3 +170,22 @@ def test_margin_providers_compute_the_same_loss_as_pml(ours, theirs):
         assert loss_fn.W.data_ptr() == inputs.W.data_ptr()  # the setup's W, shared
         values[name] = loss_fn(inputs.x, inputs.labels).item()
     assert values[ours] == pytest.approx(values[theirs], rel=1e-9)
+
+
+@pytest.mark.parametrize("miner", ["ms", "all"])
+def test_mined_pair_providers_compute_the_same_loss_as_pml(miner):
+    """pair_circle_<miner> and pml_circle_<miner> evaluate the same pairs, outside the timing."""
+    setup = speed.Setup("pair", 24, 8, None, "fp64")
+    device = torch.device("cpu")
+    inputs = speed.Inputs(setup, device)
+    values = {}
+    for name in (f"pair_circle_{miner}", f"pml_circle_{miner}"):
+        case = speed.PAIR_PROVIDERS[name].build(setup, inputs, device, {})
+        loss_fn, indices = case.keep
+        assert sum(len(t) for t in indices) > 0
+        case.step("fwd+bwd")
+        assert inputs.x.grad is not None
+        values[name] = (loss_fn(inputs.x, inputs.labels, indices).item(), inputs.x.grad.clone())
+    ours, theirs = values.values()
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-9)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-9, atol=1e-9)

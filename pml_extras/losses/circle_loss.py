@@ -39,10 +39,12 @@ class CircleLoss(BaseMetricLossFunction):
 
     Without ``indices_tuple``, all pairs are streamed through an online logsumexp over
     blocks of the reference set (memory O((B + N) * D) plus one block).  With
-    ``indices_tuple`` (4-tuple of pairs, or 3-tuple of triplets converted to pairs),
-    only the P mined pairs are evaluated, chunk by chunk (memory O(P) for the per-pair
-    scalars and deduplicated indices plus O(chunk * D), never a (P, D) tensor); a pair mined
-    twice counts once.
+    ``indices_tuple`` (4-tuple of pairs, or 3-tuple of triplets converted to pairs) a pair
+    mined twice counts once, and the P mined pairs are evaluated one of two ways: sparse
+    mining (P < 10 % of B * N) chunk by chunk over the pairs (memory O(P) plus O(chunk * D),
+    never a (P, D) tensor); dense mining by the same blockwise pass as the all-pairs case
+    with the positive / negative masks scattered from the pairs (memory O(B * N) bytes,
+    which is O(P) at that density).
 
     Args:
         m: relaxation margin. Paper settings: face recognition m=0.25 (gamma=256), person
@@ -88,6 +90,9 @@ class CircleLoss(BaseMetricLossFunction):
             )
         resolve_block_size(block_size, 1, 1)  # validate early
         self.block_size = block_size
+        # Internal switch for tests and benchmarks: "auto" | "dense" | "sparse" (see
+        # mined_pairs_circle_loss); the result does not depend on it beyond rounding.
+        self._mined_path = "auto"
         self.m = m
         self.gamma = gamma
         # Same recordable attributes as PML's CircleLoss, for logging parity.
@@ -132,7 +137,18 @@ class CircleLoss(BaseMetricLossFunction):
             if all(len(t) <= 1 for t in (a1, p, a2, n)):
                 return self.zero_losses()
             x, y = self._normalized(embeddings, ref_emb)
-            losses = mined_pairs_circle_loss(x, y, a1, p, a2, n, m=self.m, gamma=self.gamma)
+            losses = mined_pairs_circle_loss(
+                x,
+                y,
+                a1,
+                p,
+                a2,
+                n,
+                m=self.m,
+                gamma=self.gamma,
+                block_size=self.block_size,
+                path=self._mined_path,
+            )
         return {
             "loss": {
                 "losses": losses,
