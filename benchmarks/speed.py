@@ -273,10 +273,19 @@ def _naive(cls):
     return build
 
 
-def _pair_circle(setup, inputs, device, opts):
-    from pml_extras.losses.circle_loss import CircleLoss
+def _pair_circle(impl: str):
+    def build(setup, inputs, device, opts):
+        from pml_extras.losses.circle_loss import CircleLoss
 
-    return _loss_case(CircleLoss(m=0.25, gamma=256.0), inputs)
+        return _loss_case(CircleLoss(m=0.25, gamma=256.0, impl=impl), inputs)
+
+    return build
+
+
+def _cuda_only_torch_path(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "on CPU impl='auto' is the PyTorch path: see pair_circle"
+    return _has_pair_circle()
 
 
 def mined_indices(miner: str, inputs: Inputs):
@@ -444,10 +453,20 @@ PAIR_PROVIDERS: Dict[str, Provider] = {
         Provider(
             "pair_circle",
             "pair",
-            _pair_circle,
+            _pair_circle("auto"),
             0,
-            "ours: pml_extras.losses.circle_loss.CircleLoss, blockwise",
+            "ours: pml_extras.losses.circle_loss.CircleLoss (impl='auto': the fused Triton "
+            "kernels on CUDA, the blockwise PyTorch path on CPU)",
             lambda device: _has_pair_circle(),
+            blockwise=True,
+        ),
+        Provider(
+            "pair_circle_torch",
+            "pair",
+            _pair_circle("torch"),
+            0,
+            "ours: CircleLoss(impl='torch'), the blockwise PyTorch path (CUDA runs only)",
+            _cuda_only_torch_path,
             blockwise=True,
         ),
         Provider(

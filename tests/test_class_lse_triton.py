@@ -191,9 +191,12 @@ def check_all(
         assert e_oracle <= tol["oracle"], f"{name} vs dense oracle: {e_oracle:.2e}"
 
 
+_INTERPRETED_MODULES = ("test_margin_losses.py", "test_pair_circle_triton.py")
+
+
 def test_interpreter_suite():
-    """Runs the TestInterpreted* classes of this module and of test_margin_losses.py in a
-    TRITON_INTERPRET=1 child process."""
+    """Runs the TestInterpreted* classes of this module, test_margin_losses.py and
+    test_pair_circle_triton.py in a TRITON_INTERPRET=1 child process."""
     if INTERPRET:
         pytest.skip("already under TRITON_INTERPRET=1: the interpreter tests run directly")
     if clt is None:
@@ -201,15 +204,16 @@ def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
     # One child for every module with interpreter tests: importing torch and triton is
     # most of a child's cost.
-    margin = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_margin_losses.py")
-    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), margin, "-q", "-rfEs"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    others = [os.path.join(here, name) for name in _INTERPRETED_MODULES]
+    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), *others, "-q", "-rfEs"]
     cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", "Interpreted", "--durations=5"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     summary = out.strip().splitlines()[-1] if out.strip() else ""
     passed = re.search(r"(\d+) passed", summary)
     assert proc.returncode == 0, f"interpreter tests failed:\n{out[-8000:]}"
-    assert passed and int(passed.group(1)) >= 44, f"too few interpreter tests ran:\n{out[-4000:]}"
+    assert passed and int(passed.group(1)) >= 67, f"too few interpreter tests ran:\n{out[-4000:]}"
     assert not re.search(r"\d+ (skipped|failed|error)", summary), out[-4000:]
 
 

@@ -336,8 +336,8 @@ def test_auto_path_choice_does_not_change_numbers(density, monkeypatch):
     expected = choose_mined_path(num_pairs, 33, 33)
     assert expected == ("dense" if density > DENSE_PAIR_FRACTION else "sparse")
     calls = []
-    dense = pair_circle._dense_mined
-    monkeypatch.setattr(pair_circle, "_dense_mined", lambda *a: calls.append(1) or dense(*a))
+    dense = pair_circle._dense_pair_masks
+    monkeypatch.setattr(pair_circle, "_dense_pair_masks", lambda *a: calls.append(1) or dense(*a))
     out = {}
     for path in ["auto", *MINED_PATHS]:
         fn = ours_loss(0.25, 256.0, 7, path, reducer=reducers.DoNothingReducer())

@@ -10,6 +10,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..ops.pair_circle import (
+    IMPLS,
     BlockSize,
     accumulate_dtype,
     all_pairs_circle_loss,
@@ -52,7 +53,12 @@ class CircleLoss(BaseMetricLossFunction):
         gamma: scale factor (see ``m`` for the paper's values).
         block_size: keyword only; int (square blocks), ``(rows, cols)``, or None for a
             default of at most 1024 rows and ~2M elements per block.  Affects speed and peak
-            memory only, not the result (up to float rounding).
+            memory only, not the result (up to float rounding).  PyTorch path only.
+        impl: keyword only; "auto" (default: fused Triton kernels on CUDA, PyTorch
+            elsewhere and for float64), "torch" or "triton".  The kernels multiply the
+            normalised embeddings in their own dtype (bf16/fp16 tensor cores) with float32
+            accumulation; the PyTorch path multiplies in float32.  Sparse mining always
+            runs in PyTorch.
         **kwargs: as for any PML loss: ``reducer`` (default ``AvgNonZeroReducer``),
             ``distance`` (must be ``CosineSimilarity``, the default, with ``power=1``),
             ``embedding_regularizer``, ``embedding_reg_weight``, ``collect_stats``.
@@ -75,9 +81,18 @@ class CircleLoss(BaseMetricLossFunction):
     """
 
     def __init__(
-        self, m: float = 0.4, gamma: float = 80, *, block_size: BlockSize = None, **kwargs
+        self,
+        m: float = 0.4,
+        gamma: float = 80,
+        *,
+        block_size: BlockSize = None,
+        impl: str = "auto",
+        **kwargs,
     ):
         super().__init__(**kwargs)
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
         if not isinstance(self.distance, CosineSimilarity):
             raise ValueError(
                 "CircleLoss requires distance=CosineSimilarity(), got "
@@ -129,6 +144,8 @@ class CircleLoss(BaseMetricLossFunction):
                 gamma=self.gamma,
                 self_compare=self_compare,
                 block_size=self.block_size,
+                impl=self.impl,
+                operand_dtype=torch.promote_types(embeddings.dtype, ref_emb.dtype),
             )
         else:
             a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
@@ -148,6 +165,8 @@ class CircleLoss(BaseMetricLossFunction):
                 gamma=self.gamma,
                 block_size=self.block_size,
                 path=self._mined_path,
+                impl=self.impl,
+                operand_dtype=torch.promote_types(embeddings.dtype, ref_emb.dtype),
             )
         return {
             "loss": {

@@ -24,6 +24,11 @@ Two entry points, both returning per-anchor losses of shape (B,):
 
 Inputs are the already-normalised embeddings: s_ij = <x_i, y_j>.  All logsumexp / softplus
 arithmetic is done in float32, or float64 when an input is float64.
+
+``impl`` picks who runs the blockwise pass (all pairs and dense mining): "torch" is the
+loop in ``_BlockwiseCircle`` below, which works everywhere and is the oracle for
+"triton", the fused kernels of ``pair_circle_triton`` (similarity tiles in registers,
+bf16/fp16 tensor-core matmuls with float32 accumulation); "auto" takes Triton on CUDA.
 """
 
 from __future__ import annotations
@@ -157,6 +162,11 @@ class _LabelMasks:
             pos = same & (rows[:, None] != cols[None, :])
         return pos, neg
 
+    def triton_source(self):
+        from .pair_circle_triton import PairSource
+
+        return PairSource(self.labels, self.ref_labels, self.self_compare)
+
 
 class _PairMasks:
     """Mask source of the dense mined path: (B, N) boolean masks scattered from index pairs.
@@ -173,13 +183,33 @@ class _PairMasks:
         rows, cols = slice(r0, r0 + n_r), slice(c0, c0 + n_c)
         return self.pos[rows, cols], self.neg[rows, cols]
 
+    def triton_source(self):
+        from .pair_circle_triton import PairSource
+
+        return PairSource(pos=self.pos, neg=self.neg)
+
 
 class _BlockwiseCircle(torch.autograd.Function):
     """Blockwise circle loss of (B, D) x against (N, D) y; ``masks`` says which pairs are
-    positive / negative (``_LabelMasks`` or ``_PairMasks``)."""
+    positive / negative (``_LabelMasks`` or ``_PairMasks``).
+
+    ``operand_dtype`` None: the PyTorch loops below (x and y in the accumulation dtype).
+    Otherwise the fused Triton kernels of ``pair_circle_triton`` with matmul operands of
+    that dtype; same (lse_p, lse_n) contract, float32 results."""
 
     @staticmethod
-    def forward(ctx, x, y, masks, m, gamma, rb, cb, detach_weights):
+    def forward(ctx, x, y, masks, m, gamma, rb, cb, detach_weights, operand_dtype=None):
+        ctx.masks = masks
+        ctx.args = (m, gamma, rb, cb, detach_weights, operand_dtype)
+        if operand_dtype is not None:
+            from . import pair_circle_triton
+
+            lse_p, lse_n = pair_circle_triton.forward(
+                x, y, masks.triton_source(), m, gamma, operand_dtype
+            )
+            valid = torch.isfinite(lse_p) & torch.isfinite(lse_n)
+            ctx.save_for_backward(x, y, lse_p, lse_n, valid)
+            return torch.where(valid, F.softplus(lse_p + lse_n), 0.0)
         num_rows, num_cols = x.shape[0], y.shape[0]
         neg_inf = float("-inf")
         lse_p = x.new_zeros(num_rows)
@@ -206,11 +236,9 @@ class _BlockwiseCircle(torch.autograd.Function):
             valid[r0 : r0 + n_r] = has_p & has_n
         logit = lse_p + lse_n
         losses = torch.where(valid, F.softplus(logit), 0.0)
-        ctx.save_for_backward(x, y, lse_p, lse_n, valid)
         # The mask source holds only index/label tensors (never differentiated, never
         # modified in place here), so it rides on ctx instead of save_for_backward.
-        ctx.masks = masks
-        ctx.args = (m, gamma, rb, cb, detach_weights)
+        ctx.save_for_backward(x, y, lse_p, lse_n, valid)
         return losses
 
     @staticmethod
@@ -218,7 +246,7 @@ class _BlockwiseCircle(torch.autograd.Function):
     def backward(ctx, grad_losses):
         x, y, lse_p, lse_n, valid = ctx.saved_tensors
         masks = ctx.masks
-        m, gamma, rb, cb, detach_weights = ctx.args
+        m, gamma, rb, cb, detach_weights, operand_dtype = ctx.args
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         num_rows, num_cols = x.shape[0], y.shape[0]
         # dL_i/d(P_i + N_i) = sigmoid(P_i + N_i), except above F.softplus's threshold (20),
@@ -226,7 +254,26 @@ class _BlockwiseCircle(torch.autograd.Function):
         # rows without a loss pass no gradient.
         logit = lse_p + lse_n
         d_softplus = torch.where(logit > _SOFTPLUS_THRESHOLD, 1.0, torch.sigmoid(logit))
-        g_row = torch.where(valid, grad_losses.to(x.dtype) * d_softplus, 0.0)
+        g_row = torch.where(valid, grad_losses.to(lse_p.dtype) * d_softplus, 0.0)
+        if operand_dtype is not None:
+            from . import pair_circle_triton
+
+            grad_x, grad_y = pair_circle_triton.backward(
+                x,
+                y,
+                masks.triton_source(),
+                m,
+                gamma,
+                operand_dtype,
+                lse_p,
+                lse_n,
+                g_row,
+                need_x=need_x,
+                need_y=need_y,
+            )
+            grad_x = grad_x.to(x.dtype) if grad_x is not None else None
+            grad_y = grad_y.to(y.dtype) if grad_y is not None else None
+            return grad_x, grad_y, *([None] * 7)
         # Rows whose whole gradient is below the smallest normal/eps cannot move any
         # embedding by a representable amount; zeroing them keeps the matmuls subnormal-free.
         g_row = g_row.masked_fill(
@@ -258,7 +305,43 @@ class _BlockwiseCircle(torch.autograd.Function):
                     grad_x[r0 : r0 + n_r] += (ds @ yc) * g_r
                 if need_y:
                     grad_y[c0 : c0 + yc.shape[0]] += ds.t() @ (xr * g_r)
-        return grad_x, grad_y, None, None, None, None, None, None
+        return grad_x, grad_y, *([None] * 7)
+
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def resolve_operand_dtype(
+    impl: str, x: Tensor, y: Tensor, operand_dtype: Optional[torch.dtype], detach_weights: bool
+) -> Optional[torch.dtype]:
+    """The Triton kernels' matmul operand dtype, or None for the PyTorch path.
+
+    ``operand_dtype`` defaults to the inputs' promoted dtype; callers that normalised
+    half-precision embeddings in float32 pass the embeddings' dtype so that the matmuls
+    run on bf16/fp16 tensor cores. "auto" picks Triton on CUDA when it is installed, for
+    float32/bf16/fp16 operands and the paper's detached weights.
+    """
+    from .class_lse import resolve_impl  # one notion of "Triton is usable" for all ops
+
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if operand_dtype is None:
+        operand_dtype = torch.promote_types(x.dtype, y.dtype)
+    supported = operand_dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if impl == "auto":
+        if not (supported and detach_weights):
+            return None
+        impl = resolve_impl("auto", x.device, operand_dtype)
+    elif impl == "triton":
+        resolve_impl("triton", x.device)  # raises when Triton cannot run here
+        if not supported:
+            raise TypeError(
+                "impl='triton' supports float32/bfloat16/float16 operands, got "
+                f"{operand_dtype}; use impl='torch' or 'auto'"
+            )
+        if not detach_weights:
+            raise ValueError("impl='triton' supports only detach_weights=True")
+    return operand_dtype if impl == "triton" else None
 
 
 def all_pairs_circle_loss(
@@ -272,6 +355,8 @@ def all_pairs_circle_loss(
     self_compare: bool = False,
     block_size: BlockSize = None,
     detach_weights: bool = True,
+    impl: str = "auto",
+    operand_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Per-anchor pair-level Circle loss over all pairs, computed blockwise.
 
@@ -282,6 +367,9 @@ def all_pairs_circle_loss(
         self_compare: drop the pairs (i, i) (the reference set is the batch itself).
         block_size: int for square blocks, ``(rows, cols)``, or None for a default.
         detach_weights: treat the [.]_+ weights as constants in the gradient (paper / PML).
+        impl: "auto" (fused Triton kernels on CUDA, else PyTorch), "torch" or "triton".
+        operand_dtype: matmul operand dtype of the Triton kernels (default: the inputs'
+            promoted dtype); accumulation is float32 either way.
 
     Returns:
         (B,) losses in float32 (float64 if an input is float64); 0 for rows with no positive
@@ -293,21 +381,21 @@ def all_pairs_circle_loss(
         )
     if labels.shape != (x.shape[0],) or ref_labels.shape != (y.shape[0],):
         raise ValueError("labels must be (B,) and ref_labels (N,)")
+    masks = _LabelMasks(labels, ref_labels, bool(self_compare))
+    return _run_blockwise(x, y, masks, m, gamma, block_size, detach_weights, impl, operand_dtype)
+
+
+def _run_blockwise(x, y, masks, m, gamma, block_size, detach_weights, impl, operand_dtype):
+    operand = resolve_operand_dtype(impl, x, y, operand_dtype, bool(detach_weights))
     acc = accumulate_dtype(x, y)
     rb, cb = resolve_block_size(block_size, x.shape[0], y.shape[0])
-    # Matmuls run in the accumulation dtype too: with gamma=256 a bf16 rounding error of
-    # ~4e-3 in s would move a logit by ~1.
+    # The PyTorch path runs its matmuls in the accumulation dtype too: with gamma=256 a
+    # bf16 rounding error of ~4e-3 in s would move a logit by ~1. (The Triton kernels keep
+    # s in float32 whatever the operand dtype.)
     xa = x.to(acc)
     ya = xa if y is x else y.to(acc)
     return _BlockwiseCircle.apply(
-        xa,
-        ya,
-        _LabelMasks(labels, ref_labels, bool(self_compare)),
-        float(m),
-        float(gamma),
-        rb,
-        cb,
-        bool(detach_weights),
+        xa, ya, masks, float(m), float(gamma), rb, cb, bool(detach_weights), operand
     )
 
 
@@ -518,6 +606,8 @@ def mined_pairs_circle_loss(
     chunk_size: Optional[int] = None,
     block_size: BlockSize = None,
     path: str = "auto",
+    impl: str = "auto",
+    operand_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """Per-anchor pair-level Circle loss over explicit pairs (a1[k], p[k]) and (a2[k], n[k]).
 
@@ -539,7 +629,8 @@ def mined_pairs_circle_loss(
       pass is the faster one (measured crossover 7-15 % on CPU) and its masks cost at most
       20 bytes per mined pair, next to the 16 of the miner's own indices.
 
-    ``block_size`` is as in ``all_pairs_circle_loss`` (dense path); ``chunk_size`` as in
+    ``block_size``, ``impl`` and ``operand_dtype`` are as in ``all_pairs_circle_loss``
+    (dense path; the sparse path is PyTorch only); ``chunk_size`` as in
     ``pair_similarity`` (sparse path).
 
     Returns (B,) losses, B = x.shape[0], in float32 (float64 if an input is float64).
@@ -561,7 +652,11 @@ def mined_pairs_circle_loss(
     if path == "auto":
         path = choose_mined_path(a1.numel() + a2.numel(), num_rows, num_cols)
     if path == "dense":
-        return _dense_mined(x, y, (a1, p, a2, n), m, gamma, detach_weights, check, block_size)
+        masks = _dense_pair_masks(x, y, (a1, p, a2, n), check)
+        return _run_blockwise(
+            x, y, masks, m, gamma, block_size, detach_weights, impl, operand_dtype
+        )
+    resolve_operand_dtype(impl, x, y, operand_dtype, bool(detach_weights))  # validate impl
     key_p = _pair_keys(a1, p, num_cols)
     key_n = _pair_keys(a2, n, num_cols)
     if check and _sorted_overlap(key_p, key_n):
@@ -585,24 +680,19 @@ def _pair_mask(rows: Tensor, cols: Tensor, num_rows: int, num_cols: int) -> Tens
     return mask.view(num_rows, num_cols)
 
 
-def _dense_mined(x, y, pairs, m, gamma, detach_weights, check, block_size) -> Tensor:
+def _dense_pair_masks(x, y, pairs, check) -> _PairMasks:
     a1, p, a2, n = pairs
     num_rows, num_cols = x.shape[0], y.shape[0]
     pos = _pair_mask(a1, p, num_rows, num_cols)
     neg = _pair_mask(a2, n, num_rows, num_cols)
     if check and bool((pos & neg).any()):
         raise ValueError("Each pair should be either be positive or negative")
-    acc = accumulate_dtype(x, y)
-    rb, cb = resolve_block_size(block_size, num_rows, num_cols)
-    xa = x.to(acc)
-    ya = xa if y is x else y.to(acc)
-    return _BlockwiseCircle.apply(
-        xa, ya, _PairMasks(pos, neg), float(m), float(gamma), rb, cb, bool(detach_weights)
-    )
+    return _PairMasks(pos, neg)
 
 
 __all__ = [
     "DENSE_PAIR_FRACTION",
+    "IMPLS",
     "accumulate_dtype",
     "all_pairs_circle_loss",
     "choose_mined_path",
@@ -611,6 +701,7 @@ __all__ = [
     "pair_logits",
     "pair_similarity",
     "resolve_block_size",
+    "resolve_operand_dtype",
     "resolve_pair_chunk",
     "scatter_logsumexp",
     "unique_pairs",

@@ -1,0 +1,327 @@
+"""Fused Triton kernels of the pair-level Circle loss (pml_extras/ops/pair_circle_triton.py).
+
+As in test_class_lse_triton.py, the ``TestInterpreted*`` classes run in the
+``TRITON_INTERPRET=1`` child process started by that module's ``test_interpreter_suite``
+and are skipped here. To run them directly:
+
+    TRITON_INTERPRET=1 python -m pytest tests/test_pair_circle_triton.py -k Interpreted
+
+Oracles: the PyTorch blockwise path (``impl="torch"``) on the same operand values, PML's
+``CircleLoss`` and a float64 per-anchor loop (tests/reference.py). Block sizes are tiny
+(4-8) so that every launch has several row blocks, column tiles, splits and D groups,
+with padding in each.
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("PML_EXTRAS_TRITON_INTERPRET_CHILD") == "1":
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import pytest  # noqa: E402
+import reference  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pml_extras.ops import pair_circle  # noqa: E402
+
+try:
+    import triton  # noqa: E402, F401
+
+    from pml_extras.ops import pair_circle_triton as pct  # noqa: E402
+except ImportError:  # pragma: no cover - triton is a test dependency on Linux
+    pct = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(pct is None, reason="triton is not installed")
+interpreted = pytest.mark.skipif(
+    not INTERPRET or pct is None,
+    reason="interpreter tests run in a TRITON_INTERPRET=1 child process "
+    "(test_class_lse_triton.py::test_interpreter_suite)",
+)
+
+SMALL = dict(fwd_block_m=8, fwd_block_n=4, block_m=4, block_n=8, block_d=4)
+# name -> (B, N or None for self-comparison, D, number of classes, block config overrides)
+SHAPES = {
+    "self": (13, None, 10, 3, SMALL),
+    "ref": (9, 21, 7, 4, SMALL),  # a reference set of another size, D not a power of two
+    "dgroups": (11, None, 16, 3, dict(SMALL, d_group=8, d_group_fp32=8)),
+    "splits": (6, 41, 5, 5, dict(SMALL, n_splits=3)),
+    "one_row": (1, 5, 3, 2, SMALL),
+}
+# Per operand dtype: (loss rtol, gradient tolerance relative to the largest entry)
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2e-2), torch.float16: (1e-5, 4e-3)}
+
+
+def make_case(B, N, D, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(B, D, generator=g), dim=1)
+    labels = torch.randint(0, classes, (B,), generator=g)
+    if N is None:
+        labels[0] = classes  # a row whose only "positive" would be itself
+        return x, x, labels, labels
+    y = F.normalize(torch.randn(N, D, generator=g), dim=1)
+    ref_labels = torch.randint(0, classes, (N,), generator=g)
+    ref_labels[: min(N, B)] = labels[: min(N, B)]  # every early row has a positive
+    return x, y, labels, ref_labels
+
+
+def run(x, y, labels, ref_labels, impl, operand_dtype=None, m=0.25, gamma=64.0, seed=1):
+    """(per-row losses, grad x, grad y) for a random upstream gradient; with operand_dtype
+    set, the inputs are rounded to it first so the PyTorch path sees the same values."""
+    same = y is x
+    if operand_dtype is not None:
+        x = x.to(operand_dtype).to(torch.float32)
+        y = x if same else y.to(operand_dtype).to(torch.float32)
+    x = x.clone().requires_grad_()
+    y = x if same else y.clone().requires_grad_()
+    losses = pair_circle.all_pairs_circle_loss(
+        x,
+        y,
+        labels,
+        ref_labels,
+        m=m,
+        gamma=gamma,
+        self_compare=same,
+        impl=impl,
+        operand_dtype=operand_dtype,
+    )
+    upstream = torch.randn(losses.shape, generator=torch.Generator().manual_seed(seed))
+    (losses * upstream).sum().backward()
+    return losses.detach(), x.grad, (None if same else y.grad)
+
+
+def assert_close_grads(got, want, tol):
+    if want is None:
+        assert got is None
+        return
+    scale = want.abs().max().clamp_min(1e-30)
+    err = (got - want).abs().max() / scale
+    assert err <= tol, f"gradient error {float(err):.3g} (relative to max) > {tol}"
+
+
+@interpreted
+class TestInterpretedPairCircle:
+    def test_runs_under_interpreter(self):
+        assert pct.INTERPRETED
+
+    @pytest.mark.parametrize("shape", list(SHAPES))
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+    def test_matches_torch_path(self, shape, dtype):
+        B, N, D, classes, cfg = SHAPES[shape]
+        x, y, labels, ref_labels = make_case(B, N, D, classes)
+        want = run(x, y, labels, ref_labels, "torch", operand_dtype=dtype)
+        with pct.block_config(**cfg):
+            got = run(x, y, labels, ref_labels, "triton", operand_dtype=dtype)
+        rtol, gtol = TOL[dtype]
+        torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=1e-5)
+        assert_close_grads(got[1], want[1], gtol)
+        assert_close_grads(got[2], want[2], gtol)
+        assert (want[0] > 0).any()  # the case has rows with a loss
+
+    @settings(max_examples=12, deadline=None)
+    @given(
+        B=st.integers(1, 12),
+        N=st.one_of(st.none(), st.integers(1, 12)),
+        D=st.integers(1, 9),
+        classes=st.integers(1, 4),
+        m=st.floats(0.0, 0.5),
+        gamma=st.sampled_from([1.0, 32.0, 256.0]),
+        tiles=st.sampled_from([(4, 4, 4), (8, 4, 2), (4, 8, 8)]),
+        seed=st.integers(0, 1000),
+    )
+    def test_property_matches_torch_path(self, B, N, D, classes, m, gamma, tiles, seed):
+        """Any sizes, margins and tilings: the kernels equal the PyTorch path."""
+        x, y, labels, ref_labels = make_case(B, N, D, classes, seed=seed)
+        want = run(x, y, labels, ref_labels, "torch", m=m, gamma=gamma)
+        fwd_m, bwd_n, bd = tiles
+        with pct.block_config(fwd_block_m=fwd_m, block_n=bwd_n, block_d=bd, block_m=4):
+            got = run(x, y, labels, ref_labels, "triton", m=m, gamma=gamma)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert_close_grads(got[1], want[1], 1e-5)
+        assert_close_grads(got[2], want[2], 1e-5)
+
+    def test_matches_float64_reference(self):
+        x, y, labels, ref_labels = make_case(10, 17, 6, 3, seed=4)
+        with pct.block_config(**SMALL):
+            got = run(x, y, labels, ref_labels, "triton", m=0.4, gamma=80.0)[0]
+        positive = labels[:, None] == ref_labels[None, :]
+        want = reference.circle_from_similarities(x.double() @ y.double().T, positive, 0.4, 80.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+    def test_degenerate_rows_and_batches(self):
+        x = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), dim=1)
+        one_class = torch.zeros(6, dtype=torch.long)  # no negatives anywhere
+        distinct = torch.arange(6)  # no positives anywhere
+        with pct.block_config(**SMALL):
+            for labels in (one_class, distinct):
+                losses, gx, _ = run(x, x, labels, labels, "triton")
+                assert torch.equal(losses, torch.zeros(6))
+                assert torch.equal(gx, torch.zeros_like(gx))
+            empty = torch.empty(0, 4)
+            losses = pair_circle.all_pairs_circle_loss(
+                empty, x, torch.empty(0, dtype=torch.long), distinct, impl="triton"
+            )
+            assert losses.shape == (0,)
+
+    def test_finite_at_extreme_similarities(self):
+        # Identical and opposite embeddings: s = +-1 exactly, gamma = 256 (face setting).
+        v = F.normalize(torch.randn(1, 8, generator=torch.Generator().manual_seed(3)), dim=1)
+        x = torch.cat([v, v, -v, -v, v]).repeat(3, 1)
+        labels = torch.tensor([0, 0, 1, 1, 1]).repeat(3)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            with pct.block_config(**SMALL):
+                losses, gx, _ = run(x, x, labels, labels, "triton", dtype, m=0.25, gamma=256.0)
+            assert torch.isfinite(losses).all() and torch.isfinite(gx).all()
+            assert (losses > 0).any()
+
+    @pytest.mark.parametrize("same", [True, False])
+    def test_dense_mined_path(self, same):
+        x, y, labels, ref_labels = make_case(12, None if same else 15, 6, 3, seed=5)
+        gen = torch.Generator().manual_seed(6)
+        num_cols = y.shape[0]
+        a1 = torch.randint(0, 12, (60,), generator=gen)
+        p = torch.randint(0, num_cols, (60,), generator=gen)
+        a2 = torch.randint(0, 12, (60,), generator=gen)
+        n = torch.randint(0, num_cols, (60,), generator=gen)
+        keep_n = ~((a2[:, None] == a1[None, :]) & (n[:, None] == p[None, :])).any(1)
+        a2, n = a2[keep_n], n[keep_n]  # no pair both positive and negative
+
+        def mined(impl):
+            xx = x.clone().requires_grad_()
+            yy = xx if same else y.clone().requires_grad_()
+            out = pair_circle.mined_pairs_circle_loss(
+                xx, yy, a1, p, a2, n, m=0.25, gamma=64.0, path="dense", impl=impl
+            )
+            out.sum().backward()
+            return out.detach(), xx.grad, (None if same else yy.grad)
+
+        want = mined("torch")
+        with pct.block_config(**SMALL):
+            got = mined("triton")
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        assert_close_grads(got[1], want[1], 1e-5)
+        assert_close_grads(got[2], want[2], 1e-5)
+        assert (want[0] > 0).any()
+
+    def test_module_matches_pml(self):
+        from pytorch_metric_learning import losses as pml_losses
+        from pytorch_metric_learning import miners
+
+        from pml_extras.losses import CircleLoss
+
+        gen = torch.Generator().manual_seed(7)
+        emb = torch.randn(24, 8, generator=gen)
+        labels = torch.randint(0, 4, (24,), generator=gen)
+        for miner in (None, miners.MultiSimilarityMiner(epsilon=1.0)):  # dense mining
+            results = []
+            for loss_fn in (
+                CircleLoss(m=0.25, gamma=64, impl="triton"),
+                pml_losses.CircleLoss(m=0.25, gamma=64),
+            ):
+                e = emb.clone().requires_grad_()
+                tuples = miner(e, labels) if miner is not None else None
+                with pct.block_config(**SMALL):
+                    loss = loss_fn(e, labels, tuples)
+                loss.backward()
+                results.append((loss.detach(), e.grad))
+            (ours, g_ours), (pml, g_pml) = results
+            torch.testing.assert_close(ours, pml, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(g_ours, g_pml, rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+def test_block_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        pct._check_config(pct.BlockConfig(block_n=12))
+    with pytest.raises(ValueError, match="n_splits"):
+        pct._check_config(pct.BlockConfig(n_splits=0))
+    if not pct.INTERPRETED:
+        with pytest.raises(ValueError, match=">= 16"):
+            pct._check_config(pct.BlockConfig(block_m=8))
+
+
+def test_impl_resolution_and_errors():
+    x = F.normalize(torch.randn(4, 3), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="impl must be one of"):
+        pair_circle.all_pairs_circle_loss(x, x, labels, labels, impl="cuda")
+    # "auto" keeps float64 and the undetached weights on the PyTorch path, even on CUDA.
+    dev = x.device
+    assert pair_circle.resolve_operand_dtype("auto", x.double(), x.double(), None, True) is None
+    assert pair_circle.resolve_operand_dtype("auto", x, x, None, False) is None
+    if dev.type == "cpu" and not INTERPRET:
+        assert pair_circle.resolve_operand_dtype("auto", x, x, None, True) is None
+        with pytest.raises(RuntimeError, match="triton"):
+            pair_circle.all_pairs_circle_loss(x, x, labels, labels, impl="triton")
+    if pct is not None and (INTERPRET or CUDA):
+        with pytest.raises(TypeError, match="float64"):
+            pair_circle.resolve_operand_dtype("triton", x.double(), x.double(), None, True)
+        with pytest.raises(ValueError, match="detach_weights"):
+            pair_circle.resolve_operand_dtype("triton", x, x, None, False)
+
+
+def test_circle_loss_rejects_unknown_impl():
+    from pml_extras.losses import CircleLoss
+
+    with pytest.raises(ValueError, match="impl must be one of"):
+        CircleLoss(impl="fast")
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="compiles real kernels; not under the interpreter")
+@pytest.mark.parametrize("dtype,d,mode", [("bf16", 512, 0), ("fp32", 512, 1)])
+def test_kernels_compile_for_sm90(dtype, d, mode):
+    """Triton -> PTX -> cubin for sm_90 with the default tiles (B = N = 16384 launch):
+    catches what the interpreter accepts but the GPU compiler rejects."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("triton's NVIDIA backend is not available")
+    import triton.language as tl
+
+    cfg = pct.BlockConfig()
+    block_d, d_group, _ = pct._d_layout(d, cfg, dtype == "fp32")
+    op = {"bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
+    consts = dict(
+        SELF=mode == 0,
+        MODE=mode,
+        DOT_DTYPE=op,
+        PRECISION="ieee" if dtype == "fp32" else None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        D_GROUP=d_group,
+    )
+    ptr = {"X": f"*{dtype}", "Y": f"*{dtype}", "LAB": "*i64", "REF": "*i64"}
+    ptr.update(POS="*u8", NEG="*u8")
+    for name in ("OUT", "LSE_P", "LSE_N", "G", "DX", "DY"):
+        ptr[name] = "*fp32"
+    forward_tiles = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)
+    for kernel in (pct._fwd_kernel, pct._bwd_x_kernel, pct._bwd_y_kernel):
+        constexprs = {k: v for k, v in consts.items() if k in kernel.arg_names}
+        if kernel is pct._fwd_kernel:
+            constexprs.update(forward_tiles)
+        signature, attrs = {}, {}
+        for i, name in enumerate(kernel.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in ptr:
+                signature[name] = ptr[name]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif name in ("m", "gamma"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+                if name != "tiles_per_split":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
+        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm["cubin"]
+        assert compiled.metadata.shared <= 227 * 1024
