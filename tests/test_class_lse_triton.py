@@ -33,6 +33,7 @@ if os.environ.get(_CHILD) == "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _sm90 import compile_for_sm90, nvidia_backend_or_skip  # noqa: E402
 
 from pml_extras.ops import class_lse  # noqa: E402
 
@@ -469,32 +470,6 @@ def test_block_config_validation():
             clt._check_config(clt.BlockConfig(block_m=8))
 
 
-def _compile_sm90(kernel, pointer_types, constexprs, cfg):
-    """Compile ``kernel`` for sm_90 as a launch on contiguous (1024, 512) x (512, 100000)
-    inputs would: unit strides specialised to constants, 16-divisibility hints elsewhere."""
-    from triton.backends.compiler import GPUTarget
-
-    constexprs = dict(constexprs)
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in ("stride_xd", "stride_wc", "stride_gc"):
-            constexprs[name] = 1
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = pointer_types[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in ("p0", "p1_value"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if name != "tiles_per_split":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
 _ALL_COMPILES = pytest.mark.skipif(
     os.environ.get("PML_EXTRAS_COMPILE_ALL") != "1",
     reason="~20 s of compilation each; set PML_EXTRAS_COMPILE_ALL=1",
@@ -516,10 +491,7 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
     """Triton -> PTX -> cubin (ptxas) for sm_90 with the default tile sizes: catches what
     the interpreter accepts but the GPU compiler does not (dot shapes, dtypes, layouts).
     Compiled kernels are cached in ~/.triton/cache, so reruns are fast."""
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("triton's NVIDIA backend is not available")
+    nvidia_backend_or_skip()
     import triton.language as tl
 
     cfg = clt.BlockConfig()
@@ -539,12 +511,19 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
     ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", GW=f"*{dtype}", TGT="*i64")
     for name in ("INV", "RP", "P1", "M_OUT", "L_OUT", "U_OUT", "LSE", "GLSE"):
         ptrs[name] = "*fp32"
-    fwd_c = dict(common, NEED_U=need_u)
-    fwd = _compile_sm90(clt._fwd_kernel, ptrs, fwd_c, cfg)
-    bwd = _compile_sm90(clt._bwd_w_kernel, ptrs, common, cfg)
-    for compiled in (fwd, bwd):
-        assert compiled.asm["cubin"]
-        assert compiled.metadata.shared <= 227 * 1024
+    for kernel, constexprs in (
+        (clt._fwd_kernel, dict(common, NEED_U=need_u)),
+        (clt._bwd_w_kernel, common),
+    ):
+        compile_for_sm90(
+            kernel,
+            ptrs,
+            constexprs,
+            ("p0", "p1_value"),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+            unit_strides=("stride_xd", "stride_wc", "stride_gc"),
+        )
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 import reference  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _sm90 import compile_for_sm90, nvidia_backend_or_skip  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -278,11 +279,7 @@ def test_circle_loss_rejects_unknown_impl():
 def test_kernels_compile_for_sm90(dtype, d, mode):
     """Triton -> PTX -> cubin for sm_90 with the default tiles (B = N = 16384 launch):
     catches what the interpreter accepts but the GPU compiler rejects."""
-    try:
-        from triton.backends.compiler import GPUTarget
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("triton's NVIDIA backend is not available")
+    nvidia_backend_or_skip()
     import triton.language as tl
 
     cfg = pct.BlockConfig()
@@ -293,35 +290,24 @@ def test_kernels_compile_for_sm90(dtype, d, mode):
         MODE=mode,
         DOT_DTYPE=op,
         PRECISION="ieee" if dtype == "fp32" else None,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
         BLOCK_D=block_d,
         D_GROUP=d_group,
     )
     ptr = {"X": f"*{dtype}", "Y": f"*{dtype}", "LAB": "*i64", "REF": "*i64"}
     ptr.update(POS="*u8", NEG="*u8")
-    for name in ("OUT", "LSE_P", "LSE_N", "G", "DX", "DY"):
+    for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptr[name] = "*fp32"
-    forward_tiles = dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)
-    for kernel in (pct._fwd_kernel, pct._bwd_x_kernel, pct._bwd_y_kernel):
-        constexprs = {k: v for k, v in consts.items() if k in kernel.arg_names}
-        if kernel is pct._fwd_kernel:
-            constexprs.update(forward_tiles)
-        signature, attrs = {}, {}
-        for i, name in enumerate(kernel.arg_names):
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in ptr:
-                signature[name] = ptr[name]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif name in ("m", "gamma"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-                if name != "tiles_per_split":
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        src = triton.compiler.ASTSource(kernel, signature, constexprs, attrs)
-        options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        assert compiled.asm["cubin"]
-        assert compiled.metadata.shared <= 227 * 1024
+    launches = [
+        (pct._fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)),
+        (pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COLUMN_SIDE=False)),
+        (pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COLUMN_SIDE=True)),
+    ]
+    for kernel, tiles in launches:
+        compile_for_sm90(
+            kernel,
+            ptr,
+            dict(consts, **tiles),
+            ("m", "gamma"),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )

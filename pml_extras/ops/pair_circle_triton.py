@@ -19,12 +19,11 @@ Kernels
     BLOCK_D steps (float32 accumulator), masks, logits, and two online logsumexps
     (positives, negatives). Per-split (max, sum) partials are combined in PyTorch.
 
-``_bwd_x_kernel`` grid (row blocks, column splits, D groups). Recomputes each tile and
-    accumulates sum_j w_ij dz_ij y_j, w_ij = exp(z_ij - lse_i) within the pair's own set;
-    the per-row factor dL_i/d(lse_p_i + lse_n_i) multiplies the result afterwards.
-
-``_bwd_y_kernel`` grid (column blocks, row splits, D groups). The same tiles seen from the
-    columns: sum_i g_i w_ij dz_ij x_i, accumulated as x^T (g w dz) in registers.
+``_bwd_kernel``  row side, grid (row blocks, column splits, D groups): recomputes each
+    tile and accumulates sum_j w_ij dz_ij y_j, w_ij = exp(z_ij - lse_i) within the pair's
+    own set; the per-row factor g_i = dL_i/d(lse_p_i + lse_n_i) multiplies the result
+    afterwards. Column side, grid (column blocks, row splits, D groups): the same tiles
+    seen from the columns, sum_i g_i w_ij dz_ij x_i, accumulated as x^T (g w dz).
 
 fwd+bwd is therefore 5 matmul-sized passes (1 forward, 2 + 2 backward) against the
 floor of 3, plus elementwise work on register tiles. With ``x is y`` (the usual
@@ -298,92 +297,7 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_x_kernel(
-    X,
-    Y,
-    LAB,
-    REF,
-    POS,
-    NEG,
-    LSE_P,
-    LSE_N,
-    DX,
-    B,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    m,
-    gamma,
-    tiles_per_split,
-    SELF: tl.constexpr,
-    MODE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_GROUP: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    lse_p = tl.load(LSE_P + rows, mask=row_ok, other=0.0)
-    lse_n = tl.load(LSE_N + rows, mask=row_ok, other=0.0)
-    dg = pid_g * D_GROUP + tl.arange(0, D_GROUP)
-    dg_ok = dg < D
-    acc = tl.zeros([BLOCK_M, D_GROUP], dtype=tl.float32)
-    t_start = pid_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(N, BLOCK_N))
-    for t in range(t_start, t_end):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        w = _gradient_tile(
-            X,
-            Y,
-            LAB,
-            REF,
-            POS,
-            NEG,
-            rows,
-            row_ok,
-            cols,
-            col_ok,
-            lse_p,
-            lse_n,
-            N,
-            D,
-            stride_x,
-            stride_y,
-            m,
-            gamma,
-            SELF,
-            MODE,
-            DOT_DTYPE,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-        )
-        y_group = tl.load(
-            Y + cols.to(tl.int64)[:, None] * stride_y + dg[None, :],
-            mask=col_ok[:, None] & dg_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(
-            w.to(Y.dtype.element_ty).to(DOT_DTYPE),
-            y_group.to(DOT_DTYPE),
-            acc,
-            input_precision=PRECISION,
-        )
-    out = (pid_s * B + rows).to(tl.int64)[:, None] * D + dg[None, :]
-    tl.store(DX + out, acc, mask=row_ok[:, None] & dg_ok[None, :])
-
-
-@triton.jit
-def _bwd_y_kernel(
+def _bwd_kernel(
     X,
     Y,
     LAB,
@@ -393,7 +307,7 @@ def _bwd_y_kernel(
     LSE_P,
     LSE_N,
     G,
-    DY,
+    GRAD,
     B,
     N,
     D,
@@ -402,6 +316,7 @@ def _bwd_y_kernel(
     m,
     gamma,
     tiles_per_split,
+    COLUMN_SIDE: tl.constexpr,
     SELF: tl.constexpr,
     MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -411,22 +326,36 @@ def _bwd_y_kernel(
     BLOCK_D: tl.constexpr,
     D_GROUP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    """grad x (row side: a row block, walking column tiles) or grad y (column side: a
+    column block, walking row tiles) of sum_i g_i (lse_p_i + lse_n_i), into float32
+    per-split partials GRAD (splits, B or N, D). The row side leaves out g (a per-row
+    factor, applied afterwards); the column side reads G, scaled into [-1, 1]."""
+    pid_o = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_g = tl.program_id(2)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     dg = pid_g * D_GROUP + tl.arange(0, D_GROUP)
     dg_ok = dg < D
-    acc = tl.zeros([D_GROUP, BLOCK_N], dtype=tl.float32)
-    t_start = pid_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(B, BLOCK_M))
-    for t in range(t_start, t_end):
-        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    if COLUMN_SIDE:
+        cols = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        acc = tl.zeros([D_GROUP, BLOCK_N], dtype=tl.float32)
+        n_tiles = tl.cdiv(B, BLOCK_M)
+    else:
+        rows = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < B
+        acc = tl.zeros([BLOCK_M, D_GROUP], dtype=tl.float32)
+        n_tiles = tl.cdiv(N, BLOCK_N)
+    t_start = pid_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
+    for t in range(t_start, t_end):
+        if COLUMN_SIDE:
+            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < B
+        else:
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
         lse_p = tl.load(LSE_P + rows, mask=row_ok, other=0.0)
         lse_n = tl.load(LSE_N + rows, mask=row_ok, other=0.0)
-        g = tl.load(G + rows, mask=row_ok, other=0.0)
         w = _gradient_tile(
             X,
             Y,
@@ -454,20 +383,29 @@ def _bwd_y_kernel(
             BLOCK_N,
             BLOCK_D,
         )
-        w = w * g[:, None]
-        x_group = tl.load(
-            X + rows.to(tl.int64)[:, None] * stride_x + dg[None, :],
-            mask=row_ok[:, None] & dg_ok[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(
-            tl.trans(x_group.to(DOT_DTYPE)),
-            w.to(X.dtype.element_ty).to(DOT_DTYPE),
-            acc,
-            input_precision=PRECISION,
-        )
-    out = (pid_s * N + cols).to(tl.int64)[None, :] * D + dg[:, None]
-    tl.store(DY + out, acc, mask=dg_ok[:, None] & col_ok[None, :])
+        if COLUMN_SIDE:
+            g = tl.load(G + rows, mask=row_ok, other=0.0)
+            x_group = tl.load(
+                X + rows.to(tl.int64)[:, None] * stride_x + dg[None, :],
+                mask=row_ok[:, None] & dg_ok[None, :],
+                other=0.0,
+            )
+            w = (w * g[:, None]).to(X.dtype.element_ty).to(DOT_DTYPE)
+            acc = tl.dot(tl.trans(x_group.to(DOT_DTYPE)), w, acc, input_precision=PRECISION)
+        else:
+            y_group = tl.load(
+                Y + cols.to(tl.int64)[:, None] * stride_y + dg[None, :],
+                mask=col_ok[:, None] & dg_ok[None, :],
+                other=0.0,
+            )
+            w = w.to(Y.dtype.element_ty).to(DOT_DTYPE)
+            acc = tl.dot(w, y_group.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if COLUMN_SIDE:
+        out = (pid_s * N + cols).to(tl.int64)[None, :] * D + dg[:, None]
+        tl.store(GRAD + out, acc, mask=dg_ok[:, None] & col_ok[None, :])
+    else:
+        out = (pid_s * B + rows).to(tl.int64)[:, None] * D + dg[None, :]
+        tl.store(GRAD + out, acc, mask=row_ok[:, None] & dg_ok[None, :])
 
 
 INTERPRETED = isinstance(_fwd_kernel, _InterpretedFunction) if _InterpretedFunction else False
@@ -677,10 +615,17 @@ def backward(
     )
     n_row_blocks = triton.cdiv(batch, cfg.block_m)
     n_col_blocks = triton.cdiv(num_cols, cfg.block_n)
-    if need_x:
-        splits, per_split = _splits(n_row_blocks * n_groups, n_col_blocks, True, device, cfg)
-        part = torch.empty(splits, batch, d, device=device, dtype=torch.float32)
-        _bwd_x_kernel[(n_row_blocks, splits, n_groups)](
+
+    def launch(column_side: bool, row_factor: Tensor) -> Tensor:
+        """Sum over splits of one side's float32 partial gradients."""
+        n_outer, n_inner, size = (
+            (n_col_blocks, n_row_blocks, num_cols)
+            if column_side
+            else (n_row_blocks, n_col_blocks, batch)
+        )
+        splits, per_split = _splits(n_outer * n_groups, n_inner, True, device, cfg)
+        part = torch.empty(splits, size, d, device=device, dtype=torch.float32)
+        _bwd_kernel[(n_outer, splits, n_groups)](
             xo,
             yo,
             lab,
@@ -689,6 +634,7 @@ def backward(
             neg,
             lse_p,
             lse_n,
+            row_factor,
             part,
             batch,
             num_cols,
@@ -698,37 +644,17 @@ def backward(
             float(m),
             float(gamma),
             per_split,
+            COLUMN_SIDE=column_side,
             **common,
         )
+        return part.sum(0)
+
+    if need_x:
         # The row factor is outside the matmul: tiny factors never meet fp16 operands.
-        torch.mul(part.sum(0), g_row[:, None], out=grad_x)
+        torch.mul(launch(False, lse_p), g_row[:, None], out=grad_x)
     if need_y:
         # Row factors scaled into [-1, 1] before they reach the operand dtype; the scale
         # (a device scalar, no sync) is applied to the float32 result.
         g_scale = g_row.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-        g_unit = (g_row / g_scale).contiguous()
-        splits, per_split = _splits(n_col_blocks * n_groups, n_row_blocks, True, device, cfg)
-        part = torch.empty(splits, num_cols, d, device=device, dtype=torch.float32)
-        _bwd_y_kernel[(n_col_blocks, splits, n_groups)](
-            xo,
-            yo,
-            lab,
-            ref,
-            pos,
-            neg,
-            lse_p,
-            lse_n,
-            g_unit,
-            part,
-            batch,
-            num_cols,
-            d,
-            xo.stride(0),
-            yo.stride(0),
-            float(m),
-            float(gamma),
-            per_split,
-            **common,
-        )
-        torch.mul(part.sum(0), g_scale, out=grad_y)
+        torch.mul(launch(True, (g_row / g_scale).contiguous()), g_scale, out=grad_y)
     return grad_x, grad_y
