@@ -199,6 +199,8 @@ class _BlockwiseCircle(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, masks, m, gamma, rb, cb, detach_weights, operand_dtype=None):
+        # The mask source holds only index/label tensors (never differentiated, never
+        # modified in place here), so it rides on ctx instead of save_for_backward.
         ctx.masks = masks
         ctx.args = (m, gamma, rb, cb, detach_weights, operand_dtype)
         if operand_dtype is not None:
@@ -236,8 +238,6 @@ class _BlockwiseCircle(torch.autograd.Function):
             valid[r0 : r0 + n_r] = has_p & has_n
         logit = lse_p + lse_n
         losses = torch.where(valid, F.softplus(logit), 0.0)
-        # The mask source holds only index/label tensors (never differentiated, never
-        # modified in place here), so it rides on ctx instead of save_for_backward.
         ctx.save_for_backward(x, y, lse_p, lse_n, valid)
         return losses
 
