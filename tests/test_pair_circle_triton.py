@@ -311,3 +311,38 @@ def test_kernels_compile_for_sm90(dtype, d, mode):
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+
+
+@interpreted
+class TestInterpretedCompile:
+    """Under torch.compile the Triton path opts out (it runs eagerly) instead of failing:
+    traced, dynamo would step into the launchers (and here into the interpreter)."""
+
+    @pytest.mark.parametrize("which", ["pair", "class"])
+    def test_compiled_equals_eager(self, which):
+        import torch._dynamo
+
+        from pml_extras.losses import CircleLoss, SparseCircleLoss
+        from pml_extras.ops import class_lse_triton as clt
+
+        def make():
+            if which == "pair":
+                return CircleLoss(m=0.25, gamma=32.0, impl="triton")
+            torch.manual_seed(3)
+            return SparseCircleLoss(11, 16, impl="triton")
+
+        gen = torch.Generator().manual_seed(8)
+        emb = torch.randn(24, 16, generator=gen)
+        labels = torch.randint(0, 5, (24,), generator=gen)
+        torch._dynamo.reset()
+        out = []
+        for compiled in (False, True):
+            loss_fn = make()
+            call = torch.compile(loss_fn, backend="aot_eager") if compiled else loss_fn
+            e = emb.clone().requires_grad_()
+            with pct.block_config(**SMALL), clt.block_config(block_m=4, block_c=4, block_d=4):
+                loss = call(e, labels)
+            loss.backward()
+            out.append((loss.detach(), e.grad))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)

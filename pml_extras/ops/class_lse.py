@@ -37,6 +37,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._validation import _compile_opt_out
+
 KINDS = ("circle", "curricular", "scaled")
 IMPLS = ("auto", "torch", "triton")
 
@@ -238,6 +240,16 @@ class _ClassLogSumExp(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None, None, None, None
 
 
+# Dynamo cannot trace the Triton launchers (host-side grid and config arithmetic; under
+# TRITON_INTERPRET=1 it would trace the interpreter itself and fail), so under
+# torch.compile the Triton path opts out: one graph break, run eagerly, autograd intact.
+# The PyTorch path stays traceable.
+@_compile_opt_out("pml_extras runs its fused Triton kernels eagerly; impl='torch' can be traced")
+def apply_eagerly(function, *args):
+    """``function.apply(*args)`` outside torch.compile's graph."""
+    return function.apply(*args)
+
+
 def triton_available(device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
@@ -306,14 +318,8 @@ def class_logsumexp(
     impl = resolve_impl(impl, x.device, _compute_dtype(x, weight))
     acc = accumulate_dtype(x, weight)
     p1 = p1.detach().to(device=x.device, dtype=acc) if torch.is_tensor(p1) else float(p1)
-    return _ClassLogSumExp.apply(
-        x,
-        weight,
-        target.long(),
-        row_param.detach().to(acc),
-        kind,
-        float(p0),
-        p1,
-        int(chunk_size),
-        impl,
-    )
+    args = (x, weight, target.long(), row_param.detach().to(acc), kind, float(p0), p1)
+    args += (int(chunk_size), impl)
+    if impl == "triton":
+        return apply_eagerly(_ClassLogSumExp, *args)
+    return _ClassLogSumExp.apply(*args)

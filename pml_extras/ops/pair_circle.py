@@ -41,6 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+# One notion of "Triton is usable" and of running it under torch.compile, for all ops.
+from .class_lse import apply_eagerly, resolve_impl
+
 BlockSize = Union[int, Sequence[int], None]
 
 # Each block holds a handful of rows x cols temporaries; 2**21 float32 elements (8 MB each)
@@ -321,7 +324,6 @@ def resolve_operand_dtype(
     run on bf16/fp16 tensor cores. "auto" picks Triton on CUDA when it is installed, for
     float32/bf16/fp16 operands and the paper's detached weights.
     """
-    from .class_lse import resolve_impl  # one notion of "Triton is usable" for all ops
 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -394,9 +396,10 @@ def _run_blockwise(x, y, masks, m, gamma, block_size, detach_weights, impl, oper
     # s in float32 whatever the operand dtype.)
     xa = x.to(acc)
     ya = xa if y is x else y.to(acc)
-    return _BlockwiseCircle.apply(
-        xa, ya, masks, float(m), float(gamma), rb, cb, bool(detach_weights), operand
-    )
+    args = (xa, ya, masks, float(m), float(gamma), rb, cb, bool(detach_weights), operand)
+    if operand is not None:
+        return apply_eagerly(_BlockwiseCircle, *args)  # see class_lse.apply_eagerly
+    return _BlockwiseCircle.apply(*args)
 
 
 def _pair_keys(rows: Tensor, cols: Tensor, num_cols: int) -> Tensor:

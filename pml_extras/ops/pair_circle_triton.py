@@ -27,7 +27,7 @@ Kernels
 
 fwd+bwd is therefore 5 matmul-sized passes (1 forward, 2 + 2 backward) against the
 floor of 3, plus elementwise work on register tiles. With ``x is y`` (the usual
-self-comparison) both backward kernels run and their sums add up, as autograd would.
+self-comparison) both sides of the backward run and their sums add up, as autograd would.
 
 Precision: accumulation and every exp/log is float32. The matmul operands are
 ``operand_dtype`` (the embeddings' dtype: bf16/fp16 run on tensor cores); the [.]_+
