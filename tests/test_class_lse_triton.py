@@ -462,7 +462,7 @@ def test_auto_falls_back_when_triton_is_not_importable(monkeypatch):
 def test_block_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         with clt.block_config(block_c=12):
-            clt._check_config(clt._config)
+            clt._check_config(clt._configs.current)
     with pytest.raises(ValueError, match="n_splits"):
         clt._check_config(clt.BlockConfig(n_splits=0))
     if not clt.INTERPRETED:

@@ -267,6 +267,20 @@ def test_pair_circle_triton_matches_torch_path(shape, dtype):
             assert rel_err(got, want) < GRAD_TOL[dtype]
 
 
+def extra_peak_memory(step, params) -> int:
+    """Peak CUDA memory of ``step()`` above what is allocated before it, after one warm-up
+    call (Triton compilation, cuBLAS workspaces); ``params`` get their .grad cleared."""
+    step()
+    for p in params:
+        p.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def test_pair_circle_memory_is_linear_in_batch():
     """B = 16384, D = 512 bf16: PML's CircleLoss needs ~14 GB; ours must stay within a
     few B x D float32 buffers (no B x B tensor: that alone would be 1 GB)."""
@@ -276,14 +290,7 @@ def test_pair_circle_memory_is_linear_in_batch():
     emb = torch.randn(B, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, B // 4, (B,), device="cuda")
     loss_fn = CircleLoss(m=0.25, gamma=256)
-    loss_fn(emb, labels).backward()  # warm-up: compilation
-    emb.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss_fn(emb, labels).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = extra_peak_memory(lambda: loss_fn(emb, labels).backward(), [emb])
     budget = 16 * B * D * 4  # 512 MiB: a handful of float32 (B, D) buffers and partials
     assert extra <= budget, (extra, budget)
 
@@ -302,14 +309,7 @@ def test_loss_memory_is_bounded_by_the_gradients(which, dtype):
     loss_fn = getattr(our_losses, which)(C, D).to(device="cuda", dtype=dtype)
     emb = torch.randn(B, D, device="cuda", dtype=dtype, requires_grad=True)
     labels = torch.randint(0, C, (B,), device="cuda")
-    loss_fn(emb, labels).backward()  # warm-up: Triton compilation, cuBLAS workspaces
-    emb.grad, loss_fn.W.grad = None, None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    loss_fn(emb, labels).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = extra_peak_memory(lambda: loss_fn(emb, labels).backward(), [emb, loss_fn.W])
     grad_w = loss_fn.W.numel() * loss_fn.W.element_size()
     inputs = 2 * emb.numel() * emb.element_size()  # the embeddings and their gradient
     budget = 1.5 * (grad_w + inputs)

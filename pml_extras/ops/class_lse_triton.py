@@ -59,9 +59,7 @@ accumulation order differs from the GPU).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -69,16 +67,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton_common import (
+    ConfigSlot,
+    check_tile_sizes,
+    d_layout,
+    is_interpreted,
+    operand_types,
+    sm_count,
+)
 from .class_lse import _EPS, KINDS, _target_columns, accumulate_dtype, target_cosine
-
-try:  # triton >= 3.0
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-except ImportError:  # pragma: no cover
-    _InterpretedFunction = ()
 
 _KIND_IDS = {"circle": 0, "curricular": 1, "scaled": 2}  # the KIND branches of _transform
 assert set(_KIND_IDS) == set(KINDS)
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Finite "minus infinity" for the running max (keeps exp(m - m) = 1 on all-masked rows).
 _NEG_BIG = tl.constexpr(-1.0e30)
 EPS = tl.constexpr(_EPS)
@@ -106,19 +106,8 @@ class BlockConfig:
     num_stages: int = 2
 
 
-_config = BlockConfig()
-
-
-@contextlib.contextmanager
-def block_config(**overrides):
-    """Temporarily replace fields of the module-wide :class:`BlockConfig` (tests use it)."""
-    global _config
-    old = _config
-    _config = dataclasses.replace(old, **overrides)
-    try:
-        yield _config
-    finally:
-        _config = old
+_configs = ConfigSlot(BlockConfig())
+block_config = _configs.override  # e.g. ``with block_config(block_c=16): ...`` (tests)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -416,61 +405,27 @@ def _bwd_w_kernel(
     )
 
 
-INTERPRETED = isinstance(_fwd_kernel, _InterpretedFunction) if _InterpretedFunction else False
+INTERPRETED = is_interpreted(_fwd_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _check_config(cfg: BlockConfig) -> None:
-    sizes = {
-        f.name: getattr(cfg, f.name)
-        for f in dataclasses.fields(cfg)
-        if f.name.startswith(("block_", "norm_block_", "d_group"))
-    }
-    for name, value in sizes.items():
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"BlockConfig.{name} must be a power of two, got {value}")
-        if not INTERPRETED and not name.startswith("norm") and value < 16:
-            raise ValueError(f"BlockConfig.{name} must be >= 16 for tl.dot on a GPU, got {value}")
-    if cfg.n_splits is not None and cfg.n_splits < 1:
-        raise ValueError(f"BlockConfig.n_splits must be >= 1 or None, got {cfg.n_splits}")
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, so that the cross-split combine is exercised
+    names = [f.name for f in dataclasses.fields(cfg) if f.name.startswith(("block_", "d_group"))]
+    check_tile_sizes(cfg, names, True, INTERPRETED)
+    check_tile_sizes(cfg, ["norm_block_c", "norm_block_d"], False, INTERPRETED)
 
 
 def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
     """(block_d, d_group, n_groups) for embedding size ``d``."""
-    d_pad = _next_pow2(d) if INTERPRETED else max(16, _next_pow2(d))
     group = cfg.d_group_fp32 if fp32 else cfg.d_group
-    if d_pad <= group:
-        return min(cfg.block_d, d_pad), d_pad, 1
-    return cfg.block_d, group, triton.cdiv(d, group)
+    return d_layout(d, cfg.block_d, group, INTERPRETED)
 
 
 def _dtypes(x: Tensor, weight: Tensor):
-    cdtype = torch.promote_types(x.dtype, weight.dtype)
-    if cdtype not in _TL_DTYPES:
-        raise TypeError(
-            f"the Triton class_logsumexp kernels support float32/bfloat16/float16 inputs, got "
-            f"{x.dtype} x {weight.dtype}; use impl='torch' (impl='auto' does so by itself)"
-        )
-    op = _TL_DTYPES[cdtype]
-    dot = tl.float32 if (INTERPRETED and op == tl.bfloat16) else op
-    if op == tl.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
-        precision = None
-    return op, dot, precision
+    """(operand, dot-input, precision) Triton types of the matmul operands."""
+    return operand_types(torch.promote_types(x.dtype, weight.dtype), INTERPRETED, "class_logsumexp")
 
 
 def _p1_args(p1, device):
@@ -482,7 +437,7 @@ def _p1_args(p1, device):
 
 def inverse_norms(weight: Tensor, config: Optional[BlockConfig] = None) -> Tensor:
     """(C,) float32 1 / max(||w_j||, 1e-6), as ``rsqrt(clamp_min(sum w^2, 1e-12))``."""
-    cfg = config or _config
+    cfg = config or _configs.current
     d, c = weight.shape
     inv = torch.empty(c, device=weight.device, dtype=torch.float32)
     if c:
@@ -510,7 +465,7 @@ def _n_splits(
         want = cfg.n_splits
     else:
         # About two programs per SM (B = 1024 gives only 16 row blocks of 64).
-        want = triton.cdiv(2 * _sm_count(device), n_row_blocks * n_groups)
+        want = triton.cdiv(2 * sm_count(device), n_row_blocks * n_groups)
         if need_u:  # keep the (splits, B, D) float32 partials of u no larger than W
             want = min(want, max(1, (num_classes * itemsize) // (batch * 4)))
     want = max(1, min(want, n_tiles))
@@ -594,7 +549,7 @@ def _prepare(x, weight, target, row_param, kind):
 def forward(x, weight, target, row_param, kind, p0, p1, *, need_state=False, config=None):
     """(lse, cos_y), both (B,) float32. With ``need_state``: (lse, cos_y, state), where
     ``state`` = (u, inv_norm) lets :func:`backward` skip one recompute of the logits."""
-    cfg = config or _config
+    cfg = config or _configs.current
     _check_config(cfg)
     target, row_param = _prepare(x, weight, target, row_param, kind)
     acc = accumulate_dtype(x, weight)
@@ -651,7 +606,7 @@ def backward(
     """(grad_x (B, D) in x.dtype, grad_w (D, C) in weight.dtype); a gradient that is not
     needed is returned as None. ``state`` is the third output of ``forward(need_state=True)``;
     without it, u is recomputed (one more pass over W)."""
-    cfg = config or _config
+    cfg = config or _configs.current
     _check_config(cfg)
     target, row_param = _prepare(x, weight, target, row_param, kind)
     batch, d = x.shape

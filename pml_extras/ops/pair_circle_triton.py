@@ -42,9 +42,7 @@ multiplied as float32 there (same values).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -52,12 +50,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # triton >= 3.0
-    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
-except ImportError:  # pragma: no cover
-    _InterpretedFunction = ()
+from ._triton_common import (
+    ConfigSlot,
+    check_tile_sizes,
+    d_layout,
+    is_interpreted,
+    operand_types,
+    sm_count,
+)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LABELS, _MASKS = 0, 1  # MODE: where positives / negatives come from
 
@@ -85,19 +86,8 @@ class BlockConfig:
     num_stages: int = 2
 
 
-_config = BlockConfig()
-
-
-@contextlib.contextmanager
-def block_config(**overrides):
-    """Temporarily replace fields of the module-wide :class:`BlockConfig` (tests use it)."""
-    global _config
-    old = _config
-    _config = dataclasses.replace(old, **overrides)
-    try:
-        yield _config
-    finally:
-        _config = old
+_configs = ConfigSlot(BlockConfig())
+block_config = _configs.override  # e.g. ``with block_config(block_m=16): ...`` (tests)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -173,7 +163,7 @@ def _set_weights(z, dz, pos, neg, lse_p, lse_n):
 
 
 @triton.jit
-def _gradient_tile(
+def _logit_tile(
     X,
     Y,
     LAB,
@@ -184,8 +174,6 @@ def _gradient_tile(
     row_ok,
     cols,
     col_ok,
-    lse_p,
-    lse_n,
     N,
     D,
     stride_x,
@@ -200,7 +188,7 @@ def _gradient_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """d(lse_p_i + lse_n_i)/d s_ij for one recomputed tile: the set softmax weight times dz."""
+    """(z, dz/ds, pos, neg) of one (BLOCK_M, BLOCK_N) tile of pairs."""
     s = _similarity(
         X,
         Y,
@@ -219,7 +207,7 @@ def _gradient_tile(
     )
     pos, neg = _pair_masks(LAB, REF, POS, NEG, rows, row_ok, cols, col_ok, N, SELF, MODE)
     z, dz = _circle_logits(s, pos, m, gamma)
-    return _set_weights(z, dz, pos, neg, lse_p, lse_n)
+    return z, dz, pos, neg
 
 
 @triton.jit
@@ -261,24 +249,31 @@ def _fwd_kernel(
     for t in range(t_start, t_end):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        s = _similarity(
+        z, _, pos, neg = _logit_tile(
             X,
             Y,
+            LAB,
+            REF,
+            POS,
+            NEG,
             rows,
             row_ok,
             cols,
             col_ok,
+            N,
             D,
             stride_x,
             stride_y,
+            m,
+            gamma,
+            SELF,
+            MODE,
             DOT_DTYPE,
             PRECISION,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
         )
-        pos, neg = _pair_masks(LAB, REF, POS, NEG, rows, row_ok, cols, col_ok, N, SELF, MODE)
-        z, _ = _circle_logits(s, pos, m, gamma)
         zp = tl.where(pos, z, float("-inf"))
         zn = tl.where(neg, z, float("-inf"))
         new_p = tl.maximum(max_p, tl.max(zp, axis=1))
@@ -356,7 +351,7 @@ def _bwd_kernel(
             col_ok = cols < N
         lse_p = tl.load(LSE_P + rows, mask=row_ok, other=0.0)
         lse_n = tl.load(LSE_N + rows, mask=row_ok, other=0.0)
-        w = _gradient_tile(
+        z, dz, pos, neg = _logit_tile(
             X,
             Y,
             LAB,
@@ -367,8 +362,6 @@ def _bwd_kernel(
             row_ok,
             cols,
             col_ok,
-            lse_p,
-            lse_n,
             N,
             D,
             stride_x,
@@ -383,6 +376,7 @@ def _bwd_kernel(
             BLOCK_N,
             BLOCK_D,
         )
+        w = _set_weights(z, dz, pos, neg, lse_p, lse_n)
         if COLUMN_SIDE:
             g = tl.load(G + rows, mask=row_ok, other=0.0)
             x_group = tl.load(
@@ -408,7 +402,7 @@ def _bwd_kernel(
         tl.store(GRAD + out, acc, mask=row_ok[:, None] & dg_ok[None, :])
 
 
-INTERPRETED = isinstance(_fwd_kernel, _InterpretedFunction) if _InterpretedFunction else False
+INTERPRETED = is_interpreted(_fwd_kernel)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -436,52 +430,21 @@ class PairSource:
         return lab, ref, lab, lab, bool(self.self_compare), _LABELS
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _check_config(cfg: BlockConfig) -> None:
-    for f in dataclasses.fields(cfg):
-        if not f.name.startswith(("block_", "fwd_block_", "d_group")):
-            continue
-        value = getattr(cfg, f.name)
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"BlockConfig.{f.name} must be a power of two, got {value}")
-        if not INTERPRETED and value < 16:
-            raise ValueError(f"BlockConfig.{f.name} must be >= 16 for tl.dot on a GPU, got {value}")
-    if cfg.n_splits is not None and cfg.n_splits < 1:
-        raise ValueError(f"BlockConfig.n_splits must be >= 1 or None, got {cfg.n_splits}")
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, so that the cross-split sums are exercised
+    names = [f.name for f in dataclasses.fields(cfg) if "block_" in f.name or "d_group" in f.name]
+    check_tile_sizes(cfg, names, True, INTERPRETED)
 
 
 def _dtypes(operand_dtype: torch.dtype):
-    if operand_dtype not in _TL_DTYPES:
-        raise TypeError(
-            "the Triton pair Circle kernels support float32/bfloat16/float16 operands, got "
-            f"{operand_dtype}; use impl='torch' (impl='auto' does so by itself)"
-        )
-    op = _TL_DTYPES[operand_dtype]
-    dot = tl.float32 if (INTERPRETED and op == tl.bfloat16) else op
-    if op == tl.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
-        precision = None
+    """(dot-input type, precision) of the matmul operands."""
+    _, dot, precision = operand_types(operand_dtype, INTERPRETED, "pair Circle")
     return dot, precision
 
 
 def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
     """(block_d, d_group, n_groups) for embedding size ``d``."""
-    d_pad = _next_pow2(d) if INTERPRETED else max(16, _next_pow2(d))
     group = cfg.d_group_fp32 if fp32 else cfg.d_group
-    if d_pad <= group:
-        return min(cfg.block_d, d_pad), d_pad, 1
-    return cfg.block_d, group, triton.cdiv(d, group)
+    return d_layout(d, cfg.block_d, group, INTERPRETED)
 
 
 def _splits(n_programs: int, n_tiles: int, backward: bool, device, cfg):
@@ -490,7 +453,7 @@ def _splits(n_programs: int, n_tiles: int, backward: bool, device, cfg):
     if cfg.n_splits is not None:
         want = cfg.n_splits
     else:
-        want = triton.cdiv(2 * _sm_count(device), max(n_programs, 1))
+        want = triton.cdiv(2 * sm_count(device), max(n_programs, 1))
         if backward:
             want = min(want, 4)
     want = max(1, min(want, n_tiles))
@@ -514,7 +477,7 @@ def forward(
     config: Optional[BlockConfig] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(lse_p, lse_n), both (B,) float32; -inf where a row has no positive / negative."""
-    cfg = config or _config
+    cfg = config or _configs.current
     _check_config(cfg)
     dot, precision = _dtypes(operand_dtype)
     batch, d = x.shape
@@ -585,7 +548,7 @@ def backward(
     """Gradients (float32) of sum_i g_row_i * (lse_p_i + lse_n_i) w.r.t. x and y.
 
     ``g_row`` must be 0 on rows without a loss (no positive or no negative)."""
-    cfg = config or _config
+    cfg = config or _configs.current
     _check_config(cfg)
     dot, precision = _dtypes(operand_dtype)
     batch, d = x.shape

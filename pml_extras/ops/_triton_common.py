@@ -1,0 +1,97 @@
+"""Launcher plumbing shared by the Triton kernel modules (``class_lse_triton``,
+``pair_circle_triton``): tile-config overrides, operand dtypes, the D layout of the
+second-stage accumulators, and how many programs fill the GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Iterable, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # triton >= 3.0
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except ImportError:  # pragma: no cover
+    _InterpretedFunction = ()
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether ``@triton.jit`` gave ``kernel`` to the CPU interpreter (TRITON_INTERPRET=1)."""
+    return isinstance(kernel, _InterpretedFunction) if _InterpretedFunction else False
+
+
+class ConfigSlot:
+    """A module-wide tile configuration (a frozen dataclass) with temporary overrides."""
+
+    def __init__(self, default):
+        self.current = default
+
+    @contextlib.contextmanager
+    def override(self, **changes):
+        """Replace fields of the current configuration inside a ``with`` block."""
+        old = self.current
+        self.current = dataclasses.replace(old, **changes)
+        try:
+            yield self.current
+        finally:
+            self.current = old
+
+
+def check_tile_sizes(cfg, names: Iterable[str], dot_operand: bool, interpreted: bool) -> None:
+    """Tile sizes must be powers of two; those of ``tl.dot`` operands >= 16 on a GPU."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"BlockConfig.{name} must be a power of two, got {value}")
+        if dot_operand and not interpreted and value < 16:
+            raise ValueError(f"BlockConfig.{name} must be >= 16 for tl.dot on a GPU, got {value}")
+    splits = getattr(cfg, "n_splits", None)
+    if splits is not None and splits < 1:
+        raise ValueError(f"BlockConfig.n_splits must be >= 1 or None, got {splits}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so that the cross-split combines are exercised
+
+
+def operand_types(dtype: torch.dtype, interpreted: bool, what: str):
+    """(operand, dot-input, precision) Triton types for matmul operands of ``dtype``.
+
+    Float32 operands use IEEE dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set,
+    as PyTorch's own matmuls would. Triton 3.9's interpreter multiplies bf16 tensors as
+    their raw uint16 storage in ``tl.dot``, so there bf16 operands go in as float32 (same
+    values)."""
+    if dtype not in TL_DTYPES:
+        raise TypeError(
+            f"the Triton {what} kernels support float32/bfloat16/float16 operands, got "
+            f"{dtype}; use impl='torch' (impl='auto' does so by itself)"
+        )
+    op = TL_DTYPES[dtype]
+    dot = tl.float32 if (interpreted and op == tl.bfloat16) else op
+    if op == tl.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        precision = None
+    return op, dot, precision
+
+
+def d_layout(d: int, block_d: int, group: int, interpreted: bool) -> Tuple[int, int, int]:
+    """(block_d, d_group, n_groups): all of D in one group when its padded size fits
+    ``group``, else ``group``-wide slices over a grid axis."""
+    d_pad = next_pow2(d) if interpreted else max(16, next_pow2(d))
+    if d_pad <= group:
+        return min(block_d, d_pad), d_pad, 1
+    return block_d, group, triton.cdiv(d, group)
