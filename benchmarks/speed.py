@@ -1181,6 +1181,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=os.path.join(_HERE, "results", "speed"))
     p.add_argument("--name", help="output file stem (default: cpu or cuda)")
     p.add_argument("--note", default="", help="text appended to the Markdown report")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        help="seconds; once spent, the remaining setups are skipped (and reported as such; "
+        "the first always runs). Results are written after every setup either way.",
+    )
     args = p.parse_args(argv)
     for mode in args.modes:
         if mode not in MODES:
@@ -1222,26 +1228,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(msg, flush=True)
 
     started, load_before = time.time(), _loadavg()
-    rows: List[dict] = []
-    for setup in setups:
-        if not any(n in providers_for(setup.level) for n in names):
-            continue
-        log(f"[{setup.level} B={setup.B} D={setup.D} C={setup.C} {setup.dtype}]")
-        rows += run_setup(setup, names, args.modes, device, args, runner, log)
-    add_ratios(rows)
-    if device.type == "cuda":
-        timing = f"CUDA-event median of {args.repeats} after {args.warmup} warm-up"
-        memory = "torch.cuda.max_memory_allocated minus memory_allocated before the call"
-    else:
-        timing = f"perf_counter median of {args.repeats} after {args.warmup} warm-up"
-        memory = (
-            "peak RSS growth (VmHWM after clear_refs, minus VmRSS before the call) in a "
-            "fresh forkserver process per case, after one warm-up call"
-        )
-    if args.memory == "none":
-        memory = "not measured"
-    result = {
-        "meta": {
+    timing, memory = _methods(device, args)
+    descriptions = {
+        n: p.description
+        for n, p in list(PROVIDERS.items()) + list(PAIR_PROVIDERS.items())
+        if n in names or n == FLOOR
+    }
+
+    def result(rows: List[dict], complete: bool) -> dict:
+        meta = {
             "device": device.type,
             "device_name": _device_name(device),
             "versions": _versions(),
@@ -1254,26 +1249,70 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             "floor_time": "bare matmuls of the same shapes/dtype: forward x@W; backward also "
             "dC@W^T and x^T@dC (pair level: x@x^T, dS@x, dS^T@x)",
             "floor_mem": "bytes of dW + dx (pair level: dx)",
-            "providers": {
-                n: p.description
-                for n, p in list(PROVIDERS.items()) + list(PAIR_PROVIDERS.items())
-                if n in names or n == FLOOR
-            },
+            "providers": descriptions,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
             "elapsed_s": round(time.time() - started, 1),
             "loadavg_1_5_15_before": load_before,
             "loadavg_1_5_15_after": _loadavg(),
             "cpu_count": os.cpu_count(),
-        },
-        "rows": rows,
-    }
+            "complete": complete,
+        }
+        return {"meta": meta, "rows": rows}
+
+    name = args.name or device.type
+    rows: List[dict] = []
+    for setup in setups:
+        table = providers_for(setup.level)
+        if not any(n in table for n in names):
+            continue
+        log(f"[{setup.level} B={setup.B} D={setup.D} C={setup.C} {setup.dtype}]")
+        spent = time.time() - started
+        # The first setup always runs: a run that measures nothing is no use.
+        if args.time_budget is not None and rows and spent > args.time_budget:
+            reason = (
+                f"time budget: {spent:.0f} s of {args.time_budget:.0f} s spent before this setup"
+            )
+            log(f"  skipped: {reason}")
+            ordered = [FLOOR] + [n for n in names if n != FLOOR and n in table]
+            rows += [
+                _row(setup, n, m, status="skipped", reason=reason)
+                for n in ordered
+                for m in args.modes
+            ]
+            continue
+        rows += run_setup(setup, names, args.modes, device, args, runner, log)
+        add_ratios(rows)
+        # Written after every setup, so a run cut short (a device time limit) keeps what it
+        # measured; meta.complete says whether every setup ran.
+        partial_note = (
+            args.note + " " if args.note else ""
+        ) + "(Partial: the run was still going.)"
+        write_results(result(rows, False), args.out, name, partial_note)
+    add_ratios(rows)
+    final = result(rows, True)
     print()
     print(format_table(rows))
     for line in comparison_lines(rows):
         print(line)
-    paths = write_results(result, args.out, args.name or device.type, args.note)
+    paths = write_results(final, args.out, name, args.note)
     print("\nwrote " + ", ".join(paths.values()))
-    return result
+    return final
+
+
+def _methods(device: torch.device, args) -> Tuple[str, str]:
+    """How time and memory were measured, for the report."""
+    if device.type == "cuda":
+        timing = f"CUDA-event median of {args.repeats} after {args.warmup} warm-up"
+        memory = "torch.cuda.max_memory_allocated minus memory_allocated before the call"
+    else:
+        timing = f"perf_counter median of {args.repeats} after {args.warmup} warm-up"
+        memory = (
+            "peak RSS growth (VmHWM after clear_refs, minus VmRSS before the call) in a "
+            "fresh forkserver process per case, after one warm-up call"
+        )
+    if args.memory == "none":
+        memory = "not measured"
+    return timing, memory
 
 
 if __name__ == "__main__":

@@ -95,6 +95,34 @@ def test_main_writes_rows_floors_and_ratios(tmp_path):
     assert meta["command"] in md and "| floor |" in md
 
 
+def test_time_budget_skips_later_setups_and_partial_results_are_written(tmp_path, monkeypatch):
+    """A run cut short (the GPU machine's per-command limit) keeps what it measured: results
+    are written after every setup, and setups past --time-budget are reported as skipped."""
+    writes = []
+    real_write = speed.write_results
+
+    def spy(result, out_dir, name, note):
+        writes.append((result["meta"]["complete"], len(result["rows"]), note))
+        return real_write(result, out_dir, name, note)
+
+    monkeypatch.setattr(speed, "write_results", spy)
+    args = _tiny_args(tmp_path, "--providers", "sparse_circle_torch", "--modes", "fwd")
+    args += ["--memory", "none", "--C", "64,128", "--time-budget", "0"]
+    rows = speed.main(args)["rows"]
+    by_c = {}
+    for row in rows:
+        by_c.setdefault(row["C"], set()).add(row["status"])
+    # The first setup always runs (no time spent yet); the later ones are skipped.
+    assert by_c[64] == {"ok"}
+    assert by_c[128] == {"skipped"} and set(by_c) == {64, 128}  # no pair-level provider
+    assert all("time budget" in r["reason"] for r in rows if r["status"] == "skipped")
+    # One partial write after the setup that ran, then the complete one.
+    assert [w[0] for w in writes] == [False, True]
+    assert writes[0][1] == 2 and "Partial" in writes[0][2]
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert saved["meta"]["complete"] is True and len(saved["rows"]) == len(rows)
+
+
 @pytest.mark.slow  # starts a forkserver, i.e. one fresh interpreter importing torch
 def test_memory_child_and_skips(tmp_path):
     # One case through the fresh-process memory measurement; triton is recorded as skipped.
