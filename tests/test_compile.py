@@ -286,6 +286,26 @@ def test_fullgraph_names_the_label_check(name):
         torch.compile(module, backend="eager", fullgraph=True)(x, y)
 
 
+@pytest.mark.parametrize("ref", [False, True], ids=["self", "ref_emb"])
+def test_pair_circle_loss_is_one_graph(ref):
+    """The pair-level loss has no host sync of its own: with a reducer that has none either
+    (PML's default AvgNonZeroReducer calls nonzero), fullgraph=True compiles it whole, also
+    when the reference set is the batch itself (one tensor in both roles)."""
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    loss_fn = CircleLoss(m=0.25, gamma=32.0, reducer=MeanReducer())
+    x, y = batch(0)
+    x.requires_grad_()
+    args = (x, y, None, x.flip(0), y.flip(0)) if ref else (x, y)
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    got = compiled(*args)
+    (grad_got,) = torch.autograd.grad(got, x)
+    want = loss_fn(*args)
+    (grad_want,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_label_is_still_a_value_error_under_compile():
     compiled = torch.compile(LOSSES["curricular"](), backend="aot_eager")
     x, y = batch(0)

@@ -202,6 +202,11 @@ class _BlockwiseCircle(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, masks, m, gamma, rb, cb, detach_weights, operand_dtype=None):
+        # y None means "x itself" (self-comparison): one tensor passed twice would make
+        # torch.compile break the graph here ("duplicate tensor input").
+        ctx.same = y is None
+        if ctx.same:
+            y = x
         # The mask source holds only index/label tensors (never differentiated, never
         # modified in place here), so it rides on ctx instead of save_for_backward.
         ctx.masks = masks
@@ -248,9 +253,22 @@ class _BlockwiseCircle(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_losses):
         x, y, lse_p, lse_n, valid = ctx.saved_tensors
+        if ctx.same:
+            y = x
+        grad_x, grad_y = _BlockwiseCircle._gradients(ctx, x, y, lse_p, lse_n, valid, grad_losses)
+        if ctx.same:
+            # Both roles of the one tensor: its gradient is the sum.
+            parts = [g for g in (grad_x, grad_y) if g is not None]
+            grad_x, grad_y = (sum(parts) if parts else None), None
+        return grad_x, grad_y, *([None] * 7)
+
+    @staticmethod
+    def _gradients(ctx, x, y, lse_p, lse_n, valid, grad_losses):
+        """(grad_x, grad_y) of the losses' weighted sum; None where not needed."""
         masks = ctx.masks
         m, gamma, rb, cb, detach_weights, operand_dtype = ctx.args
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x = ctx.needs_input_grad[0]
+        need_y = need_x if ctx.same else ctx.needs_input_grad[1]
         num_rows, num_cols = x.shape[0], y.shape[0]
         # dL_i/d(P_i + N_i) = sigmoid(P_i + N_i), except above F.softplus's threshold (20),
         # where the forward (like PML's) is linear and autograd's derivative is exactly 1;
@@ -276,7 +294,7 @@ class _BlockwiseCircle(torch.autograd.Function):
             )
             grad_x = grad_x.to(x.dtype) if grad_x is not None else None
             grad_y = grad_y.to(y.dtype) if grad_y is not None else None
-            return grad_x, grad_y, *([None] * 7)
+            return grad_x, grad_y
         # Rows whose whole gradient is below the smallest normal/eps cannot move any
         # embedding by a representable amount; zeroing them keeps the matmuls subnormal-free.
         g_row = g_row.masked_fill(
@@ -308,7 +326,7 @@ class _BlockwiseCircle(torch.autograd.Function):
                     grad_x[r0 : r0 + n_r] += (ds @ yc) * g_r
                 if need_y:
                     grad_y[c0 : c0 + yc.shape[0]] += ds.t() @ (xr * g_r)
-        return grad_x, grad_y, *([None] * 7)
+        return grad_x, grad_y
 
 
 IMPLS = ("auto", "torch", "triton")
@@ -396,7 +414,9 @@ def _run_blockwise(x, y, masks, m, gamma, block_size, detach_weights, impl, oper
     # s in float32 whatever the operand dtype.)
     xa = x.to(acc)
     ya = xa if y is x else y.to(acc)
-    args = (xa, ya, masks, float(m), float(gamma), rb, cb, bool(detach_weights), operand)
+    # y None: the reference set is x itself (see _BlockwiseCircle.forward).
+    y_arg = None if ya is xa else ya
+    args = (xa, y_arg, masks, float(m), float(gamma), rb, cb, bool(detach_weights), operand)
     if operand is not None:
         return apply_eagerly(_BlockwiseCircle, *args)  # see class_lse.apply_eagerly
     return _BlockwiseCircle.apply(*args)
