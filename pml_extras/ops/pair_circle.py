@@ -256,10 +256,11 @@ class _BlockwiseCircle(torch.autograd.Function):
         if ctx.same:
             y = x
         grad_x, grad_y = _BlockwiseCircle._gradients(ctx, x, y, lse_p, lse_n, valid, grad_losses)
-        if ctx.same:
-            # Both roles of the one tensor: its gradient is the sum.
-            parts = [g for g in (grad_x, grad_y) if g is not None]
-            grad_x, grad_y = (sum(parts) if parts else None), None
+        if ctx.same and grad_y is not None:
+            # Both roles of the one tensor: its gradient is the sum (grad_x is our own
+            # fresh buffer, so adding in place is safe).
+            grad_x = grad_y if grad_x is None else grad_x.add_(grad_y)
+            grad_y = None
         return grad_x, grad_y, *([None] * 7)
 
     @staticmethod
