@@ -133,3 +133,22 @@ def check_class_loss_args(
         # `not > 0` rather than `<= 0`: a NaN is rejected too.
         if not value > 0:
             raise ValueError(f"{owner}: {name} must be > 0, got {value}")
+
+
+def init_class_proxies(
+    loss_fn,
+    num_classes: int,
+    embedding_size: int,
+    chunk_size: Optional[int],
+    impl: str,
+    **checks,
+) -> None:
+    """What every single-GPU class-proxy loss does after ``super().__init__``: the shared
+    constructor checks (``checks``: see :func:`check_class_loss_args`), the attributes
+    ``num_classes``, ``embedding_size``, ``chunk_size``, ``impl``, and the proxies ``W``
+    of shape (D, C) initialised by ``weight_init_func``, as PML's."""
+    check_class_loss_args(loss_fn, num_classes, embedding_size, impl, chunk_size, **checks)
+    loss_fn.num_classes, loss_fn.embedding_size = num_classes, embedding_size
+    loss_fn.chunk_size, loss_fn.impl = chunk_size, impl
+    loss_fn.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
+    loss_fn.weight_init_func(loss_fn.W)

@@ -17,14 +17,10 @@ from . import _common
 
 
 def init_margin_loss(loss_fn, num_classes, embedding_size, scale, chunk_size, impl) -> None:
-    """What ArcFaceLoss and CosFaceLoss share after ``super().__init__``: checks, W of shape
-    (D, C) initialised by ``weight_init_func`` (as PML's), and PML's recordable attributes."""
-    _common.check_class_loss_args(loss_fn, num_classes, embedding_size, impl, chunk_size)
-    loss_fn.num_classes, loss_fn.embedding_size = num_classes, embedding_size
+    """What ArcFaceLoss and CosFaceLoss share after ``super().__init__``: the proxies and
+    checks of every class loss, the scale, and PML's recordable attributes."""
+    _common.init_class_proxies(loss_fn, num_classes, embedding_size, chunk_size, impl)
     loss_fn.scale = float(scale)
-    loss_fn.chunk_size, loss_fn.impl = chunk_size, impl
-    loss_fn.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
-    loss_fn.weight_init_func(loss_fn.W)
     loss_fn.add_to_recordable_attributes(
         list_of_names=["num_classes", "margin", "scale"], is_stat=False
     )

@@ -57,20 +57,16 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _common.check_class_loss_args(
+        _common.init_class_proxies(
             self,
             num_classes,
             embedding_size,
-            impl,
             chunk_size,
+            impl,
             positive={"scale": scale},
             unit_interval={"momentum": momentum},
         )
-        self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
-        self.chunk_size, self.impl = chunk_size, impl
-        self.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
-        self.weight_init_func(self.W)
         self.register_buffer("t", torch.zeros(1))
         self.add_to_recordable_attributes(
             list_of_names=["margin", "scale", "momentum"], is_stat=False

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
@@ -59,14 +58,10 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        _common.check_class_loss_args(
-            self, num_classes, embedding_size, impl, chunk_size, positive={"gamma": gamma}
+        _common.init_class_proxies(
+            self, num_classes, embedding_size, chunk_size, impl, positive={"gamma": gamma}
         )
-        self.num_classes, self.embedding_size = num_classes, embedding_size
         self.m, self.gamma = float(m), float(gamma)
-        self.chunk_size, self.impl = chunk_size, impl
-        self.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
-        self.weight_init_func(self.W)
         self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
