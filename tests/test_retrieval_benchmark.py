@@ -1,4 +1,5 @@
-"""Tests for benchmarks/retrieval.py and its IDX reader (benchmarks/_data.py)."""
+"""Tests for benchmarks/retrieval.py (benchmarks/retrieval_bench/): IDX reader, in-memory
+protocols, k-NN evaluation, loss specs and end-to-end runs on digits."""
 
 from __future__ import annotations
 
@@ -15,13 +16,18 @@ import torch
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH_DIR)
 
-import _data  # noqa: E402
 import retrieval  # noqa: E402
-from _data import DatasetNotFoundError, IDXError, load_idx_dataset, read_idx, write_idx  # noqa: E402
+from retrieval_bench import data as _data  # noqa: E402
+from retrieval_bench import evaluation as ev  # noqa: E402
+from retrieval_bench import losses as bl  # noqa: E402
+from retrieval_bench import training  # noqa: E402
+from retrieval_bench.data import DatasetNotFoundError, load_idx_dataset  # noqa: E402
+from retrieval_bench.env import _try_import_faiss  # noqa: E402
+from retrieval_bench.idx import IDXError, read_idx, write_idx  # noqa: E402
 
 
 def _has_faiss():
-    return retrieval._try_import_faiss() is not None
+    return _try_import_faiss() is not None
 
 
 KNN_BACKENDS = ["torch"] + (["faiss"] if _has_faiss() else [])
@@ -157,8 +163,11 @@ def test_load_idx_dataset(tmp_path):
     assert ds.x_train.dtype == np.float32
     assert ds.num_classes == 3
     np.testing.assert_array_equal(ds.y_test, np.arange(20) % 3)
-    # standardised with training statistics
-    assert abs(float(ds.x_train.mean())) < 1e-4 and abs(float(ds.x_train.std()) - 1) < 1e-3
+    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0  # uint8 / 255
+    # the closed-set protocol standardises with its training images' statistics
+    p = _data.make_protocol(ds, "samples")
+    xtr = p.train.x.numpy()
+    assert abs(float(xtr.mean())) < 1e-4 and abs(float(xtr.std()) - 1) < 1e-3
 
 
 def test_load_idx_dataset_mismatched_counts(tmp_path):
@@ -206,7 +215,7 @@ def test_main_corrupt_file_is_clean_error(tmp_path):
 
 
 def _knn(backend):
-    return retrieval.select_knn(torch.device("cpu"), backend)
+    return ev.select_knn(torch.device("cpu"), backend)
 
 
 @pytest.mark.parametrize("backend", KNN_BACKENDS)
@@ -216,7 +225,7 @@ def test_separated_clusters_are_perfect(backend):
     labels = np.repeat(np.arange(5), 12)
     emb = centers[labels] + 0.1 * rng.standard_normal((60, 8)).astype(np.float32)
     knn, dev, _ = _knn(backend)
-    m = retrieval.retrieval_metrics(emb, labels, knn=knn, device=dev)
+    m = ev.retrieval_metrics(emb, labels, knn=knn, device=dev)
     assert m == {"precision_at_1": 1.0, "r_precision": 1.0, "mean_average_precision_at_r": 1.0}
 
 
@@ -243,7 +252,7 @@ HAND_EXPECTED = {
 def test_hand_computed_metrics(backend):
     knn, dev, _ = _knn(backend)
     emb = np.concatenate([HAND_EMB, np.zeros_like(HAND_EMB)], axis=1)  # 2-D for faiss
-    m = retrieval.retrieval_metrics(emb, HAND_LABELS, knn=knn, device=dev)
+    m = ev.retrieval_metrics(emb, HAND_LABELS, knn=knn, device=dev)
     for k, v in HAND_EXPECTED.items():
         assert m[k] == pytest.approx(v, abs=1e-6), k
 
@@ -252,10 +261,10 @@ def test_labels_are_remapped():
     # huge, non-contiguous ids collide once cast to float32 (16777217 -> 16777216)
     labels = np.where(HAND_LABELS == 0, 16777216, 16777217).astype(np.int64)
     assert len(np.unique(labels.astype(np.float32))) == 1
-    np.testing.assert_array_equal(retrieval.remap_labels(labels), HAND_LABELS)
+    np.testing.assert_array_equal(ev.remap_labels(labels), HAND_LABELS)
     knn, dev, _ = _knn("torch")
     emb = np.concatenate([HAND_EMB, np.zeros_like(HAND_EMB)], axis=1)
-    m = retrieval.retrieval_metrics(emb, labels, knn=knn, device=dev)
+    m = ev.retrieval_metrics(emb, labels, knn=knn, device=dev)
     assert m["precision_at_1"] == pytest.approx(0.5)
 
 
@@ -264,47 +273,47 @@ def test_normalize_uses_angles():
     emb = np.array([[1, 0], [50, 0.1], [0, 1], [0.1, 50]], dtype=np.float32)
     labels = np.array([0, 0, 1, 1])
     knn, dev, _ = _knn("torch")
-    raw = retrieval.retrieval_metrics(emb, labels, knn=knn, device=dev)
-    cos = retrieval.retrieval_metrics(emb, labels, knn=knn, device=dev, normalize=True)
+    raw = ev.retrieval_metrics(emb, labels, knn=knn, device=dev)
+    cos = ev.retrieval_metrics(emb, labels, knn=knn, device=dev, normalize=True)
     assert raw["precision_at_1"] == 0.5 and cos["precision_at_1"] == 1.0
 
 
 def test_knn_selection_without_faiss(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
-    knn, dev, name = retrieval.select_knn(torch.device("cpu"))
+    knn, dev, name = ev.select_knn(torch.device("cpu"))
     assert name == "pml-customknn" and dev.type == "cpu"
-    m = retrieval.retrieval_metrics(
+    m = ev.retrieval_metrics(
         np.concatenate([HAND_EMB, HAND_EMB * 0], 1), HAND_LABELS, knn=knn, device=dev
     )
     assert m["r_precision"] == pytest.approx(1 / 3)
     with pytest.raises(SystemExit, match="faiss"):
-        retrieval.select_knn(torch.device("cpu"), "faiss")
+        ev.select_knn(torch.device("cpu"), "faiss")
 
 
 @pytest.mark.skipif(not _has_faiss(), reason="faiss not installed")
 def test_knn_selection_with_faiss_on_cpu():
-    _, dev, name = retrieval.select_knn(torch.device("cpu"))
+    _, dev, name = ev.select_knn(torch.device("cpu"))
     assert name == "faiss-cpu" and dev.type == "cpu"
 
 
 def test_classification_accuracy():
     logits = torch.tensor([[0.1, 0.9], [2.0, -1.0], [0.0, 1.0], [3.0, 2.0]])
-    assert retrieval.classification_accuracy(logits, np.array([1, 0, 0, 1])) == 0.5
+    assert ev.classification_accuracy(logits, np.array([1, 0, 0, 1])) == 0.5
 
 
 def test_parse_losses():
-    assert retrieval.parse_losses("all") == list(retrieval.LOSSES)
-    assert retrieval.parse_losses("xent, Triplet,softmax") == ["Softmax", "TripletMarginLoss"]
-    ours = retrieval.parse_losses("ours")
-    assert ours == [n for n, v in retrieval.LOSSES.items() if v[0] == "ours"] and len(ours) == 4
-    assert len(retrieval.parse_losses("pml")) == 6
+    assert bl.parse_losses("all") == list(bl.LOSSES)
+    assert bl.parse_losses("xent, Triplet,softmax") == ["Softmax", "TripletMarginLoss"]
+    ours = bl.parse_losses("ours")
+    assert ours == [n for n, v in bl.LOSSES.items() if v.source == "ours"] and len(ours) == 4
+    assert len(bl.parse_losses("pml")) == 6
     with pytest.raises(SystemExit, match="unknown loss"):
-        retrieval.parse_losses("softmax,nope")
+        bl.parse_losses("softmax,nope")
 
 
 def test_choose_m_per_class():
     for bs, c in [(128, 10), (256, 10), (64, 100), (30, 4)]:
-        m = retrieval.choose_m_per_class(bs, c)
+        m = training.choose_m_per_class(bs, c)
         assert bs % m == 0 and m * c >= bs
 
 
@@ -329,12 +338,12 @@ def _run(tmp_path, *extra, name="out"):
 
 
 def test_smoke_all_losses_digits(tmp_path, capsys):
-    res, out = _run(tmp_path, "--losses", "all", "--no-plots")  # plots: tested below
+    res, out = _run(tmp_path, "--losses", "all", "--no-plots", "--split", "samples")
     printed = capsys.readouterr().out
-    assert [r["loss"] for r in res["losses"]] == list(retrieval.LOSSES)
+    assert [r["loss"] for r in res["losses"]] == list(bl.LOSSES)
     for r in res["losses"]:
         assert not r.get("error") and r["diverged"] is None, r
-        for k in retrieval.METRICS:
+        for k in ev.METRICS:
             assert math.isfinite(r["metrics"][k]) and 0.0 <= r["metrics"][k] <= 1.0, (r["loss"], k)
             assert r["metrics"][k] > 0.3, (r["loss"], k)  # 10 classes: chance is ~0.1
         if r["n_loss_params"]:
@@ -362,14 +371,24 @@ def test_smoke_all_losses_digits(tmp_path, capsys):
 
 def test_smoke_2d_plots_and_reproducibility(tmp_path):
     losses = "softmax,standalone,sparsecircle"
-    a, out = _run(tmp_path, "--losses", losses, "--embedding-dim", "2", name="a")
+    a, out = _run(
+        tmp_path, "--losses", losses, "--embedding-dim", "2", "--split", "samples", name="a"
+    )
     for f in ("results.md", "results.json", "loss_curves.png", "embeddings.png"):
         assert os.path.getsize(os.path.join(out, f)) > 0, f
     emb = np.load(os.path.join(out, "embeddings_test.npz"))
     assert emb["emb_SparseCircleLoss"].shape == (len(emb["labels"]), 2)
     # same seed -> same numbers, whatever else ran before (order reversed, one loss alone)
     b, _ = _run(
-        tmp_path, "--losses", "sparsecircle,softmax", "--embedding-dim", "2", "--no-plots", name="b"
+        tmp_path,
+        "--losses",
+        "sparsecircle,softmax",
+        "--embedding-dim",
+        "2",
+        "--no-plots",
+        "--split",
+        "samples",
+        name="b",
     )
     ra = {r["loss"]: r for r in a["losses"]}
     for r in b["losses"]:
@@ -385,6 +404,8 @@ def test_smoke_2d_plots_and_reproducibility(tmp_path):
         "--seed",
         "1",
         "--no-plots",
+        "--split",
+        "samples",
         name="c",
     )
     assert c["losses"][0]["epoch_losses"] != ra["Softmax"]["epoch_losses"]
@@ -409,11 +430,11 @@ class _BlowsUp(torch.nn.Module):
 
 def test_divergence_is_reported_and_run_continues(tmp_path, monkeypatch):
     monkeypatch.setitem(
-        retrieval.LOSSES,
+        bl.LOSSES,
         "BlowsUp",
-        ("test", lambda c, d: retrieval.Method(_BlowsUp()), ("blowsup",)),
+        bl.LossSpec("test", "custom", ("blowsup",), builder=lambda c, d: bl.Method(_BlowsUp())),
     )
-    res, out = _run(tmp_path, "--losses", "blowsup,softmax", "--epochs", "3")
+    res, out = _run(tmp_path, "--losses", "blowsup,softmax", "--epochs", "3", "--split", "samples")
     bad, good = res["losses"]
     assert bad["diverged"]["epoch"] == 2 and bad["diverged"]["what"] == "loss"
     assert bad["metrics"] == {} and bad["epochs_completed"] == 1

@@ -1,7 +1,7 @@
-"""Datasets for the retrieval benchmark: an IDX (MNIST-format) reader and loaders.
+"""The IDX (MNIST-format) file reader and writer, and finding the four files of an IDX set.
 
-Nothing is downloaded: ``digits`` is bundled with scikit-learn, Fashion-MNIST (or MNIST, or
-any IDX pair of the same form) is read from ``*-idx?-ubyte[.gz]`` files in a directory.
+Fashion-MNIST (or MNIST, or any IDX pair of the same form) is read from
+``*-idx?-ubyte[.gz]`` files in a directory; nothing is downloaded.
 
 IDX format (http://yann.lecun.com/exdb/mnist/): a 4-byte magic number ``0x00 0x00 <dtype>
 <ndim>``, then ``ndim`` big-endian uint32 dimension sizes, then the data, big-endian, in C
@@ -14,8 +14,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,14 +22,10 @@ __all__ = [
     "IDX_DTYPES",
     "IDXError",
     "DatasetNotFoundError",
-    "Dataset",
     "read_idx",
+    "parse_idx",
     "write_idx",
-    "load_idx_dataset",
-    "load_digits",
-    "load_dataset",
-    "FASHION_MNIST_DEFAULT_DIR",
-    "FASHION_MNIST_CLASSES",
+    "find_idx_files",
 ]
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -147,37 +142,6 @@ def write_idx(path: str, array: np.ndarray, compress: Optional[bool] = None) -> 
         f.write(payload)
 
 
-@dataclass
-class Dataset:
-    """An in-memory train/test split. ``x_*`` float32, standardised; ``y_*`` int64 in 0..C-1."""
-
-    name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    image_shape: tuple  # (C, H, W) of one sample
-    class_names: List[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max()) + 1)
-
-    @property
-    def input_dim(self) -> int:
-        return int(np.prod(self.image_shape))
-
-    def summary(self) -> dict:
-        return {
-            "name": self.name,
-            "n_train": int(len(self.y_train)),
-            "n_test": int(len(self.y_test)),
-            "num_classes": self.num_classes,
-            "image_shape": list(self.image_shape),
-            "class_names": list(self.class_names),
-        }
-
-
 _IDX_SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -217,19 +181,13 @@ def _missing_message(data_dir: str, missing: Sequence[str], name: str) -> str:
     return msg
 
 
-def _to_float_images(images: np.ndarray) -> np.ndarray:
-    x = images.astype(np.float32)
-    if images.dtype == np.uint8:
-        x /= 255.0
-    return x
-
-
-def load_idx_dataset(data_dir: str, name: str = "idx") -> Dataset:
-    """Load an MNIST-form IDX dataset (train/t10k images + labels) from ``data_dir``.
-
-    Images must be 3-D (N, H, W), labels 1-D (N,) integer, with matching N. Images are scaled
-    to [0, 1] (uint8) and standardised with the training set's global mean/std.
-    """
+def find_idx_files(data_dir: str, name: str) -> Dict[Tuple[str, str], str]:
+    """``{(split, kind): path}`` for split in train/test and kind in images/labels, or
+    :class:`DatasetNotFoundError` listing what is missing and how to get it."""
+    if not os.path.isdir(data_dir):
+        raise DatasetNotFoundError(
+            _missing_message(data_dir, [s for v in _IDX_SPLITS.values() for s in v], name)
+        )
     paths = {}
     missing = []
     for split, stems in _IDX_SPLITS.items():
@@ -240,105 +198,4 @@ def load_idx_dataset(data_dir: str, name: str = "idx") -> Dataset:
             paths[(split, kind)] = p
     if missing:
         raise DatasetNotFoundError(_missing_message(data_dir, missing, name))
-
-    arrays = {}
-    for split in _IDX_SPLITS:
-        images = read_idx(paths[(split, "images")])
-        labels = read_idx(paths[(split, "labels")])
-        if images.ndim != 3:
-            raise IDXError(
-                f"{paths[(split, 'images')]}: images must have 3 dimensions (N, H, W), "
-                f"got shape {images.shape}"
-            )
-        if labels.ndim != 1:
-            raise IDXError(
-                f"{paths[(split, 'labels')]}: labels must have 1 dimension, got {labels.shape}"
-            )
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise IDXError(f"{paths[(split, 'labels')]}: labels must be integers")
-        if len(images) != len(labels):
-            raise IDXError(
-                f"{data_dir}: {split} split has {len(images)} images but {len(labels)} labels"
-            )
-        if len(labels) == 0:
-            raise IDXError(f"{data_dir}: {split} split is empty")
-        if labels.min() < 0:
-            raise IDXError(f"{paths[(split, 'labels')]}: negative labels")
-        arrays[split] = (images, labels.astype(np.int64))
-
-    (xtr, ytr), (xte, yte) = arrays["train"], arrays["test"]
-    if xtr.shape[1:] != xte.shape[1:]:
-        raise IDXError(
-            f"{data_dir}: train images are {xtr.shape[1:]} but test images are {xte.shape[1:]}"
-        )
-    xtr, xte = _to_float_images(xtr), _to_float_images(xte)
-    mean, std = float(xtr.mean()), float(xtr.std()) or 1.0
-    xtr = (xtr - mean) / std
-    xte = (xte - mean) / std
-    h, w = xtr.shape[1:]
-    n_classes = int(max(ytr.max(), yte.max()) + 1)
-    class_names = (
-        list(FASHION_MNIST_CLASSES)
-        if name == "fashion-mnist" and n_classes == 10
-        else [str(i) for i in range(n_classes)]
-    )
-    return Dataset(
-        name=name,
-        x_train=xtr[:, None].astype(np.float32),
-        y_train=ytr,
-        x_test=xte[:, None].astype(np.float32),
-        y_test=yte,
-        image_shape=(1, h, w),
-        class_names=class_names,
-    )
-
-
-def load_digits(test_fraction: float = 0.3, split_seed: int = 0) -> Dataset:
-    """scikit-learn's bundled 8x8 digits (1797 images), stratified train/test split.
-
-    The split is fixed by ``split_seed`` (independent of the training seed) so runs with
-    different seeds are evaluated on the same held-out images. Inputs are standardised per
-    pixel with training-set statistics.
-    """
-    from sklearn.datasets import load_digits as _sk_load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = _sk_load_digits()
-    x = d.images.astype(np.float32)  # (N, 8, 8), values 0..16
-    y = d.target.astype(np.int64)
-    xtr, xte, ytr, yte = train_test_split(
-        x, y, test_size=test_fraction, stratify=y, random_state=split_seed
-    )
-    mean = xtr.mean(axis=0, keepdims=True)
-    std = xtr.std(axis=0, keepdims=True)
-    std[std == 0] = 1.0
-    xtr = (xtr - mean) / std
-    xte = (xte - mean) / std
-    return Dataset(
-        name="digits",
-        x_train=xtr[:, None].astype(np.float32),
-        y_train=ytr,
-        x_test=xte[:, None].astype(np.float32),
-        y_test=yte,
-        image_shape=(1, 8, 8),
-        class_names=[str(i) for i in range(10)],
-    )
-
-
-DATASETS = ("digits", "fashion-mnist", "idx")
-
-
-def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
-    """``digits`` | ``fashion-mnist`` (IDX files in ``data_dir``, default the Debian path) |
-    ``idx`` (any MNIST-form IDX pair in ``data_dir``, e.g. MNIST)."""
-    if name == "digits":
-        return load_digits()
-    if name == "fashion-mnist":
-        return load_idx_dataset(data_dir or FASHION_MNIST_DEFAULT_DIR, name="fashion-mnist")
-    if name == "idx":
-        if not data_dir:
-            raise ValueError("--dataset idx needs --data-dir DIR with the four IDX files")
-        return load_idx_dataset(
-            data_dir, name=f"idx:{os.path.basename(os.path.normpath(data_dir))}"
-        )
-    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return paths

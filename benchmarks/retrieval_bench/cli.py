@@ -1,0 +1,414 @@
+"""Command line of the retrieval benchmark: parse, run every (protocol, loss, seed), write
+results.md / results.json / embeddings_test.npz and the plots.
+
+``python benchmarks/retrieval.py --help`` lists the options; benchmarks/retrieval.py is the
+entry point and calls :func:`main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import (
+    DATASETS,
+    SPLITS,
+    DatasetNotFoundError,
+    IDXError,
+    default_split,
+    load_dataset,
+    make_protocol,
+)
+from .env import (
+    _HERE,
+    device_name,
+    enable_determinism,
+    git_commit,
+    git_modified,
+    resolve_device,
+    versions,
+)
+from .evaluation import AMP_DTYPES, select_knn
+from .losses import LOSSES, parse_loss_args, parse_losses
+from .models import MODELS
+from .plots import embedding_key, labels_key, plot_results
+from .report import aggregate, results_table
+from .training import train_and_evaluate
+
+__all__ = ["build_parser", "main", "parse_seeds"]
+
+DEFAULT_EPOCHS = {"digits": 40, "fashion-mnist": 8, "idx": 8}
+IMAGE_DATASETS = ("folder", "cub200", "cars196", "sop")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where they say nothing (None, flags)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parse_seeds(text: str) -> List[int]:
+    """``'0,1,2'`` or ``'0-4'`` (inclusive) or a mix -> distinct non-negative ints in order."""
+    out: List[int] = []
+    for tok in (t.strip() for t in text.split(",")):
+        if not tok:
+            continue
+        lo, _, hi = tok.partition("-")
+        try:
+            vals = list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+        except ValueError:
+            vals = []
+        if not vals:
+            raise SystemExit(
+                f"--seeds: {tok!r} is not a non-negative integer or a range a-b (e.g. 0,1,2 or 0-4)"
+            )
+        out += [v for v in vals if v not in out]
+    if not out:
+        raise SystemExit("--seeds: empty list")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=(
+            "Train one embedding model per loss (and seed) and evaluate retrieval (P@1, "
+            "R-precision, MAP@R via PML's AccuracyCalculator) on held-out images: of the "
+            "training classes (--split samples, plus classification accuracy) or of unseen "
+            "classes (--split classes)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="digits: scikit-learn's bundled 8x8 digits; fashion-mnist: IDX files in "
+        "--data-dir; idx: any MNIST-form IDX set (e.g. MNIST) in --data-dir; folder: "
+        "--data-dir/CLASS/IMAGE files; cub200 / cars196 / sop: CUB-200-2011 "
+        "(images.txt, image_class_labels.txt, images/), Cars196 (cars_annos.mat, car_ims/), "
+        "Stanford Online Products (Ebay_train.txt, Ebay_test.txt) in --data-dir",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset directory; fashion-mnist default /usr/share/datasets/fashion-mnist "
+        "(Debian package dataset-fashion-mnist). Nothing is downloaded",
+    )
+    g.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="auto",
+        help="samples: closed set (test images of the training classes; also classification "
+        "accuracy); classes: class-disjoint (train on one half of the classes, retrieve "
+        "among the other: digits/fashion-mnist 0-4/5-9, CUB 1-100/101-200, Cars 1-98/99-196, "
+        "SOP its own lists); both; auto: both for digits, samples for fashion-mnist/idx, "
+        "classes for the image datasets",
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=224,
+        help="image datasets: crop size (train: random resized crop + flip; test: resize to "
+        "size*256/224, center crop)",
+    )
+    g.add_argument(
+        "--workers", type=int, default=4, help="image datasets: DataLoader worker processes"
+    )
+    g.add_argument(
+        "--on-bad-image",
+        choices=("stop", "skip"),
+        default="stop",
+        help="image datasets: a file that is not a readable image stops the run (naming it) "
+        "or is skipped with a warning",
+    )
+    g = p.add_argument_group("losses")
+    g.add_argument(
+        "--losses", default="all", help="comma list of: all, ours, pml, " + ", ".join(LOSSES)
+    )
+    g.add_argument(
+        "--loss-args",
+        default=None,
+        metavar="SPEC",
+        help="keyword arguments per loss, e.g. 'SparseCircleLoss:m=0.4,gamma=80;"
+        "ArcFaceLoss:margin=28.6;CircleLoss:miner.epsilon=0.2' (miner.KEY: the loss's miner; "
+        "CenterLoss+Softmax also takes weight_cent); checked against each constructor",
+    )
+    g.add_argument(
+        "--center-update",
+        choices=("gradient", "paper"),
+        default="gradient",
+        help="CenterLoss+Softmax: centers trained by the optimizer (gradient) or by "
+        "the paper's non-gradient update rule",
+    )
+    g = p.add_argument_group("model and training")
+    g.add_argument(
+        "--model",
+        choices=MODELS,
+        default="mlp",
+        help="mlp: flatten -> 128 -> emb (digits) / 784 -> 256 -> 128 -> emb (28x28); "
+        "cnn: two conv blocks (16, 32 channels) -> 128 -> emb, ~15x slower on CPU; "
+        "resnet18/resnet50: torchvision's ResNet + a linear embedding layer",
+    )
+    g.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="resnet: a local state_dict (of torchvision's resnet, or of a saved embedding "
+        "model); default random initialisation",
+    )
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="resnet: torchvision's ImageNet weights through torchvision's cache (downloads "
+        "on first use where the network allows)",
+    )
+    g.add_argument("--embedding-dim", type=int, default=128, help="2 or 3 also plot the embeddings")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ", else 20",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="batches from PML's MPerClassSampler (m = smallest divisor with m*classes >= batch)",
+    )
+    g.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=None,
+        help="test images embedded per batch (no_grad); default 2048 in memory, 128 from disk",
+    )
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the model (cosine decay)")
+    g.add_argument(
+        "--loss-lr",
+        type=float,
+        default=None,
+        help="Adam lr of the loss parameters (proxies/centers/classifier); default 10 x --lr",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seeds torch, numpy (sampler), random; per loss"
+    )
+    g.add_argument(
+        "--seeds",
+        default=None,
+        help="several seeds, e.g. 0,1,2 or 0-4: each loss runs once per seed; tables show "
+        "mean ± std, plots the spread (overrides --seed)",
+    )
+    g = p.add_argument_group("device")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    g.add_argument(
+        "--amp",
+        choices=("none", *AMP_DTYPES),
+        default="none",
+        help="mixed precision: torch.autocast in bf16 or fp16 (fp16 with a GradScaler), "
+        "training and test embedding; works on CPU too",
+    )
+    g.add_argument(
+        "--knn",
+        choices=("auto", "faiss", "torch"),
+        default="auto",
+        help="k-NN for AccuracyCalculator: auto = on CUDA faiss-gpu if it imports, else PML "
+        "CustomKNN on the GPU; on CPU faiss-cpu if it imports, else CustomKNN",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; default 1 for digits (tiny model: threads only add "
+        "overhead), else torch's default",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: results/retrieval/latest next to this script)",
+    )
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no tqdm progress bars"
+    )
+    g.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNGs")
+    g.add_argument(
+        "--plot-only",
+        metavar="DIR",
+        default=None,
+        help="only (re)make the PNGs from DIR/results.json and exit",
+    )
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.plot_only:
+        for path in plot_results(args.plot_only):
+            print(path)
+        return {}
+    if (
+        args.embedding_dim < 1
+        or args.batch_size < 2
+        or (args.epochs is not None and args.epochs < 1)
+    ):
+        raise SystemExit("--embedding-dim >= 1, --batch-size >= 2 and --epochs >= 1 required")
+    if args.workers < 0 or args.image_size < 8:
+        raise SystemExit("--workers >= 0 and --image-size >= 8 required")
+    if args.epochs is None:
+        args.epochs = DEFAULT_EPOCHS.get(args.dataset, 20)
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 128 if args.dataset in IMAGE_DATASETS else 2048
+    if args.amp == "none":
+        args.amp = None
+    if args.out is None:
+        args.out = os.path.join(_HERE, "results", "retrieval", "latest")
+    if args.loss_lr is None:
+        args.loss_lr = 10 * args.lr
+    if args.threads is None and args.dataset == "digits":
+        args.threads = 1
+    threads_before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:  # main() is also called from tests: leave the process as we found it
+        torch.set_num_threads(threads_before)
+
+
+def _loss_args(args) -> Dict[str, Dict[str, Dict[str, object]]]:
+    parsed = parse_loss_args(args.loss_args)
+    if args.center_update != "gradient":
+        entry = parsed.setdefault("CenterLoss+Softmax", {"loss": {}, "miner": {}, "extras": {}})
+        entry["loss"].setdefault("update_rule", args.center_update)
+    return parsed
+
+
+def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
+    names = parse_losses(args.losses)
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    overrides = _loss_args(args)
+    not_run = [n for n in overrides if n not in names and n != "CenterLoss+Softmax"]
+    if not_run:
+        print(f"note: --loss-args for {', '.join(not_run)}, not in --losses", file=sys.stderr)
+    split = default_split(args.dataset) if args.split == "auto" else args.split
+    splits = ["samples", "classes"] if split == "both" else [split]
+    device = resolve_device(args.device)
+    if args.amp and device.type == "cuda" and args.amp == "bf16":
+        if not torch.cuda.is_bf16_supported():
+            raise SystemExit("--amp bf16: this GPU has no bf16 support; use --amp fp16")
+    enable_determinism(device)
+
+    try:
+        ds = load_dataset(
+            args.dataset,
+            args.data_dir,
+            image_size=args.image_size,
+            workers=args.workers,
+            on_bad_image=args.on_bad_image,
+        )
+        protocols = {s: make_protocol(ds, s, seed=0) for s in splits}
+    except (DatasetNotFoundError, IDXError, OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from e
+    for p in protocols.values():
+        if p.num_classes < 2 or len(p.test_classes) < 2:
+            raise SystemExit(f"--split {p.split}: need at least 2 training and 2 test classes")
+
+    knn, knn_device, knn_name = select_knn(device, args.knn)
+    os.makedirs(args.out, exist_ok=True)
+    results = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("plot_only",)},
+        "losses_requested": names,
+        "seed": seeds[0],
+        "seeds": seeds,
+        "splits": splits,
+        "loss_args": overrides,
+        "loss_args_flat": {
+            n: {**o["loss"], **o["extras"], **{f"miner.{k}": v for k, v in o["miner"].items()}}
+            for n, o in overrides.items()
+        },
+        "dataset": {"name": args.dataset, **protocols[splits[0]].summary()},
+        "protocols": {s: p.summary() for s, p in protocols.items()},
+        "device": str(device),
+        "device_name": device_name(device),
+        "knn_backend": knn_name,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "benchmark_code_modified_since_commit": git_modified(
+            [os.path.join(_HERE, "retrieval.py"), os.path.join(_HERE, "retrieval_bench")]
+        ),
+        "command": "python "
+        + " ".join(
+            [os.path.relpath(os.path.join(_HERE, "retrieval.py"))]
+            + list(sys.argv[1:] if argv is None else argv)
+        ),
+        "losses": [],
+    }
+    embeddings: Dict[str, np.ndarray] = {}
+    t_all = time.perf_counter()
+    for split, protocol in protocols.items():
+        print(f"--split {split}: {protocol.description}", file=sys.stderr)
+        if args.embedding_dim <= 3:
+            embeddings[labels_key(split, len(splits))] = protocol.test.labels
+        for name in names:
+            for seed in seeds:
+                try:
+                    res, emb = train_and_evaluate(
+                        name,
+                        protocol,
+                        args,
+                        device,
+                        knn,
+                        knn_device,
+                        seed=seed,
+                        overrides=overrides.get(name),
+                    )
+                except SystemExit:
+                    raise
+                except Exception as e:  # e.g. a loss of ours not implemented yet: keep going
+                    traceback.print_exc()
+                    print(f"ERROR: {name} (seed {seed}): {type(e).__name__}: {e}", file=sys.stderr)
+                    res = {
+                        "loss": name,
+                        "source": LOSSES[name].source,
+                        "seed": seed,
+                        "split": split,
+                        "error": f"{type(e).__name__}: {e}",
+                        "diverged": None,
+                        "metrics": {},
+                        "timings_s": {},
+                        "epoch_losses": [],
+                        "step_losses": [],
+                        "epochs_completed": 0,
+                    }
+                    emb = None
+                results["losses"].append(res)
+                if emb is not None and args.embedding_dim <= 3 and seed == seeds[0]:
+                    key = embedding_key(split, name, len(splits))
+                    embeddings[key] = emb.astype(np.float32)
+    results["timings_s"] = {"total": time.perf_counter() - t_all}
+    results["summary"] = aggregate(results["losses"])
+
+    table = results_table(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    if embeddings:
+        np.savez_compressed(os.path.join(args.out, "embeddings_test.npz"), **embeddings)
+    print(table)
+    if args.plots:
+        for path in plot_results(args.out):
+            print(f"wrote {path}", file=sys.stderr)
+    print(f"results in {args.out} ({results['timings_s']['total']:.1f} s)", file=sys.stderr)
+    return results

@@ -1,0 +1,124 @@
+"""Run environment: seeding, determinism, device, versions and git state, for results.json."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy (also drives PML's MPerClassSampler via c_f.NUMPY_RANDOM) and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def enable_determinism(device: torch.device) -> None:
+    """CPU kernels used here are deterministic for a fixed thread count, so nothing is needed
+    there (``torch.use_deterministic_algorithms`` costs seconds at first call: it imports
+    torch._inductor). On CUDA ask for deterministic kernels (warn where none exists)."""
+    if device.type != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cpus)"
+
+
+def _try_import_faiss():
+    try:
+        import faiss  # noqa: F401
+
+        return faiss
+    except ImportError:  # includes sys.modules["faiss"] = None (used by the tests)
+        return None
+
+
+def versions() -> Dict[str, str]:
+    import pytorch_metric_learning
+
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import pml_extras
+
+        v["pml_extras"] = getattr(pml_extras, "__version__", "unknown")
+    except Exception as e:  # the package may be mid-edit; record why
+        v["pml_extras"] = f"unavailable ({type(e).__name__}: {e})"
+    faiss = _try_import_faiss()
+    if faiss is not None:
+        v["faiss"] = getattr(faiss, "__version__", "unknown")
+    try:
+        import sklearn
+
+        v["scikit-learn"] = sklearn.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=_HERE,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def git_modified(paths: Sequence[str]) -> Optional[bool]:
+    """True when ``paths`` differ from the checked-out commit (results made by uncommitted code)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", *paths],
+            cwd=_HERE,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except Exception:
+        return None
