@@ -67,8 +67,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world, sizes, num_classes, outdir, suites=SUITES, timeout=150.0):
-    """Run ``world`` worker processes; return each rank's results dict."""
+def spawn(world, sizes, num_classes, outdir, suites=SUITES, timeout=150.0, worker=WORKER, **env_kw):
+    """Run ``world`` worker processes; return each rank's results dict.
+
+    ``env_kw`` adds environment variables (e.g. ``PMLX_TIMEOUT``, the process group's
+    timeout in seconds, so that a collective mismatch fails fast instead of hanging).
+    """
     env = dict(os.environ)
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
@@ -77,6 +81,7 @@ def spawn(world, sizes, num_classes, outdir, suites=SUITES, timeout=150.0):
         PMLX_SIZES=",".join(map(str, sizes)),
         PMLX_CLASSES=str(num_classes),
         PMLX_DIM=str(DIM),
+        **{k: str(v) for k, v in env_kw.items()},
     )
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -84,7 +89,7 @@ def spawn(world, sizes, num_classes, outdir, suites=SUITES, timeout=150.0):
     procs, logs = [], []
     for rank in range(world):
         log = open(outdir / f"rank{rank}.log", "w+")
-        cmd = [sys.executable, str(WORKER), suites, str(world), str(rank), str(port), str(outdir)]
+        cmd = [sys.executable, str(worker), suites, str(world), str(rank), str(port), str(outdir)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         logs.append(log)
     deadline = time.monotonic() + timeout
@@ -627,8 +632,15 @@ def test_single_process_is_the_single_gpu_loss():
     x = torch.randn(7, DIM, dtype=F64, requires_grad=True)
     y = torch.randint(0, 9, (7,))
     for sharded, plain in (
-        (ShardedSparseCircleLoss(9, DIM, gamma=32.0), SparseCircleLoss(9, DIM, gamma=32.0)),
-        (ShardedCurricularFaceLoss(9, DIM), CurricularFaceLoss(9, DIM)),
+        # Explicit hyper-parameters: the single-GPU losses' defaults may depend on D.
+        (
+            ShardedSparseCircleLoss(9, DIM, m=0.25, gamma=32.0),
+            SparseCircleLoss(9, DIM, m=0.25, gamma=32.0),
+        ),
+        (
+            ShardedCurricularFaceLoss(9, DIM, margin=0.5, scale=64.0),
+            CurricularFaceLoss(9, DIM, margin=0.5, scale=64.0),
+        ),
     ):
         sharded, plain = sharded.double(), plain.double()
         with torch.no_grad():

@@ -63,30 +63,117 @@ def _gather_padded(x: Tensor, sizes: Sequence[int], group) -> Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
+def _needs_token(requires_grad: Optional[bool], xs: Sequence[Tensor]) -> bool:
+    return bool(requires_grad) and torch.is_grad_enabled() and not any(x.requires_grad for x in xs)
+
+
+def _grad_token(device) -> Tensor:
+    """A leaf that requires grad: it puts a collective in the autograd graph of a rank whose
+    own inputs do not require grad, so that rank still joins the backward collective."""
+    return torch.zeros((), device=device, requires_grad=True)
+
+
 class _GatherRows(torch.autograd.Function):
+    """All-gather of one or more tensors; one all-reduce in backward whatever their number."""
+
     @staticmethod
-    def forward(ctx, x, sizes, rank, group):
-        ctx.sizes, ctx.rank, ctx.group = tuple(sizes), rank, group
-        return _gather_padded(x, sizes, group)
+    def forward(ctx, token, sizes_list, rank, group, *xs):
+        ctx.sizes_list, ctx.rank, ctx.group = sizes_list, rank, group
+        ctx.dtypes = [x.dtype for x in xs]
+        return tuple(_gather_padded(x, sizes, group) for x, sizes in zip(xs, sizes_list))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # Every rank holds the gradient of its own loss w.r.t. the whole gathered tensors;
+        # the input of rank r gets the sum over ranks of the rows that came from r. One
+        # flat all-reduce: several would have to run in the same order on every rank,
+        # which the autograd engine does not promise for independent branches.
+        wide = grads[0].dtype
+        for g in grads[1:]:
+            wide = torch.promote_types(wide, g.dtype)
+        flat = torch.cat([g.reshape(-1).to(wide) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
+        out, offset = [], 0
+        for g, sizes, dtype, needed in zip(
+            grads, ctx.sizes_list, ctx.dtypes, ctx.needs_input_grad[4:]
+        ):
+            full = flat[offset : offset + g.numel()].view(g.shape)
+            offset += g.numel()
+            start = sum(sizes[: ctx.rank])
+            mine = full[start : start + sizes[ctx.rank]]
+            out.append(mine.to(dtype) if needed else None)
+        return (None, None, None, None, *out)
+
+
+def gather_rows_many(
+    xs: Sequence[Tensor],
+    sizes_list: Sequence[Sequence[int]],
+    group=None,
+    requires_grad: Optional[bool] = None,
+) -> List[Tensor]:
+    """Differentiable all-gather along dim 0 of several tensors, in rank order.
+
+    Backward sums over ranks with *one* all-reduce for all of them. ``requires_grad``
+    must be the same on every rank (e.g. agreed by :func:`synced_validation`): True puts
+    the backward collective in this rank's graph even where its own inputs do not require
+    grad (it then returns no gradient for them); None uses the inputs' flags, which is
+    safe only if they are the same on every rank.
+    """
+    rank, world = group_info(group)
+    if world == 1:
+        return list(xs)
+    for x, sizes in zip(xs, sizes_list):
+        if x.shape[0] != sizes[rank]:
+            raise ValueError(f"rank {rank} has {x.shape[0]} rows but sizes says {sizes[rank]}")
+    if requires_grad is False:
+        return [gather_rows_nograd(x, sizes, group) for x, sizes in zip(xs, sizes_list)]
+    token = _grad_token(xs[0].device) if _needs_token(requires_grad, xs) else None
+    sizes_list = tuple(tuple(int(n) for n in sizes) for sizes in sizes_list)
+    return list(_GatherRows.apply(token, sizes_list, rank, group, *xs))
+
+
+def gather_rows(x: Tensor, sizes: Sequence[int], group=None, requires_grad=None) -> Tensor:
+    """Differentiable all-gather along dim 0, in rank order; backward sums over ranks.
+
+    See :func:`gather_rows_many` for ``requires_grad``.
+    """
+    return gather_rows_many([x], [sizes], group, requires_grad)[0]
+
+
+class _Anchor(torch.autograd.Function):
+    """Identity on ``value``; sends a zero gradient to the other inputs."""
+
+    @staticmethod
+    def forward(ctx, value, *others):
+        ctx.shapes = [(o.shape, o.dtype, o.device) if torch.is_tensor(o) else None for o in others]
+        return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad):
-        # Every rank holds the gradient of its own loss w.r.t. the whole gathered tensor;
-        # the input of rank r gets the sum over ranks of the rows that came from r.
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]], None, None, None
+        zeros = [
+            None if s is None else torch.zeros((), dtype=s[1], device=s[2]).expand(s[0])
+            for s in ctx.shapes
+        ]
+        return (grad, *zeros)
 
 
-def gather_rows(x: Tensor, sizes: Sequence[int], group=None) -> Tensor:
-    """Differentiable all-gather along dim 0, in rank order; backward sums over ranks."""
-    rank, world = group_info(group)
-    if world == 1:
-        return x
-    if x.shape[0] != sizes[rank]:
-        raise ValueError(f"rank {rank} has {x.shape[0]} rows but sizes says {sizes[rank]}")
-    return _GatherRows.apply(x, list(sizes), rank, group)
+def anchor(value: Tensor, *tensors: Tensor, force: bool = False) -> Tensor:
+    """``value``, made to depend on ``tensors`` in the autograd graph (zero gradient).
+
+    A rank whose loss happens not to use the gathered tensors (no pairs or triplets of its
+    own, an empty batch, a reducer returning a detached zero) would otherwise skip the
+    all-reduce in their backward while the other ranks run it. With ``force`` (agreed on
+    every rank) the result requires grad even where nothing here does, so that
+    ``value.backward()`` runs on every rank.
+    """
+    if not torch.is_grad_enabled():
+        return value
+    others = [t for t in tensors if torch.is_tensor(t) and t.requires_grad]
+    if force and not value.requires_grad and not others:
+        others = [_grad_token(value.device)]
+    if not others:
+        return value
+    return _Anchor.apply(value, *others)
 
 
 @torch.no_grad()
@@ -152,13 +239,23 @@ def out_of_range_label(labels, num_classes: int) -> Optional[int]:
     return None
 
 
-def synced_validation(check, owner: str, labels, num_classes: Optional[int], device, group=None):
+def synced_validation(
+    check,
+    owner: str,
+    labels,
+    num_classes: Optional[int],
+    device,
+    group=None,
+    needs_grad: bool = False,
+):
     """Run ``check()`` (returns the local batch size) on every rank; fail on all if one fails.
 
     A rank that raised alone would leave the others blocked in the next collective, so the
     outcome is all-gathered first: the failing rank re-raises its own error and the others
     raise a ValueError naming the rank (and, for an out-of-range label, the label and
-    ``num_classes``). Returns the list of every rank's batch size.
+    ``num_classes``). Returns (every rank's batch size, whether ``needs_grad`` is true on
+    some rank): the collective that gathers the outcome also makes the ranks agree on
+    whether the gathered embeddings take part in a backward collective.
     """
     error, code, batch, bad = None, 0, -1, 0
     try:
@@ -167,10 +264,10 @@ def synced_validation(check, owner: str, labels, num_classes: Optional[int], dev
         error = exc
         label = None if num_classes is None else out_of_range_label(labels, num_classes)
         code, bad = (1, label) if label is not None else (2, 0)
-    rows = all_gather_ints([code, batch, bad], device, group)
+    rows = all_gather_ints([code, batch, bad, int(bool(needs_grad))], device, group)
     if error is not None:
         raise error
-    for r, (c, _, b) in enumerate(rows):
+    for r, (c, _, b, _) in enumerate(rows):
         if c == 1:
             raise ValueError(
                 f"{owner}: label {b} on rank {r} is out of range for num_classes={num_classes} "
@@ -178,7 +275,7 @@ def synced_validation(check, owner: str, labels, num_classes: Optional[int], dev
             )
         if c == 2:
             raise ValueError(f"{owner}: rank {r} got invalid inputs (see the error raised there)")
-    return [row[1] for row in rows]
+    return [row[1] for row in rows], any(row[3] for row in rows)
 
 
 @torch.no_grad()

@@ -187,7 +187,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             labels = c_f.to_device(labels, embeddings)
         loss = self.reducer(loss_dict, embeddings, labels)
         anchor, self._anchor = self._anchor, None
-        return loss if anchor is None else loss + anchor
+        return loss if anchor is None else _comm.anchor(loss, anchor)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         group = self.process_group
@@ -207,9 +207,9 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             start = sum(sizes[:rank])
             own = slice(start, start + sizes[rank])
             losses = self._per_sample(lse[own], cos_y[own])
-            # Zero-valued, but it keeps the collectives in this rank's graph whatever the
-            # reducer does (an empty local batch, a reducer that returns a detached zero...).
-            self._anchor = 0.0 * losses.sum()
+            # Keeps the collectives in this rank's graph whatever the reducer does (an
+            # empty local batch, a reducer that returns a detached zero...).
+            self._anchor = losses
             if sizes[rank] > 0:
                 weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
                 loss_dict = {"loss": _common.element_loss(losses * weights)}
@@ -252,11 +252,18 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
         device = embeddings.device if torch.is_tensor(embeddings) else self.W.device
         num_classes = self.num_classes if with_labels else None
-        sizes = _comm.synced_validation(check, name, labels, num_classes, device, group)
+        local_grad = (
+            torch.is_grad_enabled() and torch.is_tensor(embeddings) and (embeddings.requires_grad)
+        )
+        sizes, needs_grad = _comm.synced_validation(
+            check, name, labels, num_classes, device, group, needs_grad=local_grad
+        )
         labels = checked["labels"]
         if sum(sizes) == 0:
             return sizes, None, labels, None
-        x_all = _comm.gather_rows(F.normalize(embeddings, dim=1), sizes, group)
+        x_all = _comm.gather_rows(
+            F.normalize(embeddings, dim=1), sizes, group, requires_grad=needs_grad
+        )
         y_all = _comm.gather_rows_nograd(labels, sizes, group) if with_labels else None
         return sizes, x_all, labels, y_all
 

@@ -41,17 +41,45 @@ def _check_batch(embeddings, labels, owner: str, what: str = "embeddings"):
     return check
 
 
-def _gather_batch(embeddings, labels, group, owner, what="embeddings", with_grad=True):
-    device = embeddings.device if torch.is_tensor(embeddings) else torch.device("cpu")
-    sizes = _comm.synced_validation(
-        _check_batch(embeddings, labels, owner, what), owner, None, None, device, group
+def _gather_batch(parts, group, owner, with_grad=True):
+    """Validate and all-gather (embeddings, labels, what) triples of every rank, in rank order.
+
+    All embeddings are gathered in one differentiable collective (one all-reduce in
+    backward). The ranks agree on whether that backward collective is needed: yes if any
+    rank's embeddings require grad.
+    Returns ([(gathered embeddings, gathered labels, sizes) per part], needs_grad).
+    """
+    device = torch.device("cpu")
+    for emb, _, _ in parts:
+        if torch.is_tensor(emb):
+            device = emb.device
+            break
+    local_grad = torch.is_grad_enabled() and any(
+        torch.is_tensor(e) and e.requires_grad for e, _, _ in parts
     )
-    gather = _comm.gather_rows if with_grad else _comm.gather_rows_nograd
-    all_emb = gather(embeddings, sizes, group)
-    all_labels = None
-    if labels is not None:
-        all_labels = _comm.gather_rows_nograd(labels.to(embeddings.device), sizes, group)
-    return all_emb, all_labels, sizes
+    all_sizes, needs_grad = [], False
+    for emb, labels, what in parts:
+        sizes, grad = _comm.synced_validation(
+            _check_batch(emb, labels, owner, what),
+            owner,
+            None,
+            None,
+            device,
+            group,
+            needs_grad=local_grad,
+        )
+        all_sizes.append(sizes)
+        needs_grad = needs_grad or grad
+    needs_grad = needs_grad and with_grad and torch.is_grad_enabled()
+    embs = [emb if with_grad else emb.detach() for emb, _, _ in parts]
+    gathered = _comm.gather_rows_many(embs, all_sizes, group, requires_grad=needs_grad)
+    out = []
+    for (emb, labels, _), all_emb, sizes in zip(parts, gathered, all_sizes):
+        all_labels = None
+        if labels is not None:
+            all_labels = _comm.gather_rows_nograd(labels.to(emb.device), sizes, group)
+        out.append((all_emb, all_labels, sizes))
+    return out, needs_grad
 
 
 def _own_pairs(labels: Tensor, ref_labels: Tensor, offset: Optional[int]):
@@ -184,19 +212,29 @@ class DistributedLossWrapper(torch.nn.Module):
         if self.sync_initial_state and not self._synced:
             self.sync_state()
         owner = type(self).__name__
-        all_emb, all_labels, sizes = _gather_batch(embeddings, labels, group, owner)
-        all_ref, all_ref_labels = None, None
+        parts = [(embeddings, labels, "embeddings")]
         if ref_emb is not None:
-            all_ref, all_ref_labels, _ = _gather_batch(ref_emb, ref_labels, group, owner, "ref_emb")
+            parts.append((ref_emb, ref_labels, "ref_emb"))
+        params_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.loss.parameters()
+        )
+        gathered, needs_grad = _gather_batch(parts, group, owner)
+        all_emb, all_labels, sizes = gathered[0]
+        all_ref, all_ref_labels = (None, None) if ref_emb is None else gathered[1][:2]
         if not self.efficient:
-            return self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
-
-        refs, refs_labels = (all_emb, all_labels) if all_ref is None else (all_ref, all_ref_labels)
-        if indices_tuple is None and labels is not None:
-            offset = sum(sizes[:rank]) if all_ref is None else None
-            indices_tuple = _own_pairs(labels.to(embeddings.device), refs_labels, offset)
-        loss = self.loss(embeddings, labels, indices_tuple, refs, refs_labels)
-        if any(p.requires_grad for p in self.loss.parameters()) and loss.requires_grad:
+            loss = self.loss(all_emb, all_labels, indices_tuple, all_ref, all_ref_labels)
+        else:
+            refs, refs_labels = (
+                (all_emb, all_labels) if all_ref is None else (all_ref, all_ref_labels)
+            )
+            if indices_tuple is None and labels is not None:
+                offset = sum(sizes[:rank]) if all_ref is None else None
+                indices_tuple = _own_pairs(labels.to(embeddings.device), refs_labels, offset)
+            loss = self.loss(embeddings, labels, indices_tuple, refs, refs_labels)
+        # Whatever the loss used, the gathered tensors stay in this rank's graph, so every
+        # rank runs their backward all-reduce (see _comm.anchor).
+        loss = _comm.anchor(loss, all_emb, all_ref, force=needs_grad or params_grad)
+        if self.efficient and params_grad:
             loss = _AverageLossGradsAfterBackward.apply(loss, self)
         return loss
 
@@ -224,13 +262,14 @@ class DistributedMinerWrapper(torch.nn.Module):
         if world == 1:
             return self.miner(embeddings, labels, ref_emb, ref_labels)
         owner = type(self).__name__
-        emb = embeddings.detach()
-        all_emb, all_labels, sizes = _gather_batch(emb, labels, group, owner, with_grad=False)
-        all_ref, all_ref_labels = None, None
+        emb = embeddings.detach() if torch.is_tensor(embeddings) else embeddings
+        parts = [(emb, labels, "embeddings")]
         if ref_emb is not None:
-            all_ref, all_ref_labels, _ = _gather_batch(
-                ref_emb.detach(), ref_labels, group, owner, "ref_emb", with_grad=False
-            )
+            ref = ref_emb.detach() if torch.is_tensor(ref_emb) else ref_emb
+            parts.append((ref, ref_labels, "ref_emb"))
+        gathered, _ = _gather_batch(parts, group, owner, with_grad=False)
+        all_emb, all_labels, sizes = gathered[0]
+        all_ref, all_ref_labels = (None, None) if ref_emb is None else gathered[1][:2]
         if not self.efficient:
             return self.miner(all_emb, all_labels, all_ref, all_ref_labels)
         if all_ref is not None:

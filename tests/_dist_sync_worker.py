@@ -1,0 +1,173 @@
+"""Ranks of ``test_distributed_sync.py``: batches that differ in kind between ranks.
+
+Run like ``_dist_worker.py`` (same command line and environment). Each scenario records
+the collectives every rank issues (name, shape, dtype, in order) besides its loss and
+gradients, so the parent can check that all ranks took part in the same collectives in
+the same order, and compare the gradients with a single-process float64 computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _dist_worker as base  # noqa: E402
+
+F64 = torch.float64
+DIM = 6
+
+# Rank 0's labels are unique in the global batch; the others have positives (also across
+# ranks), so rank 0 has no pairs or triplets of its own.
+LABELS = {
+    2: [[0, 1, 2, 3], [10, 10, 11, 11]],
+    3: [[0, 1, 2], [10, 10, 11, 11], [11, 12]],
+}
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor", "barrier")
+
+
+@contextlib.contextmanager
+def record_collectives():
+    """Log every torch.distributed collective issued inside (name, shape, dtype)."""
+    log, saved = [], {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def wrap(name, fn):
+        def call(*args, **kwargs):
+            tensor = args[1] if name in ("all_gather", "all_gather_into_tensor") else None
+            tensor = args[0] if name in ("all_reduce", "broadcast") else tensor
+            shape = None if tensor is None else (tuple(tensor.shape), str(tensor.dtype))
+            log.append((name, shape))
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in saved.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def labels_for(world, empty_rank=None):
+    per_rank = [list(v) for v in LABELS[world]]
+    if empty_rank is not None:
+        per_rank[empty_rank] = []
+    return [len(v) for v in per_rank], torch.tensor(sum(per_rank, []), dtype=torch.int64)
+
+
+def global_x(total, seed=0):
+    return torch.randn(total, DIM, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def run_step(rank, sizes, labels, call, nograd_rank=None, params=(), seed=0):
+    """One forward + backward on this rank's rows; backward is called on every rank."""
+    x = global_x(sum(sizes), seed)[base.rows(sizes, rank)].clone()
+    y = labels[base.rows(sizes, rank)]
+    if rank != nograd_rank:
+        x.requires_grad_(True)
+    with record_collectives() as log:
+        loss = call(x, y)
+        loss.backward()
+    out = {
+        "loss": loss.detach(),
+        "x_grad": None if x.grad is None else x.grad.clone(),
+        "p_grad": {k: None if p.grad is None else p.grad.clone() for k, p in params},
+        "calls": log,
+        "sizes": sizes,
+    }
+    # Still in step afterwards: every rank gathers the same token.
+    token = torch.tensor([len(log)], dtype=torch.int64)
+    seen = [torch.zeros_like(token) for _ in range(dist.get_world_size())]
+    dist.all_gather(seen, token)
+    out["call_counts"] = [int(t) for t in seen]
+    return out
+
+
+def triplet_loss():
+    from pytorch_metric_learning.losses import TripletMarginLoss
+
+    return TripletMarginLoss(margin=0.2)
+
+
+def fixed_triplets(rank, sizes):
+    """Rank 0 mined nothing; the other ranks mined (local anchor, global p, global n)."""
+    if rank == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty, empty
+    start = sum(sizes[:rank])
+    a = torch.tensor([0, 1])
+    return a, (start + 1 - a), torch.tensor([0, 1])  # positive: the other local sample
+
+
+def suite_sync_wrapper(rank, world, *_):
+    from pml_extras.distributed import DistributedLossWrapper
+    from pml_extras.losses import StandaloneCenterLoss
+
+    res = {}
+    sizes, labels = labels_for(world)
+    e_sizes, e_labels = labels_for(world, empty_rank=0)
+
+    def wrapped(efficient, **kw):
+        wrapper = DistributedLossWrapper(triplet_loss(), efficient=efficient)
+        return lambda x, y: wrapper(x, y, **kw)
+
+    res["eff_no_pos"] = run_step(rank, sizes, labels, wrapped(True))
+    res["eff_empty"] = run_step(rank, e_sizes, e_labels, wrapped(True))
+    res["eff_nograd"] = run_step(rank, sizes, labels, wrapped(True), nograd_rank=0)
+    res["eff_mined_nothing"] = run_step(
+        rank, sizes, labels, wrapped(True, indices_tuple=fixed_triplets(rank, sizes))
+    )
+    res["plain_empty"] = run_step(rank, e_sizes, e_labels, wrapped(False))
+    res["plain_nograd"] = run_step(rank, sizes, labels, wrapped(False), nograd_rank=world - 1)
+
+    # Separate references (two gathers with gradient): still one order of collectives.
+    ref = global_x(sum(sizes), seed=1)[base.rows(sizes, rank)].clone().requires_grad_(True)
+    wrapper = DistributedLossWrapper(triplet_loss(), efficient=True)
+    res["eff_ref"] = run_step(
+        rank, sizes, labels, lambda x, y: wrapper(x, y, ref_emb=ref, ref_labels=y)
+    )
+    res["eff_ref"]["ref_grad"] = ref.grad.clone()
+
+    # A loss with parameters whose gradients are averaged after backward.
+    torch.manual_seed(7)  # the same centers on every rank
+    loss = StandaloneCenterLoss(13, DIM).double()
+    wrapper = DistributedLossWrapper(loss, efficient=True)
+    res["eff_params_empty"] = run_step(
+        rank, e_sizes, e_labels, wrapper, params=list(loss.named_parameters())
+    )
+    return res
+
+
+def suite_sync_sharded(rank, world, *_):
+    from pml_extras.distributed import ShardedSparseCircleLoss
+
+    res = {}
+    sizes, labels = labels_for(world)
+    w = global_x(13, seed=3).t().contiguous()
+
+    def sharded():
+        loss = ShardedSparseCircleLoss(13, DIM, gamma=16.0).double()
+        loss.load_full_weight(w)
+        return loss
+
+    loss = sharded()
+    res["nograd"] = run_step(rank, sizes, labels, loss, nograd_rank=0, params=[("W", loss.W)])
+    loss = sharded()
+    no_tuples = fixed_triplets(rank, sizes) if rank == 0 else base.local_triplets(sizes[rank])
+    res["mined_nothing"] = run_step(
+        rank, sizes, labels, lambda x, y: loss(x, y, no_tuples), params=[("W", loss.W)]
+    )
+    res["mined_nothing"]["indices"] = no_tuples
+    return res
+
+
+base.SUITES.update(sync_wrapper=suite_sync_wrapper, sync_sharded=suite_sync_sharded)
+
+if __name__ == "__main__":
+    base.main()
