@@ -37,6 +37,7 @@ from .env import (
     versions,
 )
 from .evaluation import AMP_DTYPES, select_knn
+from .images import ImageDataError
 from .losses import LOSSES, parse_loss_args, parse_losses
 from .models import MODELS
 from .plots import embedding_key, labels_key, plot_results
@@ -375,6 +376,9 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
                     )
                 except SystemExit:
                     raise
+                except ImageDataError as e:  # a file went bad mid-run: stop, naming it
+                    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+                    raise SystemExit(f"error: {lines[-1] if lines else e}") from None
                 except Exception as e:  # e.g. a loss of ours not implemented yet: keep going
                     traceback.print_exc()
                     print(f"ERROR: {name} (seed {seed}): {type(e).__name__}: {e}", file=sys.stderr)

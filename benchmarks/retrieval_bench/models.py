@@ -75,13 +75,19 @@ def _load_weights(model: EmbeddingNet, path: str) -> str:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise SystemExit(f"--weights {path}: expected a state_dict, got {type(state).__name__}")
-    if any(k.startswith("backbone.") for k in state):  # a whole EmbeddingNet
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        target = "embedding model"
-    else:  # a torchvision backbone; its fc is not used
+    whole = any(k.startswith("backbone.") for k in state)  # a saved EmbeddingNet
+    target = "embedding model" if whole else "backbone"
+    if not whole:  # a torchvision backbone; its fc is not used
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-        target = "backbone"
+    try:
+        missing, unexpected = (model if whole else model.backbone).load_state_dict(
+            state, strict=False
+        )
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise SystemExit(
+            f"--weights {path}: does not match the {target}: {first[0].strip()}"
+        ) from None
     missing = [k for k in missing if not k.startswith(("fc.", "embedding."))]
     if missing or unexpected:
         raise SystemExit(

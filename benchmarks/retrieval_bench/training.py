@@ -26,8 +26,10 @@ __all__ = ["choose_m_per_class", "make_scaler", "train_and_evaluate"]
 
 
 def choose_m_per_class(batch_size: int, num_classes: int) -> int:
-    """Smallest m that divides batch_size with m * num_classes >= batch_size (MPerClassSampler)."""
-    for m in range(max(1, math.ceil(batch_size / num_classes)), batch_size + 1):
+    """Smallest m >= 2 that divides batch_size with m * num_classes >= batch_size
+    (MPerClassSampler). At least 2, so that every class in a batch has a positive pair even
+    with many classes (SOP: 11,318 training classes)."""
+    for m in range(max(2, math.ceil(batch_size / num_classes)), batch_size + 1):
         if batch_size % m == 0:
             return m
     return batch_size
