@@ -167,7 +167,9 @@ def suite_sync_sharded(rank, world, *_):
     return res
 
 
-base.SUITES.update(sync_wrapper=suite_sync_wrapper, sync_sharded=suite_sync_sharded)
+from _dist_amp_worker import suite_amp  # noqa: E402
+
+base.SUITES.update(sync_wrapper=suite_sync_wrapper, sync_sharded=suite_sync_sharded, amp=suite_amp)
 
 if __name__ == "__main__":
     base.main()

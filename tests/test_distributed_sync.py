@@ -37,7 +37,7 @@ def sync_run(request, tmp_path_factory):
         [1] * world,
         13,
         tmp_path_factory.mktemp(f"sync{world}"),
-        suites="sync_wrapper,sync_sharded",
+        suites="sync_wrapper,sync_sharded,amp",
         timeout=120.0,
         worker=WORKER,
         PMLX_TIMEOUT=20,
@@ -179,3 +179,28 @@ def test_sharded_loss_same_collectives_and_exact_grads(sync_run, name):
     for (lo, hi), g in zip(shard_ranges(13, world), got):
         close(g["p_grad"]["W"], ref["w_grad"][0][:, lo:hi])
     assert (got[0]["x_grad"] is None) == (name == "nograd")
+
+
+# ----------------------------------------------------------------------------- AMP
+def test_amp_global_scaler_skips_the_same_step_on_every_rank(sync_run):
+    """An inf in the last rank's W shard at step 2: every rank skips it, scales stay equal."""
+    import _dist_amp_worker as amp
+
+    world = sync_run["world"]
+    for kind in ("ours", "fsdp"):
+        got = [res["amp"][kind] for res in sync_run["results"]]
+        for g in got:
+            expected = [s == amp.INF_STEP for s in range(1, amp.STEPS + 1)]
+            assert g["found_inf"] == expected and g["skipped"] == expected, kind
+            # growth_interval=1: x2 after every good step, x0.5 after the skipped one
+            assert g["scale"] == [2.0**11, 2.0**10, 2.0**11, 2.0**12], (kind, g["scale"])
+            assert g["norm"][amp.INF_STEP - 1] == float("inf")
+            for a, b in zip(g["model"], got[0]["model"]):
+                assert torch.equal(a, b)  # the DDP replicas stay identical
+    # The plain GradScaler decides per rank: only the last rank sees the inf, the scales
+    # part, and the next steps unscale the same all-reduced gradients by different
+    # factors, so the replicas drift apart.
+    got = [res["amp"]["torch"] for res in sync_run["results"]]
+    assert [g["found_inf"][amp.INF_STEP - 1] for g in got] == [False] * (world - 1) + [True]
+    assert got[0]["scale"][amp.INF_STEP - 1] == 4 * got[-1]["scale"][amp.INF_STEP - 1]
+    assert not torch.equal(got[0]["model"][-1], got[-1]["model"][-1])

@@ -7,6 +7,8 @@
   parameters are replicated (CenterLoss, StandaloneCenterLoss, CircleLoss, the
   single-GPU SparseCircleLoss / CurricularFaceLoss); unlike PML's wrapper, the loss
   parameters get the single-process gradient instead of world_size times it.
+* :class:`GlobalGradScaler`: mixed precision with sharded W; every rank skips the same
+  overflowing steps and keeps the same loss scale.
 * :func:`clip_grad_norm_`: gradient clipping by the norm of the whole gradient when some
   parameters (the W shards) differ per rank; ``torch.nn.utils.clip_grad_norm_`` on one
   rank would see only its own shard.
@@ -17,12 +19,14 @@ batch, for equal local batches and a mean reduction); rank r's embeddings receiv
 that gradient, which DDP's averaging of the model gradients divides back.
 """
 
+from .amp import GlobalGradScaler
 from .clip import clip_grad_norm_
 from .sharded import ShardedCurricularFaceLoss, ShardedSparseCircleLoss, shard_ranges
 from .wrapper import DistributedLossWrapper, DistributedMinerWrapper
 
 __all__ = [
     "DistributedLossWrapper",
+    "GlobalGradScaler",
     "DistributedMinerWrapper",
     "ShardedCurricularFaceLoss",
     "ShardedSparseCircleLoss",
