@@ -3,76 +3,159 @@
 #
 #   bash benchmarks/gpu_checks.sh [OUT_DIR [STEP ...]]
 #
-# OUT_DIR defaults to $OUT, else out/gpu. STEPs (default: all four, in this order) are
-# pytest_gpu, speed, nccl_one_rank and memcheck; name a subset to fit one call's time limit.
+# OUT_DIR defaults to $OUT, else out/gpu. STEPs (default: quick):
 #
-# 1. the CUDA tests (tests/test_gpu.py, TestGPU in tests/test_class_lse_triton.py and the
-#    retrieval benchmark's CUDA smoke test), log in OUT_DIR/pytest_gpu.log;
-# 2. the speed benchmark on the issue's grid (B=1024, D=512, C in {100k, 1M}, bf16 and
-#    fp32; pair level B=16384), results in OUT_DIR/cuda.{json,csv,md};
-# 3. a one-rank NCCL run of the sharded loss's training example (one GPU cannot host two
-#    NCCL ranks; multi-GPU runs need a bigger machine);
-# 4. compute-sanitizer's memcheck over the Triton kernels at odd shapes (out-of-bounds
-#    loads that the CPU interpreter cannot see), when compute-sanitizer is installed.
+#   quick = selfcheck targets pytest_gpu memcheck: one H100/H200 in under 8 minutes,
+#           compile included. Prints one line per target,
+#             PASS|FAIL|SKIP TARGET SUBJECT: MEASURE OP LIMIT (DETAIL)
+#           (format and verdicts: benchmarks/speed_bench/checks.py; SKIP = not verified),
+#           then "targets: N PASS, N FAIL, N SKIP". The exit status is the number of FAILs.
+#   full  = speed nccl_one_rank: the whole speed grid and the NCCL run (another call: each
+#           call to a lent machine is limited to 10 minutes).
+#
+# 1. selfcheck: benchmarks/selfcheck.py, the kernels' one-time self-verification (one
+#    "SELF-CHECK ..." line per kernel family; SKIP when the file is absent);
+# 2. targets: benchmarks/speed.py --preset quick: class-level fwd+bwd time <= 1.5x the
+#    matmul floor measured in the same run and extra memory <= 1.5x (dW + dx), at B=1024,
+#    D=512, C in {100k, 1M}, bf16 and autocast_bf16; pair-level CircleLoss at B=16384 <= 3x
+#    its floor; the number of Triton kernel specialisations launched (compile time) <= 24.
+#    Results in OUT_DIR/quick.{json,csv,md};
+# 3. pytest_gpu: the CUDA tests (tests/test_gpu.py, TestGPU in tests/test_class_lse_triton.py,
+#    the retrieval benchmark's CUDA smoke test), log in OUT_DIR/pytest_gpu.log; it also
+#    counts the kernel specialisations the tests launch;
+# 4. memcheck: compute-sanitizer's memcheck over the Triton kernels at odd shapes
+#    (out-of-bounds accesses the CPU interpreter cannot see); SKIP without compute-sanitizer;
+# 5. speed (full): the speed benchmark's default GPU grid, results in OUT_DIR/cuda.*;
+# 6. nccl_one_rank (full): a one-rank NCCL run of the sharded loss's training example (one
+#    GPU cannot host two NCCL ranks; multi-GPU runs need a bigger machine).
+#
+# CPU rehearsal (CI runs it: tests/test_gpu_checks_script.py): GPU_CHECKS_CPU=1 runs the
+# same steps on the CPU, the kernels under TRITON_INTERPRET=1, at tiny sizes. Only the
+# device differs; the time targets then FAIL (the interpreter is slow), which is expected.
+# Overrides, mainly for that test: GPU_CHECKS_SPEED_ARGS (appended to the targets step's
+# flags), GPU_CHECKS_PYTEST and GPU_CHECKS_MEMCHECK_PYTEST (test selections),
+# GPU_CHECKS_SELFCHECK (the self-check script), GPU_CHECKS_WALL_LIMIT (seconds, 480).
 #
 # Missing Python packages (pytorch-metric-learning on the lent machines) can be carried as
 # wheels in .whl/: they are installed into /tmp/site first. Steps run even if an earlier
-# one fails; the exit status is the number of failed steps.
+# one fails.
 set -u
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-out/gpu}}"
 shift || true
-steps=" ${*:-pytest_gpu speed nccl_one_rank memcheck} "
+requested="${*:-quick}"
+steps=" ${requested} "
+steps="${steps// quick / selfcheck targets pytest_gpu memcheck }"
+steps="${steps// full / speed nccl_one_rank }"
 mkdir -p "$out"
+verdicts="$out/verdicts.txt"
+: >"$verdicts"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="/tmp/site:${PWD}:${PWD}/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 else
-    export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="${PWD}:${PWD}/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 fi
+
+cpu="${GPU_CHECKS_CPU:-0}"
+if [[ $cpu == 1 ]]; then
+    export TRITON_INTERPRET=1
+    device=(--device cpu --threads 1)
+    tiny=(--B 16 --D 32 --C 64,200 --pair-B 64 --pair-D 32 --repeats 2 --warmup 1)
+    echo "device: cpu rehearsal (GPU_CHECKS_CPU=1, TRITON_INTERPRET=1, tiny sizes)" \
+        | tee "$out/device.txt"
+else
+    device=(--device cuda)
+    tiny=()
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+fi
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+    | tee -a "$out/device.txt"
+pytest_sel=(tests/test_gpu.py tests/test_class_lse_triton.py tests/test_retrieval_benchmark.py
+    -k "gpu or GPU or cuda")
+memcheck_sel=(tests/test_gpu.py
+    -k "(op_triton_matches and (41x128x401 or 7x100x1271) or pair_circle_triton) and float32")
+extra_speed=()
+# The overrides are shell words (quotes allowed), hence eval.
+[[ -n ${GPU_CHECKS_PYTEST:-} ]] && eval "pytest_sel=(${GPU_CHECKS_PYTEST})"
+[[ -n ${GPU_CHECKS_MEMCHECK_PYTEST:-} ]] && eval "memcheck_sel=(${GPU_CHECKS_MEMCHECK_PYTEST})"
+[[ -n ${GPU_CHECKS_SPEED_ARGS:-} ]] && eval "extra_speed=(${GPU_CHECKS_SPEED_ARGS})"
+selfcheck="${GPU_CHECKS_SELFCHECK:-benchmarks/selfcheck.py}"
+verdict() { python3 -m speed_bench.checks "$@" | tee -a "$verdicts"; }
+
 failed=0
+rc=0
 step() {
     local name=$1
     shift
-    [[ $steps == *" $name "* ]] || return 0
+    [[ $steps == *" $name "* ]] || return 1
     echo "=== $name: $*"
     local t0=$SECONDS
-    if "$@" >"$out/$name.log" 2>&1; then
-        echo "    ok ($((SECONDS - t0)) s)"
-    else
-        echo "    FAILED ($((SECONDS - t0)) s); tail of $out/$name.log:"
-        tail -n 40 "$out/$name.log"
-        failed=$((failed + 1))
-    fi
+    "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    echo "    exit status $rc ($((SECONDS - t0)) s), log $out/$name.log"
+    [[ $rc == 0 ]] || failed=$((failed + 1))
+    return 0
 }
+tail_if_failed() { [[ $rc == 0 ]] || tail -n "$2" "$out/$1.log"; }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$out/device.txt"
+if [[ -f $selfcheck ]]; then
+    if step selfcheck python3 "$selfcheck"; then
+        grep "^SELF-CHECK" "$out/selfcheck.log"
+        verdict selfcheck "$out/selfcheck.log" "$rc"
+    fi
+elif [[ $steps == *" selfcheck "* ]]; then
+    echo "SKIP selfcheck $selfcheck: - ? 0 failures (not in this tree)" | tee -a "$verdicts"
+fi
 
-step pytest_gpu python3 -m pytest -q -p no:cacheprovider --maxfail=20 \
-    tests/test_gpu.py tests/test_class_lse_triton.py tests/test_retrieval_benchmark.py \
-    -k "gpu or GPU or cuda" -rs
-[[ -f $out/pytest_gpu.log ]] && grep -E "passed|failed" "$out/pytest_gpu.log" | tail -n 1
+# Setups that would start after 240 s are skipped (and FAIL), so that the call fits.
+if step targets python3 benchmarks/speed.py --preset quick "${device[@]}" "${tiny[@]}" \
+    --out "$out" --time-budget 240 --note "Run by benchmarks/gpu_checks.sh quick." \
+    "${extra_speed[@]}"; then
+    verdict targets "$out/targets.log" "$rc"
+fi
+
+if step pytest_gpu python3 -m pytest -q -p no:cacheprovider -p speed_bench.pytest_plugin \
+    --maxfail=20 -rs "${pytest_sel[@]}"; then
+    tail_if_failed pytest_gpu 30
+    grep -E "^Triton kernel specialisations" "$out/pytest_gpu.log"
+    verdict pytest "$out/pytest_gpu.log" "$rc" --subject "${pytest_sel[0]}..."
+fi
+
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
+    | head -n 1)
+if [[ $cpu == 1 ]]; then
+    sanitizer="" # the interpreter runs on the host: nothing for the sanitizer to see
+fi
+if [[ -n $sanitizer ]]; then
+    if step memcheck "$sanitizer" --tool memcheck --error-exitcode 1 \
+        python3 -m pytest -q -p no:cacheprovider "${memcheck_sel[@]}"; then
+        tail_if_failed memcheck 30
+        verdict memcheck "$out/memcheck.log" "$rc"
+    fi
+elif step memcheck python3 -m pytest -q -p no:cacheprovider "${memcheck_sel[@]}"; then
+    tail_if_failed memcheck 30
+    verdict memcheck "$out/memcheck.log" "$rc" --no-sanitizer
+fi
 
 # Results are written after every setup, and setups that would start after 420 s are
 # skipped, so a run under the device's 10-minute limit still returns what it measured.
-step speed python3 benchmarks/speed.py --device cuda --out "$out" --time-budget 420 \
-    --note "Run by benchmarks/gpu_checks.sh."
-[[ -f $out/speed.log ]] && tail -n 30 "$out/speed.log"
-
-step nccl_one_rank python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
-    benchmarks/distributed_train.py --backend nccl --num-classes 100000 --steps 50
-[[ -f $out/nccl_one_rank.log ]] && tail -n 5 "$out/nccl_one_rank.log"
-
-if command -v compute-sanitizer >/dev/null; then
-    step memcheck compute-sanitizer --tool memcheck --error-exitcode 1 \
-        python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-        -k "(op_triton_matches and (41x128x401 or 7x100x1271) or pair_circle_triton) and float32"
-    [[ -f $out/memcheck.log ]] && tail -n 5 "$out/memcheck.log"
+if step speed python3 benchmarks/speed.py "${device[@]}" "${tiny[@]}" --out "$out" \
+    --time-budget 420 --note "Run by benchmarks/gpu_checks.sh."; then
+    tail -n 30 "$out/speed.log"
+    verdict exit speed "$out/speed.log" "$rc"
 fi
 
-echo "failed steps: $failed"
-exit "$failed"
+if step nccl_one_rank python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
+    benchmarks/distributed_train.py --backend nccl --num-classes 100000 --steps 50; then
+    tail -n 10 "$out/nccl_one_rank.log"
+    verdict exit nccl_one_rank "$out/nccl_one_rank.log" "$rc"
+fi
+
+if [[ " $requested " == *" quick "* ]]; then
+    verdict elapsed "$SECONDS" "${GPU_CHECKS_WALL_LIMIT:-480}"
+fi
+echo "steps with a non-zero exit status: $failed"
+python3 -m speed_bench.checks summary "$verdicts"

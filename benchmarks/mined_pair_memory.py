@@ -5,12 +5,12 @@ Compares ``pml_extras.losses.circle_loss.CircleLoss`` (``ours``: automatic path 
 ``CircleLoss`` (``pml``), fed the same pairs: every pair (``--density 1``, the default) or a
 random subset of each pair's list kept with probability ``--density``.
 
-Method, as in ``benchmarks/speed.py``: every configuration runs in a fresh process; glibc's
-mmap threshold is pinned so freed large blocks go back to the OS; the pairs are computed
-before the measured call (they are an input, held by every implementation); one warm-up
-call, then ``/proc/self/clear_refs`` resets VmHWM and the reported figure is VmHWM minus the
-VmRSS held before the measured call.  Time is ``time.perf_counter`` around that one call:
-single-shot, and inflated by the pinned mmap threshold (every large temporary is a fresh
+Method, as in ``benchmarks/speed_bench/timing.py``: every configuration runs in a fresh
+process; glibc's mmap threshold is pinned so freed large blocks go back to the OS; the pairs
+are computed before the measured call (they are an input, held by every implementation); one
+warm-up call, then ``/proc/self/clear_refs`` resets VmHWM and the reported figure is VmHWM
+minus the VmRSS held before the measured call. Time is ``time.perf_counter`` around that
+one call: single-shot, and inflated by the pinned mmap threshold (every large temporary is a fresh
 mmap with its page faults), so use ``benchmarks/speed.py`` for timings.
 
 Example::

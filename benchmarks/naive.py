@@ -1,4 +1,5 @@
-"""Straightforward dense baselines for the speed benchmark (``benchmarks/speed.py``).
+"""Straightforward dense baselines for the speed benchmark (``benchmarks/speed.py``, its
+providers in ``benchmarks/speed_bench/providers.py``).
 
 These build the full B x C logits, the way the losses are usually written, so that the
 blockwise losses of ``pml_extras`` have an honest reference to be compared with:

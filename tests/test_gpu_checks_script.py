@@ -1,11 +1,15 @@
-"""benchmarks/gpu_checks.sh only runs on a GPU machine; here we keep it from rotting.
+"""benchmarks/gpu_checks.sh, executed on the CPU (GPU_CHECKS_CPU=1: the kernels under
+TRITON_INTERPRET=1, tiny sizes), and the PASS/FAIL logic behind it (speed_bench.checks and
+speed_bench.targets) on synthetic logs and rows.
 
-It must parse, name test files that exist, and pass flags that the benchmark scripts'
-own parsers accept (a renamed flag would otherwise only show up on a lent GPU).
+Only the device differs from a GPU run: the same steps, the same speed.py preset, the same
+verdict code. The limits are loosened here (the interpreter is ~100x slower than the
+floor's matmuls) except one, set impossible, which must print FAIL.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,17 +23,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_checks.sh")
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from speed_bench import checks, targets  # noqa: E402
 
-def _command(script_name: str) -> list:
-    """The arguments the script passes to ``benchmarks/<script_name>``, $vars dropped."""
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _step_command(step: str) -> list:
+    """The words after the script path in the script's ``if step NAME ...`` command."""
     text = open(SCRIPT).read().replace("\\\n", " ")
-    line = next(ln for ln in text.splitlines() if f"benchmarks/{script_name}" in ln)
-    words = shlex.split(line)
-    args = words[words.index(f"benchmarks/{script_name}") + 1 :]
-    return [w if "$" not in w else "placeholder" for w in args]
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"if step {step} "))
+    words = shlex.split(line.split(";", 1)[0])
+    script = next(w for w in words if w.startswith("benchmarks/") and w.endswith(".py"))
+    args = words[words.index(script) + 1 :]
+    # Array expansions ("${device[@]}") vanish; other variables become a placeholder.
+    return [w if "$" not in w else "placeholder" for w in args if not w.endswith("[@]}")]
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@needs_bash
 def test_script_parses():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
 
@@ -41,15 +51,220 @@ def test_named_test_files_exist():
         assert os.path.isfile(os.path.join(ROOT, path)), path
 
 
-def test_speed_flags_are_accepted():
+def test_full_step_flags_are_accepted():
+    """The ``full`` steps never run in CI: their flags must at least parse."""
+    import distributed_train
     import speed
 
-    args = speed.parse_args(_command("speed.py"))
-    assert args.device == "cuda"
-
-
-def test_distributed_flags_are_accepted():
-    import distributed_train
-
-    args = distributed_train.parse_args(_command("distributed_train.py"))
+    args = speed.parse_args(_step_command("speed") + ["--device", "cuda"])
+    assert args.time_budget == 420 and args.device == "cuda"
+    args = distributed_train.parse_args(_step_command("nccl_one_rank"))
     assert args.backend == "nccl"
+
+
+# ------------------------------------------------------------ the CPU rehearsal
+
+SELFCHECK_OK = """
+print("SELF-CHECK class_lse: PASS (one-time cost 0.1 s)")
+print("SELF-CHECK pair_circle: PASS (one-time cost 0.1 s)")
+"""
+
+
+@needs_bash
+@pytest.mark.slow  # ~30 s of CPU: five python processes, the kernels interpreted
+def test_cpu_rehearsal_prints_parseable_verdicts_and_a_deliberate_fail(tmp_path):
+    selfcheck = tmp_path / "selfcheck.py"
+    selfcheck.write_text(SELFCHECK_OK)
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        GPU_CHECKS_CPU="1",
+        GPU_CHECKS_SELFCHECK=str(selfcheck),
+        # One C; no time budget (a loaded machine); loose limits for the interpreted
+        # kernels, and one impossible limit.
+        GPU_CHECKS_SPEED_ARGS="--C 64 --time-budget 1e6 "
+        "--limit class-time=1e9,class-mem=1e9,pair-time=1e9,kernel-specialisations=1",
+        GPU_CHECKS_PYTEST="tests/test_speed_benchmark.py -k 'margin_providers and arcface'",
+        GPU_CHECKS_MEMCHECK_PYTEST="tests/test_speed_benchmark.py -k 'margin_providers and cos'",
+    )
+    proc = subprocess.run(
+        ["bash", SCRIPT, str(out), "quick"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    stdout = proc.stdout
+    lines = [ln for ln in stdout.splitlines() if ln.split(" ", 1)[0] in checks.STATUSES]
+    parsed = [checks.parse_line(ln) for ln in lines]
+    assert lines and all(parsed), (stdout, proc.stderr[-3000:])
+    by_target = {}
+    for p in parsed:
+        by_target.setdefault(p["target"], []).append(p)
+    expected = {
+        "selfcheck",
+        "class-time",
+        "class-mem",
+        "pair-time",
+        "class-operands",
+        "kernel-specialisations",
+        "cuda-tests",
+        "memcheck",
+        "wall-time",
+    }
+    assert set(by_target) == expected, stdout
+
+    result = json.loads((out / "quick.json").read_text())
+    rows = {(r["provider"], r["dtype"]): r for r in result["rows"] if r["level"] == "class"}
+    # Every class-level Triton loss, on bf16 and autocast, measured against its floor.
+    assert {p["subject"].split()[0] for p in by_target["class-time"]} == set(targets.CLASS_TRITON)
+    assert len(by_target["class-time"]) == 2 * len(targets.CLASS_TRITON)
+    for p in by_target["class-time"] + by_target["class-mem"]:
+        assert p["status"] == "PASS", p
+        provider, dtype = p["subject"].split()[0], p["subject"].split()[5]
+        row = rows[(provider, dtype)]
+        field = "time_ratio" if p["target"] == "class-time" else "mem_ratio"
+        assert float(p["measure"].rstrip("x")) == pytest.approx(row[field], rel=5e-3)  # 3 digits
+        assert row[field] > 0
+    assert {r["dtype"] for r in rows.values()} == {"bf16", "autocast_bf16"}
+    assert [p["status"] for p in by_target["pair-time"]] == ["PASS"], by_target["pair-time"]
+    for p in by_target["class-operands"]:  # bf16 operands for bf16 input and autocast(bf16)
+        assert "want bfloat16" in p["detail"]
+
+    # The deliberately impossible limit.
+    (spec,) = by_target["kernel-specialisations"]
+    assert spec["status"] == "FAIL" and spec["op"] == ">"
+    assert int(spec["measure"].split()[0]) == result["specialisations"]["count"] > 1
+    assert [p["status"] for p in by_target["selfcheck"]] == ["PASS"]
+    assert [p["status"] for p in by_target["cuda-tests"]] == ["PASS"]
+    assert [p["status"] for p in by_target["memcheck"]] == ["SKIP"]  # no sanitizer on CPU
+    assert "SELF-CHECK class_lse: PASS" in stdout
+
+    fails = sum(p["status"] == "FAIL" for p in parsed)
+    assert fails == 1 + len(by_target["class-operands"]) - sum(
+        p["status"] == "PASS" for p in by_target["class-operands"]
+    )
+    assert proc.returncode == fails, stdout
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("targets: ") and f"{fails} FAIL" in summary and "1 SKIP" in summary
+
+
+# ------------------------------------------------------ verdicts on synthetic input
+
+
+def test_line_format_round_trips():
+    o = checks.judge("class-time", "arcface_triton class B=8 bf16 fwd+bwd", 1.25, 1.5, "x", "d")
+    assert o.status == "PASS"
+    p = checks.parse_line(o.line())
+    assert p["status"] == "PASS" and p["measure"] == "1.25x" and p["op"] == "<="
+    assert p["limit"] == "1.5x" and p["subject"] == "arcface_triton class B=8 bf16 fwd+bwd"
+    bad = checks.judge("memcheck", "compute-sanitizer", 3, 0, "errors")
+    assert bad.status == "FAIL" and checks.parse_line(bad.line())["op"] == ">"
+    none = checks.judge("pair-time", "x", None, 3.0)
+    assert none.status == "FAIL" and checks.parse_line(none.line())["measure"] == "-"
+    assert checks.parse_line("=== targets: python3 ...") is None
+    with pytest.raises(ValueError, match="status"):
+        checks.Outcome("MAYBE", "t", "s", 1.0, 1.0).line()
+
+
+@pytest.mark.parametrize(
+    "log,rc,status",
+    [
+        ("....\n4 passed, 2 skipped in 3.1s\n", 0, "PASS"),
+        ("..F.\n1 failed, 3 passed in 3.1s\n", 1, "FAIL"),
+        ("E\n1 error in 0.3s\n", 1, "FAIL"),
+        ("ssss\n4 skipped in 0.2s\n", 0, "FAIL"),  # nothing verified
+        ("no tests ran in 0.01s\n", 5, "FAIL"),
+        ("Segmentation fault\n", 139, "FAIL"),  # crashed before any summary
+    ],
+)
+def test_pytest_verdict(log, rc, status):
+    assert checks.pytest_outcome(log, rc).status == status
+
+
+def test_memcheck_and_selfcheck_verdicts():
+    ok = "3 passed in 9.0s\n========= ERROR SUMMARY: 0 errors\n"
+    assert checks.memcheck_outcome(ok, 0).status == "PASS"
+    bad = "3 passed in 9.0s\n========= ERROR SUMMARY: 2 errors\n"
+    assert checks.memcheck_outcome(bad, 1).status == "FAIL"
+    assert checks.memcheck_outcome("3 passed in 9.0s\n", 0).status == "FAIL"  # no summary
+    assert checks.memcheck_outcome(ok, 0, sanitizer=False).status == "SKIP"
+
+    good = "SELF-CHECK class: PASS 0.2 s\nSELF-CHECK pair: PASS 0.1 s\n"
+    assert checks.selfcheck_outcome(good, 0).status == "PASS"
+    assert checks.selfcheck_outcome(good.replace("pair: PASS", "pair: FAIL"), 1).status == "FAIL"
+    assert checks.selfcheck_outcome(good, 1).status == "FAIL"  # exit status counts
+    assert checks.selfcheck_outcome("", 0).status == "FAIL"  # said nothing
+
+
+def test_speed_step_crash_is_a_fail():
+    passing = checks.judge("pair-time", "s", 2.0, 3.0).line()
+    assert checks.target_lines(passing + "\n", 0) == [passing]
+    crashed = checks.target_lines(passing + "\nTraceback ...\nRuntimeError: boom\n", 1)
+    assert len(crashed) == 2 and crashed[-1].startswith("FAIL speed-targets")
+    assert "boom" in crashed[-1]
+    assert checks.target_lines("Traceback\n", 1)[0].startswith("FAIL speed-targets")
+
+
+def test_summary_counts_and_exit_status():
+    lines = [
+        checks.judge("a", "s", 1.0, 2.0).line(),
+        checks.judge("b", "s", 3.0, 2.0).line(),
+        checks.Outcome("SKIP", "c", "s", None, 0, "errors", "tool missing").line(),
+        "unrelated output",
+    ]
+    text, failed = checks.summary(lines)
+    assert failed == 1 and text == "targets: 1 PASS, 1 FAIL, 1 SKIP (not verified)"
+    assert checks.summary(["nothing"])[1] == 1  # no target line at all is a failure
+
+
+def _row(provider, level="class", dtype="bf16", **fields):
+    row = dict(level=level, B=8, D=4, C=16 if level == "class" else None, dtype=dtype,
+               provider=provider, mode="fwd+bwd", status="ok", reason="", time_ms=3.0,
+               floor_time_ms=2.0, time_ratio=1.5, extra_mem_bytes=150, floor_mem_bytes=100,
+               mem_ratio=1.5, mem_source="cuda", kernels=[])  # fmt: skip
+    row.update(fields)
+    return row
+
+
+def test_targets_judge_each_row_against_its_limit():
+    rows = [
+        _row("arcface_triton", time_ratio=1.5, mem_ratio=1.2),  # at the limit: PASS
+        _row("cosface_triton", time_ratio=1.51, mem_ratio=1.6),
+        _row("sparse_circle_triton", status="skipped", reason="time budget", time_ratio=None),
+        _row("sparse_circle_torch", time_ratio=9.0),  # not a target provider
+        _row("pair_circle_triton", level="pair", time_ratio=2.9),
+    ]
+    out = {(o.target, o.subject.split()[0]): o for o in targets.evaluate(rows)}
+    assert out[("class-time", "arcface_triton")].status == "PASS"
+    assert out[("class-time", "cosface_triton")].status == "FAIL"
+    assert out[("class-mem", "arcface_triton")].status == "PASS"
+    assert out[("class-mem", "cosface_triton")].status == "FAIL"
+    skipped = out[("class-time", "sparse_circle_triton")]
+    assert skipped.status == "FAIL" and "time budget" in skipped.detail
+    assert ("class-time", "sparse_circle_torch") not in out
+    assert out[("pair-time", "pair_circle_triton")].status == "PASS"
+    # Limits can be overridden, and an unknown one is refused.
+    loose = targets.evaluate(rows, targets.parse_limits("class-time=2,class-mem=2"))
+    assert {o.status for o in loose if o.subject.startswith("cosface")} == {"PASS"}
+    with pytest.raises(ValueError, match="class-speed"):
+        targets.parse_limits("class-speed=2")
+    # No row at all for a target: FAIL, not silence.
+    missing = targets.evaluate([_row("arcface_triton")])
+    assert [o.status for o in missing if o.target == "pair-time"] == ["FAIL"]
+
+
+def test_operand_target_reads_the_kernels_op_dtype():
+    key = "class_lse_triton._fwd_kernel[KIND=2,OP_DTYPE=triton.language.{},BLOCK_M=64](X:float32)"
+    rows = [
+        _row("arcface_triton", dtype="bf16", kernels=[key.format("bfloat16")]),
+        _row("cosface_triton", dtype="autocast_bf16", kernels=[key.format("float32")]),
+        _row("curricular_triton", dtype="fp32", kernels=[key.format("float32")]),
+        _row("sparse_circle_triton", dtype="bf16", kernels=[]),
+    ]
+    out = {o.subject.split()[0]: o for o in targets.operand_outcomes(rows)}
+    assert out["arcface_triton"].status == "PASS"
+    assert out["cosface_triton"].status == "FAIL"  # autocast(bf16) ran fp32 operands
+    assert out["curricular_triton"].status == "PASS"
+    assert out["sparse_circle_triton"].status == "FAIL"  # nothing recorded: not verified

@@ -1,4 +1,5 @@
-"""Smoke tests for benchmarks/speed.py: tiny grids on CPU, no timed assertions."""
+"""Smoke tests for benchmarks/speed.py (the speed_bench package): tiny grids on CPU, no timed
+assertions."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ sys.path.insert(0, BENCH_DIR)
 
 import naive  # noqa: E402
 import speed  # noqa: E402
+import speed_bench.cli  # noqa: E402
+import speed_bench.sweep  # noqa: E402
 
 CLASS_PROVIDERS = [
     "sparse_circle_torch",
@@ -94,18 +97,28 @@ def test_main_writes_rows_floors_and_ratios(tmp_path):
     md = (tmp_path / "tiny.md").read_text()
     assert meta["command"] in md and "| floor |" in md
 
+    # Plotting reads the JSON, apart from measuring: one figure per (level, B, D, dtype).
+    import plot_speed
+
+    written = plot_speed.main([str(tmp_path / "tiny.json"), "--out", str(tmp_path / "plots")])
+    assert sorted(os.path.basename(p) for p in written) == [
+        "tiny_class_B8_D16_fp32.png",
+        "tiny_pair_B16_D8_fp32.png",
+    ]
+    assert all(os.path.getsize(p) > 1000 for p in written)
+
 
 def test_time_budget_skips_later_setups_and_partial_results_are_written(tmp_path, monkeypatch):
     """A run cut short (the GPU machine's per-command limit) keeps what it measured: results
     are written after every setup, and setups past --time-budget are reported as skipped."""
     writes = []
-    real_write = speed.write_results
+    real_write = speed_bench.cli.write_results
 
     def spy(result, out_dir, name, note):
         writes.append((result["meta"]["complete"], len(result["rows"]), note))
         return real_write(result, out_dir, name, note)
 
-    monkeypatch.setattr(speed, "write_results", spy)
+    monkeypatch.setattr(speed_bench.cli, "write_results", spy)
     args = _tiny_args(tmp_path, "--providers", "sparse_circle_torch", "--modes", "fwd")
     args += ["--memory", "none", "--C", "64,128", "--time-budget", "0"]
     rows = speed.main(args)["rows"]
@@ -147,7 +160,7 @@ def test_memory_child_and_skips(tmp_path):
 
 
 def test_memory_estimate_skips_instead_of_crashing(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "available_bytes", lambda device: 1 << 20)
+    monkeypatch.setattr(speed_bench.sweep, "available_bytes", lambda device: 1 << 20)
     args = _tiny_args(tmp_path, "--providers", "naive_circle", "--modes", "fwd", "--memory", "none")
     args[args.index("--C") + 1] = "100000"
     args[args.index("--pair-B") + 1] = ""
@@ -168,13 +181,14 @@ def test_naive_baselines_match_ours():
     labels = torch.randint(0, C, (B,))
     W = torch.randn(D, C, dtype=torch.float64)
 
-    ours = SparseCircleLoss(C, D, impl="torch").double()
+    # The benchmark's settings, stated: the paper's m/gamma and s=64 (not "auto").
+    ours = SparseCircleLoss(C, D, m=0.25, gamma=256.0, impl="torch").double()
     ref = naive.NaiveClassCircleLoss(C, D).double()
     ours.W.data.copy_(W)
     ref.W.data.copy_(W)
     assert ref(x, labels).item() == pytest.approx(ours(x, labels).item(), rel=1e-9)
 
-    ours = CurricularFaceLoss(C, D, impl="torch").double()
+    ours = CurricularFaceLoss(C, D, margin=0.5, scale=64.0, impl="torch").double()
     ref = naive.NaiveCurricularFace(C, D).double()
     ours.W.data.copy_(W)
     ref.W.data.copy_(W)
@@ -217,3 +231,130 @@ def test_mined_pair_providers_compute_the_same_loss_as_pml(miner):
     ours, theirs = values.values()
     assert ours[0] == pytest.approx(theirs[0], rel=1e-9)
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-9, atol=1e-9)
+
+
+class _Spy(torch.nn.Module):
+    """Records what a loss sees: the embeddings' and W's dtypes and the autocast state."""
+
+    def __init__(self, C, D):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(D, C))
+        self.seen = []
+
+    def forward(self, x, labels):
+        self.seen.append(
+            (x.dtype, self.W.dtype, torch.is_autocast_enabled("cpu"), (x @ self.W).dtype)
+        )
+        return (x @ self.W).float().logsumexp(1).mean()
+
+
+@pytest.mark.parametrize(
+    "dtype,expected",
+    [
+        ("bf16", (torch.bfloat16, torch.bfloat16, False, torch.bfloat16)),
+        ("autocast_bf16", (torch.float32, torch.float32, True, torch.bfloat16)),
+        ("fp32", (torch.float32, torch.float32, False, torch.float32)),
+    ],
+)
+def test_setups_hand_the_loss_what_users_train_with(dtype, expected):
+    """bf16 setups pass bf16 embeddings and W; autocast setups fp32 ones, under autocast."""
+    from speed_bench.providers import PROVIDERS as table
+    from speed_bench.providers import _loss_case
+
+    setup = speed.Setup("class", 6, 8, 10, dtype)
+    device = torch.device("cpu")
+    inputs = speed.Inputs(setup, device)
+    spy = _Spy(10, 8)
+    case = _loss_case(spy, inputs, setup)
+    case.step("fwd+bwd")
+    assert spy.seen == [expected]
+    # The user's dtypes are kept: gradients come back in the parameters' own dtype.
+    assert inputs.x.grad.dtype == inputs.x.dtype == spy.W.grad.dtype == setup.torch_dtype
+    assert not torch.is_autocast_enabled("cpu")  # the backward ran outside autocast
+    # The floor multiplies in the operand dtype (autocast: cast once, outside the timing).
+    floor = table["floor"].build(setup, inputs, device, {})
+    assert {t.dtype for t in floor.keep} == {setup.operand_dtype}
+    assert setup.operand_dtype == expected[3]
+
+
+def test_autocast_and_bf16_rows(tmp_path):
+    args = _tiny_args(tmp_path, "--providers", "sparse_circle_torch,pml_arcface,pml_circle")
+    args[args.index("--dtype") + 1] = "bf16,autocast_bf16"
+    rows = speed.main(args + ["--modes", "fwd+bwd", "--memory", "none", "--pair-dtype", "bf16"])[
+        "rows"
+    ]
+    assert {(r["level"], r["dtype"]) for r in rows} == {
+        ("class", "bf16"),
+        ("class", "autocast_bf16"),
+        ("pair", "bf16"),
+    }
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["time_ratio"] > 0
+        item = 4 if row["dtype"] == "autocast_bf16" else 2  # dW + dx in the params' dtype
+        assert row["floor_mem_bytes"] == item * (16 * (row["C"] or 0) + row["B"] * row["D"])
+        assert row["warmup_s"] > 0 or row["provider"] == "floor"
+
+
+def test_quick_preset_and_overrides():
+    args = speed.parse_args(["--preset", "quick"])
+    assert (args.B, args.D, args.C) == ([1024], [512], [100_000, 1_000_000])
+    assert args.dtype == ["bf16", "autocast_bf16"] and args.pair_dtype == ["bf16"]
+    assert args.check and args.count_specialisations and args.modes == ["fwd+bwd"]
+    assert set(args.providers) >= {"sparse_circle_triton", "pair_circle_triton"}
+    from speed_bench.setups import build_setups
+
+    setups = build_setups(args, torch.device("cuda"))
+    assert len(setups) == 5 and sum(s.level == "pair" for s in setups) == 1
+    small = speed.parse_args(["--preset", "quick", "--C", "64", "--limit", "class-time=2"])
+    assert small.C == [64] and small.limits == {"class-time": 2.0} and small.B == [1024]
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--limit", "nonsense=1"])
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--dtype", "autocast_int8"])
+
+
+COUNTER_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from speed_bench.specialisations import SpecialisationCounter, compiled_variants
+from pml_extras.losses import ArcFaceLoss
+torch.manual_seed(0)
+loss = ArcFaceLoss(40, 16, impl="triton")
+x, y = torch.randn(8, 16, requires_grad=True), torch.randint(0, 40, (8,))
+with SpecialisationCounter() as counter:
+    hooked = counter.hooked
+    loss(x, y).backward()
+    first, first_launches = counter.count, sum(counter.launches.values())
+    loss(x, y).backward()                     # same specialisations again
+    again, launches = counter.count, sum(counter.launches.values())
+    loss(x.detach().bfloat16().requires_grad_(), y).backward()   # bf16 operands: new ones
+    with_bf16, inside = counter.count, sum(counter.launches.values())
+loss(x, y).backward()                         # after exit: not recorded
+print(first, first_launches, again, launches, with_bf16, inside,
+      sum(counter.launches.values()), hooked, compiled_variants())
+print("\n".join(counter.keys()))
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter with TRITON_INTERPRET=1
+def test_specialisation_counter_counts_distinct_launch_signatures():
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNTER_SCRIPT, BENCH_DIR],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head, *keys = proc.stdout.strip().splitlines()
+    first, first_launches, again, launches, with_bf16, inside, total, hooked, compiled = (
+        head.split()
+    )
+    assert int(first) >= 2 and again == first  # repeats add launches, not specialisations
+    assert int(launches) == 2 * int(first_launches)
+    assert int(with_bf16) > int(first)
+    assert total == inside  # nothing recorded after exit
+    assert int(hooked) >= 2 and compiled == "None"  # the interpreter compiles nothing
+    assert len(keys) == int(with_bf16)
+    assert any("OP_DTYPE=triton.language.bfloat16" in k for k in keys)
