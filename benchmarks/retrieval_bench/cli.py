@@ -348,6 +348,10 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
         "benchmark_code_modified_since_commit": git_modified(
             [os.path.join(_HERE, "retrieval.py"), os.path.join(_HERE, "retrieval_bench")]
         ),
+        # the losses under test: numbers made with uncommitted library code say so
+        "package_modified_since_commit": git_modified(
+            [os.path.join(os.path.dirname(_HERE), "pml_extras")]
+        ),
         "command": "python "
         + " ".join(
             [os.path.relpath(os.path.join(_HERE, "retrieval.py"))]
