@@ -318,9 +318,10 @@ COUNTER_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 from speed_bench.specialisations import SpecialisationCounter, compiled_variants
-from pml_extras.losses import ArcFaceLoss
+from pml_extras.losses import ArcFaceLoss, SparseCircleLoss
 torch.manual_seed(0)
 loss = ArcFaceLoss(40, 16, impl="triton")
+other = SparseCircleLoss(40, 16, impl="triton")
 x, y = torch.randn(8, 16, requires_grad=True), torch.randint(0, 40, (8,))
 with SpecialisationCounter() as counter:
     hooked = counter.hooked
@@ -328,10 +329,10 @@ with SpecialisationCounter() as counter:
     first, first_launches = counter.count, sum(counter.launches.values())
     loss(x, y).backward()                     # same specialisations again
     again, launches = counter.count, sum(counter.launches.values())
-    loss(x.detach().bfloat16().requires_grad_(), y).backward()   # bf16 operands: new ones
-    with_bf16, inside = counter.count, sum(counter.launches.values())
+    other(x, y).backward()                    # another transform (KIND): new ones
+    with_other, inside = counter.count, sum(counter.launches.values())
 loss(x, y).backward()                         # after exit: not recorded
-print(first, first_launches, again, launches, with_bf16, inside,
+print(first, first_launches, again, launches, with_other, inside,
       sum(counter.launches.values()), hooked, compiled_variants())
 print("\n".join(counter.keys()))
 """
@@ -348,13 +349,14 @@ def test_specialisation_counter_counts_distinct_launch_signatures():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     head, *keys = proc.stdout.strip().splitlines()
-    first, first_launches, again, launches, with_bf16, inside, total, hooked, compiled = (
+    first, first_launches, again, launches, with_other, inside, total, hooked, compiled = (
         head.split()
     )
     assert int(first) >= 2 and again == first  # repeats add launches, not specialisations
     assert int(launches) == 2 * int(first_launches)
-    assert int(with_bf16) > int(first)
+    assert int(with_other) > int(first)
     assert total == inside  # nothing recorded after exit
     assert int(hooked) >= 2 and compiled == "None"  # the interpreter compiles nothing
-    assert len(keys) == int(with_bf16)
-    assert any("OP_DTYPE=triton.language.bfloat16" in k for k in keys)
+    assert len(keys) == int(with_other)
+    kinds = {k.split("KIND=")[1].split(",")[0] for k in keys if "KIND=" in k}
+    assert len(kinds) == 2 and all("OP_DTYPE=" in k for k in keys if "KIND=" in k)
