@@ -14,6 +14,10 @@ Data: class c's inputs are ``sin(c * f + phase) + noise`` for fixed random frequ
 phases (a distinct, learnable pattern per class, without a C-sized table in memory); each
 rank draws its own labels from a rank-specific generator.
 
+``--amp`` runs the forward under ``torch.autocast`` in float16 (CUDA or CPU) with a
+:class:`pml_extras.distributed.GlobalGradScaler` (every rank skips the same overflowing
+steps); the gradients are unscaled before clipping.
+
 ``--clip-grad-norm MAX`` clips the gradient of (backbone + the whole sharded W) with
 :func:`pml_extras.distributed.clip_grad_norm_` before each optimizer step; the log then
 shows that total norm, and at step 1 each rank's local-only norm (what
@@ -35,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from pml_extras.distributed import (
+    GlobalGradScaler,
     ShardedCurricularFaceLoss,
     ShardedSparseCircleLoss,
     clip_grad_norm_,
@@ -66,6 +71,9 @@ def parse_args(argv=None):
         metavar="MAX",
         help="clip the (backbone + full W) gradient norm to MAX before each step",
     )
+    p.add_argument("--amp", action="store_true", help="float16 autocast + GlobalGradScaler")
+    p.add_argument("--eval-batches", type=int, default=4, help="evaluation batches per rank")
+    p.add_argument("--eval-batch-size", type=int, default=256, help="per rank")
     p.add_argument(
         "--memory", action="store_true", help="report memory after every step (large-C runs)"
     )
@@ -148,6 +156,9 @@ def main(argv=None):
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank + 1)
+    # Logits scaled by 64: the default initial scale 2**16 overflows the fp16 gradients
+    # for the first ~6 steps (skipped); start at 2**10, the scaler grows it when it can.
+    scaler = GlobalGradScaler(device.type, init_scale=2.0**10, enabled=args.amp)
 
     if rank == 0:
         print(
@@ -175,9 +186,11 @@ def main(argv=None):
             0, args.num_classes, (args.batch_size,), generator=generator, device=device
         )
         x = make_batch(labels, freq, phase, args.noise, generator)
-        loss = loss_fn(model(x), labels)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=args.amp):
+            loss = loss_fn(model(x), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # before clipping: the norm of the true gradients
         if args.clip_grad_norm is not None:
             if step == 1:
                 report_local_norms(rank, world, device, model, loss_params)
@@ -186,7 +199,8 @@ def main(argv=None):
                 model.parameters(), args.clip_grad_norm, sharded=loss_params
             )
             norm_window.append(float(grad_norm))
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():  # global mean of the per-rank losses, for the log
             value = loss.detach().clone()
             dist.all_reduce(value)
@@ -196,8 +210,9 @@ def main(argv=None):
                 norm = ""
                 if norm_window:  # the same value on every rank
                     norm = f"  grad norm {sum(norm_window) / len(norm_window):9.4f}"
+                amp = f"  scale {scaler.get_scale():g}" if args.amp else ""
                 print(
-                    f"step {step:5d}  loss {sum(window) / len(window):9.4f}{norm}  "
+                    f"step {step:5d}  loss {sum(window) / len(window):9.4f}{norm}{amp}  "
                     f"({time.perf_counter() - start:7.1f} s)",
                     flush=True,
                 )
@@ -224,16 +239,19 @@ def report_local_norms(rank, world, device, model, loss_params):
 
 
 @torch.no_grad()
-def evaluate(args, rank, world, device, model, loss_fn, freq, phase, batches=4):
+def evaluate(args, rank, world, device, model, loss_fn, freq, phase):
     """Nearest-proxy accuracy on fresh samples, over all C classes (``loss_fn.predict``)."""
     model.eval()
     loss_fn.eval()
     generator = torch.Generator(device=device).manual_seed(10**6 + rank)
+    # Counts on the device: the all-reduce needs them there (NCCL), and no host sync per batch.
     correct = torch.zeros(2, dtype=torch.float64, device=device)
-    for _ in range(batches):
-        labels = torch.randint(0, args.num_classes, (256,), generator=generator, device=device)
+    n = args.eval_batch_size
+    for _ in range(args.eval_batches):
+        labels = torch.randint(0, args.num_classes, (n,), generator=generator, device=device)
         pred = loss_fn.predict(model(make_batch(labels, freq, phase, args.noise, generator)))
-        correct += torch.stack([(pred == labels).sum(), torch.tensor(len(labels))]).to(correct)
+        correct[0] += (pred == labels).sum()
+        correct[1] += n
     dist.all_reduce(correct)
     if rank == 0:
         print(

@@ -27,7 +27,7 @@
 #    (out-of-bounds accesses the CPU interpreter cannot see); SKIP without compute-sanitizer;
 # 5. speed (full): the speed benchmark's default GPU grid, results in OUT_DIR/cuda.*;
 # 6. nccl_one_rank (full): a one-rank NCCL run of the sharded loss's training example (one
-#    GPU cannot host two NCCL ranks; multi-GPU runs need a bigger machine).
+#    GPU cannot host two NCCL ranks; what it can and cannot show: see the step below).
 #
 # CPU rehearsal (CI runs it: tests/test_gpu_checks_script.py): GPU_CHECKS_CPU=1 runs the
 # same steps on the CPU, the kernels under TRITON_INTERPRET=1, at tiny sizes. Only the
@@ -148,6 +148,13 @@ if step speed python3 benchmarks/speed.py "${device[@]}" "${tiny[@]}" --out "$ou
     verdict exit speed "$out/speed.log" "$rc"
 fi
 
+# nccl_one_rank: one rank is what one GPU allows. It shows that the training script runs
+# on CUDA under NCCL: set_device(LOCAL_RANK), DDP with device_ids, the sharded loss's
+# CUDA path, predict and the evaluation's device-side counts (and, with --amp /
+# --clip-grad-norm, fp16 autocast with GlobalGradScaler and clipping). At world size 1
+# every collective of pml_extras is skipped, so it cannot show the loss's NCCL
+# collectives, cross-rank gradients, matching collectives or hangs: gloo checks those in
+# tests/test_distributed*.py; on NCCL they need a machine with 2+ GPUs.
 if step nccl_one_rank python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
     benchmarks/distributed_train.py --backend nccl --num-classes 100000 --steps 50; then
     tail -n 10 "$out/nccl_one_rank.log"

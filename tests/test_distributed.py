@@ -754,3 +754,16 @@ def test_clip_grad_norm_edge_cases():
         clip_grad_norm_(params, 1.0, float("nan"))
     with pytest.raises(ValueError, match="max_norm"):
         clip_grad_norm_(params, -1.0)
+
+
+def test_clip_collective_device_is_the_shards_device(monkeypatch):
+    """NCCL: the norm all-reduce runs on the shard's device, even where its grad is None
+    (not torch.cuda.current_device(), which is cuda:0 without set_device)."""
+    from pml_extras.distributed import clip as clip_module
+
+    monkeypatch.setattr(clip_module.dist, "get_backend", lambda group=None: "nccl")
+    shard = torch.empty(2, 3, device="meta", requires_grad=True)  # grad None
+    model = torch.zeros(3, requires_grad=True)
+    assert clip_module._collective_device(None, [shard, model]) == torch.device("meta")
+    monkeypatch.setattr(clip_module.dist, "get_backend", lambda group=None: "gloo")
+    assert clip_module._collective_device(None, [shard]) == torch.device("cpu")

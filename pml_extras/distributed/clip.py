@@ -72,12 +72,18 @@ def _partial(grads: List[Tensor], p: float, foreach, device: torch.device) -> Te
     return norms.max() if math.isinf(p) else norms.pow(p).sum()
 
 
-def _collective_device(group, grads: List[Tensor]) -> torch.device:
+def _collective_device(group, tensors: List[Tensor]) -> torch.device:
+    """Where the norm all-reduce runs: CPU for gloo, else the device of the parameters.
+
+    The shard parameters come first in ``tensors`` and decide even where their gradient is
+    None; ``torch.cuda.current_device()`` is only the last resort (it is cuda:0 on every
+    rank unless the script called ``torch.cuda.set_device(local_rank)``).
+    """
     backend = str(dist.get_backend(group)).lower()
     if backend == "gloo":
         return torch.device("cpu")
-    if grads:
-        return grads[0].device
+    if tensors:
+        return tensors[0].device
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -155,7 +161,7 @@ def clip_grad_norm_(
     grads = rep_grads + shard_grads
     _, world = _comm.group_info(process_group)
     if world > 1:
-        device = _collective_device(process_group, shard_grads or rep_grads)
+        device = _collective_device(process_group, shards + replicated)
     else:
         device = grads[0].device if grads else torch.device("cpu")
 
