@@ -62,6 +62,27 @@ def test_full_step_flags_are_accepted():
     assert args.backend == "nccl"
 
 
+def _selection(var: str) -> list:
+    """The default pytest selection the script assigns to ``var`` (pytest_sel, ...)."""
+    text = open(SCRIPT).read()
+    body = re.search(rf"^{var}=\((.*?)\)$", text, flags=re.S | re.M).group(1)
+    return shlex.split(body.replace("\n", " "))
+
+
+@pytest.mark.parametrize("var", ["pytest_sel", "memcheck_sel"])
+def test_test_selections_collect_tests(var):
+    """The CUDA-test and memcheck selections name tests that exist (a renamed test would
+    otherwise select nothing, and show up only on a lent GPU)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + _selection(var),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert len(collected) >= 2, proc.stdout[-2000:]
+
+
 # ------------------------------------------------------------ the CPU rehearsal
 
 SELFCHECK_OK = """

@@ -223,7 +223,8 @@ def write_results(result: dict, out_dir: str, name: str, note: str) -> Dict[str,
         "",
         "time ms: median wall-clock; cpu ms (CPU runs): median process CPU time, less "
         "sensitive to other processes on a shared machine; `x floor`: divided by the same "
-        "figure for the bare matmuls of the same shapes and mode; extra MiB: peak memory "
+        "figure for the bare matmuls of the same shapes and mode, operands in the matmul "
+        "dtype (`autocast_*`: the autocast dtype); extra MiB: peak memory "
         "above what is held before the call; its "
         "`x floor`: extra / (bytes of dW + dx); extra-floor: extra minus that floor, i.e. "
         "the memory beyond the gradients the call must produce. `fwd` is the training "
