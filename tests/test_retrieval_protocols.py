@@ -256,3 +256,24 @@ def test_old_results_still_plot(tmp_path):
     assert written == {}
     for f in ("loss_curves.png", "metrics.png", "embeddings.png"):
         assert os.path.getsize(tmp_path / f) > 0
+
+
+def test_both_protocols_at_2d_plot_each(tmp_path):
+    res = retrieval.main(
+        ["--losses", "softmax,standalone", "--epochs", "1", "--embedding-dim", "2"]
+        + ["--no-progress", "--out", str(tmp_path)]
+    )
+    emb = np.load(tmp_path / "embeddings_test.npz")
+    assert set(emb.files) == {
+        "labels_samples",
+        "labels_classes",
+        "emb_samples_Softmax",
+        "emb_samples_StandaloneCenterLoss",
+        "emb_classes_Softmax",
+        "emb_classes_StandaloneCenterLoss",
+    }
+    n_test = res["protocols"]["classes"]["n_test"]
+    assert emb["emb_classes_Softmax"].shape == (n_test, 2)
+    np.testing.assert_array_equal(np.unique(emb["labels_classes"]), np.arange(5))
+    for f in ("embeddings_samples.png", "embeddings_classes.png"):
+        assert os.path.getsize(tmp_path / f) > 0

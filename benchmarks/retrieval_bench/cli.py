@@ -38,7 +38,7 @@ from .env import (
 )
 from .evaluation import AMP_DTYPES, select_knn
 from .images import ImageDataError
-from .losses import LOSSES, parse_loss_args, parse_losses
+from .losses import LOSSES, parse_loss_args, parse_losses, preload
 from .models import MODELS
 from .plots import embedding_key, labels_key, plot_results
 from .report import aggregate, results_table
@@ -297,6 +297,7 @@ def _loss_args(args) -> Dict[str, Dict[str, Dict[str, object]]]:
 
 def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
     names = parse_losses(args.losses)
+    preload(names)
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     overrides = _loss_args(args)
     not_run = [n for n in overrides if n not in names and n != "CenterLoss+Softmax"]
