@@ -37,6 +37,8 @@ def make_data(B, D, C, seed, dtype=F64):
 
 def make_loss(W, **kwargs):
     D, C = W.shape
+    # The reference uses the paper's scale; the default "auto" depends on C and D.
+    kwargs.setdefault("scale", 64.0)
     loss_fn = CurricularFaceLoss(C, D, **kwargs).to(W.dtype)
     with torch.no_grad():
         loss_fn.W.copy_(W)

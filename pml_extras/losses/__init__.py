@@ -1,5 +1,7 @@
 """PML-native losses. Each subclasses ``pytorch_metric_learning.losses.BaseMetricLossFunction``."""
 
+from ._low_dim import auto_proxy_init_
+from ._spread import spread_init_
 from .arcface_loss import ArcFaceLoss
 from .center_loss import CenterLoss
 from .circle_loss import CircleLoss
@@ -16,4 +18,6 @@ __all__ = [
     "CurricularFaceLoss",
     "SparseCircleLoss",
     "StandaloneCenterLoss",
+    "auto_proxy_init_",
+    "spread_init_",
 ]

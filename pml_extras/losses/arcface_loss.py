@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -13,7 +13,7 @@ from .._validation import check_embeddings
 from ..functional._numerics import working_dtype
 from ..functional.margin import arcface_target, check_margin_args, margin_softmax_losses
 from ..ops.class_lse import target_cosine
-from . import _common
+from . import _common, _low_dim
 
 
 def init_margin_loss(loss_fn, num_classes, embedding_size, scale, chunk_size, impl) -> None:
@@ -75,11 +75,14 @@ class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
         margin: the angular margin in *degrees*, like PML (paper: 0.5 rad = 28.6 degrees,
             the default). Stored in radians as ``self.margin``, like PML.
-        scale: logit scale s (paper: 64, the default).
+        scale: logit scale s (paper: 64, the default), or ``"auto"``: the low-dimensional
+            rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (README section
+            "Low-dimensional embeddings"; pair it with ``weight_init_func=auto_proxy_init_``).
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
         weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
-        (CosineSimilarity only), embedding_regularizer: as in PML.
+        (CosineSimilarity only), embedding_regularizer: as in PML (default init
+        ``normal_``; :func:`~pml_extras.losses.auto_proxy_init_` is the rule's).
 
     Shapes: embeddings (B, D), labels (B,) in [0, C). Per-sample losses go to the
     reducer (default MeanReducer); miners' ``indices_tuple`` become per-sample weights.
@@ -97,13 +100,14 @@ class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: int,
         embedding_size: int,
         margin: float = 28.6,
-        scale: float = 64,
+        scale: Union[float, str] = 64,
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.margin = math.radians(float(margin))
+        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, "ArcFaceLoss")
         check_margin_args(self.margin, scale, type(self).__name__, arc=True)
         init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
 

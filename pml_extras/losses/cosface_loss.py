@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -9,7 +9,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 
 from .._validation import check_embeddings
 from ..functional.margin import check_margin_args, cosface_target
-from . import _common
+from . import _common, _low_dim
 from .arcface_loss import init_margin_loss, margin_loss_dict
 
 
@@ -32,11 +32,14 @@ class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
         margin: additive cosine margin m (paper: 0.35, the default; the paper finds
             0.25-0.45 works well).
-        scale: logit scale s (paper: 64, the default).
+        scale: logit scale s (paper: 64, the default), or ``"auto"``: the low-dimensional
+            rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (README section
+            "Low-dimensional embeddings"; pair it with ``weight_init_func=auto_proxy_init_``).
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
         weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
-        (CosineSimilarity only), embedding_regularizer: as in PML.
+        (CosineSimilarity only), embedding_regularizer: as in PML (default init
+        ``normal_``; :func:`~pml_extras.losses.auto_proxy_init_` is the rule's).
 
     Shapes: embeddings (B, D), labels (B,) in [0, C). Per-sample losses go to the
     reducer (default MeanReducer); miners' ``indices_tuple`` become per-sample weights.
@@ -54,13 +57,14 @@ class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: int,
         embedding_size: int,
         margin: float = 0.35,
-        scale: float = 64,
+        scale: Union[float, str] = 64,
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.margin = float(margin)
+        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, "CosFaceLoss")
         check_margin_args(self.margin, scale, type(self).__name__, arc=False)
         init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
 

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
@@ -9,10 +9,9 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.reducers import MeanReducer
 
 from .._validation import check_embeddings
-from ..functional._numerics import working_dtype
 from ..functional.curricular import curricular_face_loss, update_t
 from ..ops.class_lse import target_cosine
-from . import _common
+from . import _common, _low_dim
 
 
 class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -32,11 +31,19 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     Args:
         num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
-        margin: additive angular margin m (paper: 0.5). scale: logit scale s (paper: 64).
+        margin: additive angular margin m (paper: 0.5).
+        scale: logit scale s, or ``"auto"`` (the default): the paper's 64 unless the
+            embedding is low-dimensional for C, D < 4*ln(C*(C-1)) (C=10: D <= 17), where
+            it is AdaCos's fixed scale sqrt(2)*ln(C-1) (C=10: 3.11). ``scale=64`` gives the
+            paper's setting exactly in every dimension. See the README section
+            "Low-dimensional embeddings" and ``pml_extras.losses._low_dim``.
         momentum: EMA factor of t (paper: 0.01).
         chunk_size, impl: as in :class:`SparseCircleLoss`.
-        weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
-        (CosineSimilarity only), embedding_regularizer: as in PML.
+        weight_init_func: as in PML; the default is the rule's: spread proxies
+            (:func:`~pml_extras.losses.spread_init_`) when low-dimensional, else PML's
+            ``normal_`` (same draws as PML).
+        weight_regularizer, weight_reg_weight, reducer, distance (CosineSimilarity only),
+        embedding_regularizer: as in PML.
 
     Shapes: embeddings (B, D), labels (B,) in [0, C); per-sample losses to the reducer.
 
@@ -50,13 +57,16 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         num_classes: int,
         embedding_size: int,
         margin: float = 0.5,
-        scale: float = 64.0,
+        scale: Union[float, str] = "auto",
         momentum: float = 0.01,
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        scale = _low_dim.resolve_scale(
+            scale, 64.0, num_classes, embedding_size, "CurricularFaceLoss"
+        )
         _common.init_class_proxies(
             self,
             num_classes,
@@ -74,15 +84,12 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         def per_sample(labels):
-            # float32 or wider, as in functional.curricular_face_loss (fp16 overflow).
-            x = torch.nn.functional.normalize(
-                embeddings.to(working_dtype(embeddings, self.W)), dim=1
-            )
-            cos_y = target_cosine(x, self.W, labels)
+            # Raw embeddings: both normalise in float32 themselves (operand policy).
+            cos_y = target_cosine(embeddings, self.W, labels)
             if self.training:
                 self.t.copy_(update_t(self.t, cos_y, self.momentum))
             return curricular_face_loss(
-                x,
+                embeddings,
                 self.W,
                 labels,
                 # A copy, so that a later in-place update cannot reach a pending backward.
@@ -102,6 +109,10 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """(B, C) scale * cosine to each proxy (no margin); argmax is the predicted class."""
         check_embeddings(embeddings, self.embedding_size, type(self).__name__)
         return _common.cosine_logits(embeddings, self.W, self.scale)
+
+    def get_default_weight_init_func(self):
+        """The rule's init: spread proxies when low-dimensional, else PML's normal_."""
+        return _low_dim.auto_proxy_init_
 
     def get_default_distance(self):
         return CosineSimilarity()

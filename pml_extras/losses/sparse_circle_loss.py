@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -9,7 +9,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 
 from .._validation import check_embeddings
 from ..functional.circle import sparse_circle_loss
-from . import _common
+from . import _common, _low_dim
 
 
 class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -30,13 +30,22 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     Args:
         num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
-        m: relaxation margin. gamma: scale. The paper's settings: face recognition
-            m=0.25, gamma=256 (the default); person re-ID m=0.25, gamma=128;
-            fine-grained retrieval m=0.4, gamma=80.
+        m: relaxation margin, or ``"auto"`` (the default): the paper's 0.25 unless the
+            embedding is low-dimensional for C, D < 4*ln(C*(C-1)) (C=10: D <= 17), where
+            it is min(max(0.25, c*), 1/2), c* the largest pairwise cosine of the best
+            spread of C points on S^(D-1) (10 classes: 3-D 0.41; 2-D 0.5, c* = 0.81).
+        gamma: scale, or ``"auto"`` (the default): the paper's 256 unless
+            low-dimensional, where it is AdaCos's fixed scale sqrt(2)*ln(C-1) (C=10: 3.11).
+            The paper's settings, exact in every dimension when given explicitly: face
+            recognition m=0.25, gamma=256; person re-ID m=0.25, gamma=128; fine-grained
+            retrieval m=0.4, gamma=80. See the README section "Low-dimensional embeddings".
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
-        weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
-        (CosineSimilarity only), embedding_regularizer: as in PML.
+        weight_init_func: as in PML; the default is the rule's: spread proxies
+            (:func:`~pml_extras.losses.spread_init_`) when low-dimensional, else PML's
+            ``normal_`` (same draws as PML).
+        weight_regularizer, weight_reg_weight, reducer, distance (CosineSimilarity only),
+        embedding_regularizer: as in PML.
 
     Shapes: embeddings (B, D), labels (B,) in [0, C). Per-sample losses go to the
     reducer (default MeanReducer); miners' ``indices_tuple`` become per-sample weights.
@@ -51,13 +60,16 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self,
         num_classes: int,
         embedding_size: int,
-        m: float = 0.25,
-        gamma: float = 256.0,
+        m: Union[float, str] = "auto",
+        gamma: Union[float, str] = "auto",
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        owner = type(self).__name__
+        gamma = _low_dim.resolve_scale(gamma, 256.0, num_classes, embedding_size, owner, "gamma")
+        m = _low_dim.resolve_circle_margin(m, 0.25, num_classes, embedding_size, owner)
         _common.init_class_proxies(
             self, num_classes, embedding_size, chunk_size, impl, positive={"gamma": gamma}
         )
@@ -84,6 +96,10 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """(B, C) gamma * cosine to each proxy; argmax is the predicted class."""
         check_embeddings(embeddings, self.embedding_size, type(self).__name__)
         return _common.cosine_logits(embeddings, self.W, self.gamma)
+
+    def get_default_weight_init_func(self):
+        """The rule's init: spread proxies when low-dimensional, else PML's normal_."""
+        return _low_dim.auto_proxy_init_
 
     def get_default_distance(self):
         return CosineSimilarity()

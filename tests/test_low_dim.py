@@ -1,0 +1,269 @@
+"""The low-dimensional rule (scale, margin, regime), the spread proxy init, and unfolding.
+
+The rule's formulas are checked against their definitions written out here, the spread
+layouts against known optima of the Tammes problem, and a short digits run at 3-D shows
+that the defaults unfold classes that the papers' values leave folded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pytorch_metric_learning import losses as pml_losses
+
+from pml_extras.losses import (
+    ArcFaceLoss,
+    CosFaceLoss,
+    CurricularFaceLoss,
+    SparseCircleLoss,
+    auto_proxy_init_,
+    spread_init_,
+)
+from pml_extras.losses import _low_dim as ld
+from pml_extras.losses._spread import min_pairwise_angle, spread_proxies
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+classes = st.integers(2, 10**7)
+dims = st.integers(1, 4096)
+
+
+def largest_random_cosine(c: int, d: int) -> float:
+    # Gaussian estimate of max |cos| over the C(C-1)/2 pairs of C random proxies in R^D.
+    pairs = c * (c - 1) / 2
+    return math.sqrt(2.0 * math.log(2.0 * pairs) / d)
+
+
+# ---------------------------------------------------------------------------- the rule
+
+
+@given(classes, dims)
+def test_regime_is_its_definition(c, d):
+    expected = largest_random_cosine(c, d) > math.cos(math.pi / 4)
+    # Exactly at the threshold the two forms may round differently.
+    if abs(largest_random_cosine(c, d) - math.cos(math.pi / 4)) > 1e-9:
+        assert ld.is_low_dimensional(c, d) == expected
+
+
+@given(classes, dims)
+def test_auto_scale_is_adacos_or_paper(c, d):
+    low = largest_random_cosine(c, d) > math.cos(math.pi / 4) + 1e-9
+    high = largest_random_cosine(c, d) < math.cos(math.pi / 4) - 1e-9
+    s = ld.resolve_scale("auto", 64.0, c, d, "X")
+    if low:
+        # Zhang et al. 2019: B ~ C - 1 non-targets at cos 0, P = 1/2 at theta = pi/4.
+        s_adacos = math.sqrt(2) * math.log(c - 1)
+        assert s == pytest.approx(max(s_adacos, math.sqrt(2)), rel=1e-12)
+        if c >= 4:
+            # At this scale the target's probability is 1/2 at 45 degrees.
+            p = math.exp(s * math.cos(math.pi / 4)) / (
+                math.exp(s * math.cos(math.pi / 4)) + (c - 1)
+            )
+            assert p == pytest.approx(0.5, rel=1e-9)
+    if high:
+        assert s == 64.0
+
+
+@given(classes, dims, st.floats(1e-3, 1e3))
+def test_explicit_values_are_exact(c, d, value):
+    assert ld.resolve_scale(value, 64.0, c, d, "X") == value
+    assert ld.resolve_circle_margin(value, 0.25, c, d, "X") == value
+
+
+def test_face_recognition_scale_keeps_paper_settings():
+    # C = 1M classes, D = 512: the papers' regime.
+    assert not ld.is_low_dimensional(10**6, 512)
+    assert ld.resolve_scale("auto", 64.0, 10**6, 512, "X") == 64.0
+    assert ld.resolve_scale("auto", 256.0, 10**6, 512, "X") == 256.0
+    assert ld.resolve_circle_margin("auto", 0.25, 10**6, 512, "X") == 0.25
+    # 10 classes: low-dimensional up to 17-D, paper values from 18-D (and at 128-D).
+    assert [ld.is_low_dimensional(10, d) for d in (2, 3, 17, 18, 128)] == [1, 1, 1, 0, 0]
+
+
+def test_high_dim_defaults_equal_pml_init_and_paper_values():
+    # A high-dimensional case small enough to build: the auto init is PML's normal_ draw.
+    for cls, attrs in (
+        (SparseCircleLoss, {"gamma": 256.0, "m": 0.25}),
+        (CurricularFaceLoss, {"scale": 64.0}),
+    ):
+        torch.manual_seed(3)
+        ours = cls(100, 64)
+        torch.manual_seed(3)
+        w = torch.nn.init.normal_(torch.empty(64, 100))
+        assert torch.equal(ours.W.detach(), w)
+        for name, value in attrs.items():
+            assert getattr(ours, name) == value
+
+
+def test_low_dim_defaults_and_explicit_paper_values():
+    sc = SparseCircleLoss(10, 3)
+    assert sc.gamma == pytest.approx(math.sqrt(2) * math.log(9))
+    assert sc.m == pytest.approx(ld.separation_cosine(10, 3))
+    assert 0.39 < sc.m < 0.42  # Tammes: 10 points on S^2 at 66.15 degrees, cos 0.404
+    cf = CurricularFaceLoss(10, 3)
+    assert cf.scale == pytest.approx(math.sqrt(2) * math.log(9)) and cf.margin == 0.5
+    sc = SparseCircleLoss(10, 3, m=0.25, gamma=256)
+    assert (sc.m, sc.gamma) == (0.25, 256.0)
+    assert CurricularFaceLoss(10, 3, scale=64).scale == 64.0
+    # ArcFace/CosFace: the rule is an option; the PML-compatible defaults are unchanged.
+    assert ArcFaceLoss(10, 3).scale == 64.0 and CosFaceLoss(10, 3).scale == 64.0
+    assert ArcFaceLoss(10, 3, scale="auto").scale == pytest.approx(math.sqrt(2) * math.log(9))
+    assert CosFaceLoss(10, 3, scale="auto").scale == pytest.approx(math.sqrt(2) * math.log(9))
+    torch.manual_seed(5)
+    ours = ArcFaceLoss(10, 3)
+    torch.manual_seed(5)
+    theirs = pml_losses.ArcFaceLoss(10, 3)
+    assert torch.equal(ours.W.detach(), theirs.W.detach())
+
+
+@pytest.mark.parametrize("bad", ["Auto", "adacos", ""])
+def test_bad_auto_strings_are_rejected(bad):
+    with pytest.raises(ValueError, match="gamma must be a number or 'auto'"):
+        SparseCircleLoss(10, 3, gamma=bad)
+    with pytest.raises(ValueError, match="m must be a number or 'auto'"):
+        SparseCircleLoss(10, 3, m=bad)
+    with pytest.raises(ValueError, match="scale must be a number or 'auto'"):
+        CurricularFaceLoss(10, 3, scale=bad)
+    with pytest.raises(ValueError, match="scale must be a number or 'auto'"):
+        ArcFaceLoss(10, 3, scale=bad)
+
+
+def test_bad_sizes_are_named_before_the_rule_runs():
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        SparseCircleLoss(0, 3)
+    with pytest.raises(ValueError, match="embedding_size must be a positive int, got 2.5"):
+        CurricularFaceLoss(10, 2.5)
+
+
+@given(st.integers(3, 2000))
+def test_packing_bound_is_exact_in_2d_and_closed_form_in_3d(c):
+    assert ld.packing_bound_cosine(c, 2) == pytest.approx(math.cos(2 * math.pi / c), abs=2e-3)
+    # S^2: a cap of angular radius r holds (1 - cos r) / 2 of the sphere.
+    half = 1.0 - 2.0 / c
+    assert ld.packing_bound_cosine(c, 3) == pytest.approx(2 * half * half - 1, abs=2e-3)
+
+
+@settings(max_examples=15)
+@given(st.integers(2, 40), st.integers(2, 40))
+def test_separation_cosine_known_cases(c, d):
+    s = ld.separation_cosine(c, d)
+    if d >= c:
+        assert s == 0.0
+    elif d == 2:
+        assert s == pytest.approx(math.cos(2 * math.pi / c), abs=1e-12)
+    else:
+        # Never better than the area bound (no layout is), and as good as the
+        # cross-polytope where that fits (C <= 2D points at pairwise cos <= 0).
+        assert s >= ld.packing_bound_cosine(c, d) - 1e-3
+        if c <= 2 * d:
+            assert s <= 0.02
+
+
+# ------------------------------------------------------------------------- spread init
+
+
+@given(st.integers(3, 64))
+def test_spread_2d_is_the_regular_polygon(c):
+    w = spread_proxies(c, 2, generator=torch.Generator().manual_seed(c))
+    assert w.shape == (2, c)
+    torch.testing.assert_close(w.norm(dim=0), torch.ones(c, dtype=torch.float64))
+    assert min_pairwise_angle(w) == pytest.approx(360.0 / c, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "c, optimum",
+    [(4, math.degrees(math.acos(-1 / 3))), (6, 90.0), (12, 63.4349)],
+    ids=["tetrahedron", "octahedron", "icosahedron"],
+)
+def test_spread_3d_reaches_known_optima(c, optimum):
+    for seed in range(2):
+        w = spread_proxies(c, 3, generator=torch.Generator().manual_seed(seed))
+        assert w.shape == (3, c)
+        assert min_pairwise_angle(w) == pytest.approx(optimum, abs=0.5)
+
+
+@given(st.integers(1, 40), st.integers(0, 20))
+def test_spread_orthonormal_when_d_at_least_c(c, extra):
+    w = spread_proxies(c, c + extra, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(w.t() @ w, torch.eye(c, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spread_init_keeps_dtype_and_gaussian_lengths(dtype):
+    w = torch.empty(3, 10, dtype=dtype)
+    torch.manual_seed(0)
+    out = spread_init_(w)
+    assert out is w and w.dtype == dtype and w.shape == (3, 10)
+    # Directions spread (10 points on S^2: Tammes angle 66.15 degrees) ...
+    assert min_pairwise_angle(w.float()) > 64.0
+    # ... lengths those of normal_ columns (chi with 3 degrees of freedom, mean 1.60).
+    assert 0.8 < float(w.float().norm(dim=0).mean()) < 2.4
+
+
+def test_auto_init_switches_on_the_rule():
+    torch.manual_seed(1)
+    low = auto_proxy_init_(torch.empty(3, 10))
+    assert min_pairwise_angle(low) > 64.0
+    torch.manual_seed(1)
+    high = auto_proxy_init_(torch.empty(128, 10))
+    torch.manual_seed(1)
+    assert torch.equal(high, torch.nn.init.normal_(torch.empty(128, 10)))
+
+
+# ---------------------------------------------------------------- unfolding end to end
+
+
+def class_directions(loss_fn, seed: int) -> int:
+    """Train a digits MLP at 3-D; return how many distinct class directions the test
+    embeddings have (class mean directions more than 20 degrees from every other)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.as_tensor(x / 16.0, dtype=torch.float32)
+    y = torch.as_tensor(y)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128),
+        torch.nn.BatchNorm1d(128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 3),
+    )
+    opt = torch.optim.Adam(
+        [{"params": model.parameters(), "lr": 1e-3}, {"params": loss_fn.parameters(), "lr": 1e-2}]
+    )
+    for _ in range(10):
+        for b in torch.randperm(len(tr), generator=g).split(100):
+            idx = tr[b]
+            loss = loss_fn(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model(x[te]), dim=1)
+        means = torch.stack([emb[y[te] == k].mean(0) for k in range(10)])
+    means = torch.nn.functional.normalize(means, dim=1)
+    cos = means @ means.t()
+    cos.fill_diagonal_(-1.0)
+    return int((cos.max(1).values < math.cos(math.radians(20))).sum())
+
+
+def test_defaults_unfold_classes_at_3d():
+    # The papers' values with PML's init fold classes together (digits 3-D: 0.68 acc) ...
+    torch.manual_seed(0)
+    paper = SparseCircleLoss(10, 3, m=0.25, gamma=256, weight_init_func=torch.nn.init.normal_)
+    folded = class_directions(paper, seed=0)
+    # ... the defaults (the rule) give every class its own direction.
+    torch.manual_seed(0)
+    unfolded = class_directions(SparseCircleLoss(10, 3), seed=0)
+    torch.manual_seed(0)
+    unfolded_cf = class_directions(CurricularFaceLoss(10, 3), seed=0)
+    assert unfolded == 10 and unfolded_cf == 10
+    assert folded < 10
