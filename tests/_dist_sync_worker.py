@@ -167,9 +167,48 @@ def suite_sync_sharded(rank, world, *_):
     return res
 
 
+def state_run(rank, world, sync_every, perturb):
+    """3 SGD+momentum steps of a wrapped CurricularFaceLoss (W param, t buffer); with
+    ``perturb``, the last rank's W and t are changed between steps 1 and 2."""
+    from pml_extras.distributed import DistributedLossWrapper
+    from pml_extras.losses import CurricularFaceLoss
+
+    sizes, labels = labels_for(world)
+    torch.manual_seed(5)
+    loss = CurricularFaceLoss(13, DIM, margin=0.5, scale=16.0, momentum=0.3).double()
+    wrapper = DistributedLossWrapper(loss, sync_every=sync_every)
+    opt = torch.optim.SGD(loss.parameters(), lr=0.5, momentum=0.9)
+    out = {"state": [], "momentum": []}
+    for step in range(3):
+        if perturb and step == 1 and rank == world - 1:
+            with torch.no_grad():
+                loss.W.add_(0.1)
+                loss.t.add_(0.05)
+        x = global_x(sum(sizes), seed=10 + step)[base.rows(sizes, rank)].requires_grad_(True)
+        opt.zero_grad()
+        wrapper(x, labels[base.rows(sizes, rank)]).backward()
+        opt.step()
+        out["state"].append({k: v.detach().clone() for k, v in loss.state_dict().items()})
+        out["momentum"].append(opt.state[loss.W]["momentum_buffer"].clone())
+    return out
+
+
+def suite_sync_state(rank, world, *_):
+    return {
+        f"every{k}_{'perturbed' if p else 'clean'}": state_run(rank, world, k, p)
+        for k in (1, 0)
+        for p in (False, True)
+    }
+
+
 from _dist_amp_worker import suite_amp  # noqa: E402
 
-base.SUITES.update(sync_wrapper=suite_sync_wrapper, sync_sharded=suite_sync_sharded, amp=suite_amp)
+base.SUITES.update(
+    sync_wrapper=suite_sync_wrapper,
+    sync_sharded=suite_sync_sharded,
+    amp=suite_amp,
+    sync_state=suite_sync_state,
+)
 
 if __name__ == "__main__":
     base.main()

@@ -569,7 +569,7 @@ def test_wrapper_curricular_t_and_w_in_sync_from_rank0(run):
     loss = _init_state(CurricularFaceLoss, 100, run["num_classes"], DIM, **kw)  # rank 0's init
     ref = concat_reference(loss, xs, ys, 2, lr=worker.LR)
     check_wrapped(run, "ours_curricular", ref, 2)
-    assert ref["state"][1]["t"].abs() > 1e-3
+    assert ref["state"][1]["t"].abs() > 1e-4  # t does move
 
 
 def test_wrapper_center_loss_gradient_mode(run):

@@ -37,7 +37,7 @@ def sync_run(request, tmp_path_factory):
         [1] * world,
         13,
         tmp_path_factory.mktemp(f"sync{world}"),
-        suites="sync_wrapper,sync_sharded,amp",
+        suites="sync_wrapper,sync_sharded,amp,sync_state",
         timeout=120.0,
         worker=WORKER,
         PMLX_TIMEOUT=20,
@@ -204,3 +204,29 @@ def test_amp_global_scaler_skips_the_same_step_on_every_rank(sync_run):
     assert [g["found_inf"][amp.INF_STEP - 1] for g in got] == [False] * (world - 1) + [True]
     assert got[0]["scale"][amp.INF_STEP - 1] == 4 * got[-1]["scale"][amp.INF_STEP - 1]
     assert not torch.equal(got[0]["model"][-1], got[-1]["model"][-1])
+
+
+# ----------------------------------------------------------------------------- replicated state
+def test_wrapper_restores_state_perturbed_on_one_rank(sync_run):
+    """W and t changed on the last rank after step 1: with sync_every=1 the next forward
+    broadcasts rank 0's state, and every rank continues as if nothing had happened (same
+    W, t and momentum as the unperturbed run); with sync_every=0 the change stays."""
+    res = [r["sync_state"] for r in sync_run["results"]]
+    clean = res[0]["every1_clean"]
+    for r, got in enumerate(res):
+        for step in range(3):
+            for k, v in got["every1_perturbed"]["state"][step].items():
+                if step > 0 or r != len(res) - 1:
+                    close(v, clean["state"][step][k], rtol=1e-13, atol=1e-13)
+                assert torch.equal(v, res[0]["every1_perturbed"]["state"][step][k]), (r, step, k)
+            # gradients averaged: the same momentum on every rank, bit for bit
+            assert torch.equal(
+                got["every1_perturbed"]["momentum"][step],
+                res[0]["every1_perturbed"]["momentum"][step],
+            )
+        for step in range(3):  # no perturbation: both cadences agree with each other
+            for k, v in got["every0_clean"]["state"][step].items():
+                close(v, clean["state"][step][k], rtol=1e-13, atol=1e-13)
+    last = res[-1]["every0_perturbed"]["state"][2]
+    first = res[0]["every0_perturbed"]["state"][2]
+    assert not torch.equal(last["W"], first["W"]) and not torch.equal(last["t"], first["t"])

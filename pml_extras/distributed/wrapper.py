@@ -132,18 +132,27 @@ class DistributedLossWrapper(torch.nn.Module):
       the concatenated batch, the loss parameters receive exactly the single-process
       gradient on every rank (PML's wrapper gives N times it), and rank r's embeddings
       receive N * dL/dx_r, which DDP's averaging turns into the single-process model
-      gradient (as with PML). Identical inputs give identical results on every rank, so
-      replicated parameters and buffers (CurricularFace's t, CenterLoss's
-      ``update_rule="paper"`` centers) stay in sync without being in DDP;
+      gradient (as with PML). Every rank computes the same update from the same inputs,
+      but not always bit for bit: on CUDA, ``index_add_``/``scatter_add_`` with duplicate
+      labels use atomics, so W, CenterLoss's ``update_rule="paper"`` centers and
+      CurricularFace's t can drift apart by rounding, and the drift compounds. Hence the
+      state synchronisation below;
     * ``efficient=True``: each rank computes the loss of its own samples against the
       gathered batch as references (PML's efficient mode; all pairs minus self pairs if no
       ``indices_tuple``). Rank r returns L_r; embeddings receive d(sum_s L_s)/dx_r; the
       loss parameters' gradients are all-reduce-averaged after backward, so they equal
       d((1/N) sum_s L_s)/dtheta on every rank. For losses that accept ``ref_emb`` only
       (not the class-level losses);
-    * with ``sync_initial_state`` (default), the loss's parameters and buffers are
-      broadcast from group rank 0 at the first forward, so replicas start equal whatever
-      the seeds; :meth:`sync_state` repeats it (e.g. after GPU kernels with atomics).
+    * replicated state is kept identical, with DDP's cadence: the loss parameters'
+      gradients are all-reduce-averaged after every backward (both modes), so every rank's
+      optimizer applies the same update; and every ``sync_every``-th forward in training
+      mode (default: every one) broadcasts the loss's parameters and buffers from group
+      rank 0 first, which restores any state that drifted or was changed on one rank
+      (DDP's ``broadcast_buffers`` does this for buffers). Cost per step: one all-reduce of
+      the loss's gradients and one broadcast of its parameters and buffers, the same
+      volume as putting the loss in DDP. ``sync_every=0``: only the first forward
+      broadcasts (with ``sync_initial_state``, the default), so replicas start equal
+      whatever the seeds; :meth:`sync_state` broadcasts on demand.
 
     Keep the wrapped loss *out of* DDP (it does not need it; putting its parameters in a
     DDP module is also correct, since DDP would average identical gradients). Miners must
@@ -166,6 +175,7 @@ class DistributedLossWrapper(torch.nn.Module):
         efficient: bool = False,
         process_group=None,
         sync_initial_state: bool = True,
+        sync_every: int = 1,
     ):
         super().__init__()
         from .sharded import _ShardedClassLoss
@@ -186,7 +196,11 @@ class DistributedLossWrapper(torch.nn.Module):
         self.efficient = bool(efficient)
         self.process_group = process_group
         self.sync_initial_state = bool(sync_initial_state)
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 0:
+            raise ValueError(f"sync_every must be an int >= 0, got {sync_every!r}")
+        self.sync_every = sync_every
         self._synced = False
+        self._train_calls = 0  # training forwards so far (the same count on every rank)
 
     def sync_state(self) -> None:
         """Broadcast the loss's parameters and buffers from group rank 0 (a collective)."""
@@ -209,7 +223,11 @@ class DistributedLossWrapper(torch.nn.Module):
         rank, world = _comm.group_info(group)
         if world == 1:
             return self.loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        if self.sync_initial_state and not self._synced:
+        due = self.sync_initial_state and not self._synced
+        if self.training and self.sync_every:
+            due = due or self._train_calls % self.sync_every == 0
+            self._train_calls += 1
+        if due:
             self.sync_state()
         owner = type(self).__name__
         parts = [(embeddings, labels, "embeddings")]
@@ -234,7 +252,7 @@ class DistributedLossWrapper(torch.nn.Module):
         # Whatever the loss used, the gathered tensors stay in this rank's graph, so every
         # rank runs their backward all-reduce (see _comm.anchor).
         loss = _comm.anchor(loss, all_emb, all_ref, force=needs_grad or params_grad)
-        if self.efficient and params_grad:
+        if params_grad:
             loss = _AverageLossGradsAfterBackward.apply(loss, self)
         return loss
 
