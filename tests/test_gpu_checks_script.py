@@ -161,6 +161,8 @@ def test_cpu_rehearsal_prints_parseable_verdicts_and_a_deliberate_fail(tmp_path)
     assert [p["status"] for p in by_target["cuda-tests"]] == ["PASS"]
     assert [p["status"] for p in by_target["memcheck"]] == ["SKIP"]  # no sanitizer on CPU
     assert "SELF-CHECK class_lse: PASS" in stdout
+    # The pytest plugin that counts the CUDA tests' specialisations ran and reported.
+    assert "Triton kernel specialisations launched by the tests: " in stdout
 
     fails = sum(p["status"] == "FAIL" for p in parsed)
     assert fails == 1 + len(by_target["class-operands"]) - sum(

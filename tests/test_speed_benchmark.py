@@ -360,3 +360,36 @@ def test_specialisation_counter_counts_distinct_launch_signatures():
     assert len(keys) == int(with_other)
     kinds = {k.split("KIND=")[1].split(",")[0] for k in keys if "KIND=" in k}
     assert len(kinds) == 2 and all("OP_DTYPE=" in k for k in keys if "KIND=" in k)
+
+
+def test_compiled_variants_reads_triton_caches(monkeypatch):
+    """On a GPU the count is cross-checked against Triton's per-device kernel caches; a
+    stand-in module with that layout runs the code here."""
+    import types
+
+    from speed_bench.specialisations import compiled_variants, kernels
+
+    def body(X, BLOCK):
+        pass
+
+    class FakeJIT:
+        def __init__(self, caches):
+            self.fn, self.pre_run_hooks, self.device_caches = body, [], caches
+
+        def add_pre_run_hook(self, hook):
+            self.pre_run_hooks.append(hook)
+
+    compiled = types.ModuleType("fake_kernels")
+    compiled.k1 = FakeJIT({0: ({"a": 1, "b": 2}, {}, None, None, None)})
+    compiled.k2 = FakeJIT({0: ({"c": 3}, {}, None, None, None), 1: ({"d": 4}, {}, 0, 0, 0)})
+    compiled.not_a_kernel = 3
+    monkeypatch.setitem(sys.modules, "fake_kernels", compiled)
+    assert set(kernels(["fake_kernels", "no_such_module"])) == {
+        "fake_kernels.k1",
+        "fake_kernels.k2",
+    }
+    assert compiled_variants(["fake_kernels"]) == 4
+    interpreted = types.ModuleType("fake_interpreted")
+    interpreted.k = types.SimpleNamespace(fn=body, add_pre_run_hook=lambda h: None)
+    monkeypatch.setitem(sys.modules, "fake_interpreted", interpreted)
+    assert compiled_variants(["fake_interpreted"]) is None  # the interpreter compiles nothing
