@@ -62,11 +62,13 @@ fi
 cpu="${GPU_CHECKS_CPU:-0}"
 if [[ $cpu == 1 ]]; then
     export TRITON_INTERPRET=1
+    dev=cpu
     device=(--device cpu --threads 1)
     tiny=(--B 16 --D 32 --C 64,200 --pair-B 64 --pair-D 32 --repeats 2 --warmup 1)
     echo "device: cpu rehearsal (GPU_CHECKS_CPU=1, TRITON_INTERPRET=1, tiny sizes)" \
         | tee "$out/device.txt"
 else
+    dev=cuda
     device=(--device cuda)
     tiny=()
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
@@ -102,8 +104,9 @@ step() {
 tail_if_failed() { [[ $rc == 0 ]] || tail -n "$2" "$out/$1.log"; }
 
 if [[ -f $selfcheck ]]; then
-    if step selfcheck python3 "$selfcheck"; then
+    if step selfcheck python3 "$selfcheck" --device "$dev" --out "$out/selfcheck.json"; then
         grep "^SELF-CHECK" "$out/selfcheck.log"
+        tail_if_failed selfcheck 15 # the failing check's detail follows its line
         verdict selfcheck "$out/selfcheck.log" "$rc"
     fi
 elif [[ $steps == *" selfcheck "* ]]; then
