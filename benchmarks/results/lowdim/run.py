@@ -10,7 +10,7 @@ registers, next to its losses:
   low-dimensional rule: scale/gamma and m "auto", the rule's proxy init);
 - ``SparseCircleLoss(paper)`` / ``CurricularFaceLoss(paper)``: the papers' values and PML's
   normal_ init, i.e. the defaults before the rule (the issue's "today's defaults");
-- ``ArcFaceLoss(ours,auto)`` / ``CosFaceLoss(ours,auto)``: our ArcFace/CosFace with the
+- ``ArcFaceLoss(ours-auto)`` / ``CosFaceLoss(ours-auto)``: our ArcFace/CosFace with the
   rule as the option (``scale="auto"``, ``weight_init_func=auto_proxy_init_``).
 
 The benchmark's own ``ArcFaceLoss`` / ``CosFaceLoss`` are PML's, with scale 64.
@@ -23,8 +23,10 @@ Every other option is the benchmark's (``--help``). ``aggregate.py`` makes the t
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 def load_benchmark():
     """Import benchmarks/retrieval.py (+ _data.py) as of BENCH_COMMIT from a temp dir."""
     tmp = tempfile.mkdtemp(prefix="lowdim_bench_")
+    atexit.register(shutil.rmtree, tmp, True)
     for name in ("retrieval.py", "_data.py"):
         src = subprocess.run(
             ["git", "-C", REPO, "show", f"{BENCH_COMMIT}:benchmarks/{name}"],
@@ -74,11 +77,11 @@ def register(R) -> None:
         "CurricularFaceLoss(paper)": lambda c, d: method(
             ours.CurricularFaceLoss(c, d, scale=64.0, weight_init_func=normal), init="normal_"
         ),
-        "ArcFaceLoss(ours,auto)": lambda c, d: method(
+        "ArcFaceLoss(ours-auto)": lambda c, d: method(
             ours.ArcFaceLoss(c, d, scale="auto", weight_init_func=ours.auto_proxy_init_),
             init="auto",
         ),
-        "CosFaceLoss(ours,auto)": lambda c, d: method(
+        "CosFaceLoss(ours-auto)": lambda c, d: method(
             ours.CosFaceLoss(c, d, scale="auto", weight_init_func=ours.auto_proxy_init_),
             init="auto",
         ),

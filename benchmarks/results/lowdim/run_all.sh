@@ -8,7 +8,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 ds="$1"; dims="${2:-2 3 128}"
 if [ "$ds" = digits ]; then
-  losses="SparseCircleLoss,CurricularFaceLoss,SparseCircleLoss(paper),CurricularFaceLoss(paper),Softmax,ArcFaceLoss,CosFaceLoss,ArcFaceLoss(ours,auto),CosFaceLoss(ours,auto),CenterLoss+Softmax,StandaloneCenterLoss"
+  losses="SparseCircleLoss,CurricularFaceLoss,SparseCircleLoss(paper),CurricularFaceLoss(paper),Softmax,ArcFaceLoss,CosFaceLoss,ArcFaceLoss(ours-auto),CosFaceLoss(ours-auto),CenterLoss+Softmax,StandaloneCenterLoss"
 else
   losses="SparseCircleLoss,CurricularFaceLoss,Softmax,ArcFaceLoss,CosFaceLoss,CenterLoss+Softmax,StandaloneCenterLoss"
 fi
