@@ -109,6 +109,7 @@ def suite_sharded(rank, world, sizes, num_classes, dim):
     loss_fn(x, case[1][0][rows(sizes, rank)])
     res["curricular"]["t_eval"] = loss_fn.t.clone()
     res["curricular"]["predict"] = loss_fn.predict(x)
+    res["curricular"]["predict_top3"] = loss_fn.predict(x, k=3, chunk_size=2, return_scores=True)
 
     case = make_case(3, sizes, num_classes, dim)
     res["circle_miner"], _ = run_sharded(

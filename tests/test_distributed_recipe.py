@@ -5,7 +5,8 @@ configuration line replaced by small sizes, through the same code path as on GPU
 the device: DDP backbone, sharded CurricularFace outside DDP, fp16 autocast with
 GlobalGradScaler, unscale_ + shard-aware clipping, per-rank checkpoints, ``predict``.
 A run stopped after 2 steps and resumed from its checkpoints must end bit-identical to a
-run of 4 steps. The training benchmark runs with AMP and clipping, and its evaluation.
+run of 4 steps; the 2-rank checkpoints re-sharded for 3 ranks resume there. The training
+benchmark runs with AMP and clipping, and its evaluation.
 """
 
 from __future__ import annotations
@@ -115,10 +116,25 @@ def test_readme_recipe_resumes_bit_identically_and_benchmark_evaluates(tmp_path)
     assert sorted(os.listdir(split)) == ["rank0.pt", "rank1.pt"]
     halfway = [torch.load(split / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert halfway[0]["step"] == 2
+    # Re-shard the 2-rank checkpoints for 3 ranks (offline) and resume there for a step.
+    from pml_extras.distributed import reshard_checkpoints
+
+    three = tmp_path / "three"
+    reshard_checkpoints([full / "rank0.pt", full / "rank1.pt"], three, 3)
+    resharded = [torch.load(three / f"rank{r}.pt", weights_only=False) for r in range(3)]
     second = [launch([recipe(tmp_path, 4, split)], 2, tmp_path, "split_b")]
     second.append(launch(bench, 2, tmp_path, "bench"))
+    second.append(launch([recipe(tmp_path, 5, three)], 3, tmp_path, "three"))
     finish(second[0])
     out_bench = finish(second[1])
+    out_three = finish(second[2])
+    assert "accuracy over all 40 classes" in out_three
+    after = [torch.load(three / f"rank{r}.pt", weights_only=False) for r in range(3)]
+    for r in range(3):
+        assert after[r]["step"] == 5 and resharded[r]["step"] == 4
+        assert after[r]["loss"]["class_range"].tolist() == [[0, 14], [14, 27], [27, 40]][r]
+        assert not torch.equal(resharded[r]["loss"]["t"], after[0]["loss"]["t"])  # t moved
+        assert torch.equal(after[r]["loss"]["t"], after[0]["loss"]["t"])  # same t everywhere
 
     match = re.search(r"accuracy over all 40 classes: ([0-9.]+)", out_full)
     assert match and 0.0 <= float(match.group(1)) <= 1.0, out_full

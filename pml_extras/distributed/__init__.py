@@ -9,6 +9,8 @@
   parameters get the single-process gradient instead of world_size times it.
 * :class:`GlobalGradScaler`: mixed precision with sharded W; every rank skips the same
   overflowing steps and keeps the same loss scale.
+* :func:`reshard_checkpoints`: per-rank checkpoints of a sharded loss (W, t, sample_step,
+  optimizer state) re-sharded offline to another world size, never all of W in memory.
 * :func:`clip_grad_norm_`: gradient clipping by the norm of the whole gradient when some
   parameters (the W shards) differ per rank; ``torch.nn.utils.clip_grad_norm_`` on one
   rank would see only its own shard.
@@ -20,6 +22,7 @@ that gradient, which DDP's averaging of the model gradients divides back.
 """
 
 from .amp import GlobalGradScaler
+from .checkpoint import reshard_checkpoints
 from .clip import clip_grad_norm_
 from .sharded import ShardedCurricularFaceLoss, ShardedSparseCircleLoss, shard_ranges
 from .wrapper import DistributedLossWrapper, DistributedMinerWrapper
@@ -31,5 +34,6 @@ __all__ = [
     "ShardedCurricularFaceLoss",
     "ShardedSparseCircleLoss",
     "clip_grad_norm_",
+    "reshard_checkpoints",
     "shard_ranges",
 ]

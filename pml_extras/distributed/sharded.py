@@ -345,26 +345,70 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return _common.cosine_logits(embeddings, self.W, self._scale())
 
     @torch.no_grad()
-    def predict(self, embeddings: Tensor) -> Tensor:
-        """Nearest-proxy class of each local embedding, over all C classes (a collective).
+    def predict(
+        self,
+        embeddings: Tensor,
+        k: int = 1,
+        chunk_size: Optional[int] = None,
+        return_scores: bool = False,
+    ):
+        """Nearest-proxy classes of each local embedding, over all C classes (a collective).
 
-        Each rank scores the gathered batch against its shard; the per-rank best cosines
-        are all-gathered and compared, so no rank builds a B x C matrix of all classes.
+        Every rank scores the gathered batch (B_g rows) against its shard in column chunks,
+        keeping a running top-k per row, so its memory is O(B_g * (chunk + k) + D * chunk)
+        on top of W: it never builds B_g x C/N scores nor a normalised copy of the shard.
+        The per-rank top-k (B_g x k values and ids) are all-gathered and merged.
+
+        Args:
+            embeddings: (B, D) local embeddings (any norm; cosine similarity is used).
+            k: how many classes per row (1 <= k <= num_classes).
+            chunk_size: classes scored at once (default: about 2**24 / B_g, i.e. 64 MiB of
+                float32 scores, at least 1).
+            return_scores: also return the cosines.
+
+        Returns:
+            (B,) int64 class ids for k = 1, else (B, k) best first; with ``return_scores``,
+            (ids, cosines) of the same shape (float32, or float64 for float64 inputs).
         """
+        name = type(self).__name__
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_classes:
+            raise ValueError(f"{name}: k must be an int in [1, {self.num_classes}], got {k!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
         group = self.process_group
         rank, _ = _comm.group_info(group)
         sizes, x_all, _, _ = self._global_batch(embeddings, with_labels=False)
+        shape = (embeddings.shape[0],) if k == 1 else (embeddings.shape[0], k)
         if x_all is None:
-            return torch.empty(0, dtype=torch.int64, device=embeddings.device)
+            ids = torch.empty(shape, dtype=torch.int64, device=embeddings.device)
+            return (ids, ids.to(torch.float32)) if return_scores else ids
         dtype = torch.promote_types(torch.promote_types(x_all.dtype, self.W.dtype), torch.float32)
-        w = F.normalize(self.W.detach().to(dtype), dim=0)
-        best, idx = (x_all.to(dtype) @ w).max(dim=1)
-        scores = _comm.gather_stack(best, group)
-        classes = _comm.gather_stack(idx + self.class_start, group)
-        winner = scores.argmax(dim=0)
-        pred = classes.gather(0, winner[None]).squeeze(0)
+        x = x_all.to(dtype)
+        rows, local = x.shape[0], self.W.shape[1]
+        chunk = chunk_size or max(1, (1 << 24) // max(rows, 1))
+        best = x.new_full((rows, k), -math.inf)
+        ids = torch.full((rows, k), -1, dtype=torch.int64, device=x.device)
+        for lo in range(0, local, chunk):
+            w = F.normalize(self.W.detach()[:, lo : lo + chunk].to(dtype), dim=0)
+            scores = x @ w
+            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+            del scores
+            both = torch.cat([best, top.values], dim=1)
+            both_ids = torch.cat([ids, top.indices + (self.class_start + lo)], dim=1)
+            keep = torch.topk(both, k, dim=1)
+            best, ids = keep.values, both_ids.gather(1, keep.indices)
+        # Merge over ranks: (world, B_g, k) -> the k best of world * k candidates per row.
+        all_best = _comm.gather_stack(best, group).permute(1, 0, 2).reshape(rows, -1)
+        all_ids = _comm.gather_stack(ids, group).permute(1, 0, 2).reshape(rows, -1)
+        keep = torch.topk(all_best, k, dim=1)
         start = sum(sizes[:rank])
-        return pred[start : start + sizes[rank]]
+        own = slice(start, start + sizes[rank])
+        pred, cos = all_ids.gather(1, keep.indices)[own], keep.values[own]
+        if k == 1:
+            pred, cos = pred[:, 0], cos[:, 0]
+        return (pred, cos) if return_scores else pred
 
     def get_default_distance(self):
         return CosineSimilarity()
