@@ -31,9 +31,11 @@
 #
 # CPU rehearsal (CI runs it: tests/test_gpu_checks_script.py): GPU_CHECKS_CPU=1 runs the
 # same steps on the CPU, the kernels under TRITON_INTERPRET=1, at tiny sizes. Only the
-# device differs; the time targets then FAIL (the interpreter is slow), which is expected.
-# Overrides, mainly for that test: GPU_CHECKS_SPEED_ARGS (appended to the targets step's
-# flags), GPU_CHECKS_PYTEST and GPU_CHECKS_MEMCHECK_PYTEST (test selections),
+# device differs: the time targets then FAIL (the interpreter is slow), tests that need a
+# CUDA device skip (a CUDA-test step in which no test ran is a FAIL), and nccl_one_rank
+# runs on gloo.
+# Overrides, mainly for that test: GPU_CHECKS_SPEED_ARGS (appended to speed.py's flags in
+# the targets and speed steps), GPU_CHECKS_PYTEST and GPU_CHECKS_MEMCHECK_PYTEST (test selections),
 # GPU_CHECKS_SELFCHECK (the self-check script), GPU_CHECKS_WALL_LIMIT (seconds, 480).
 #
 # Missing Python packages (pytorch-metric-learning on the lent machines) can be carried as
@@ -65,12 +67,14 @@ if [[ $cpu == 1 ]]; then
     dev=cpu
     device=(--device cpu --threads 1)
     tiny=(--B 16 --D 32 --C 64,200 --pair-B 64 --pair-D 32 --repeats 2 --warmup 1)
+    dist=(--backend gloo --num-classes 1000 --steps 5 --eval-batches 1 --threads 1)
     echo "device: cpu rehearsal (GPU_CHECKS_CPU=1, TRITON_INTERPRET=1, tiny sizes)" \
         | tee "$out/device.txt"
 else
     dev=cuda
     device=(--device cuda)
     tiny=()
+    dist=(--backend nccl --num-classes 100000 --steps 50)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
@@ -146,7 +150,7 @@ fi
 # Results are written after every setup, and setups that would start after 420 s are
 # skipped, so a run under the device's 10-minute limit still returns what it measured.
 if step speed python3 benchmarks/speed.py "${device[@]}" "${tiny[@]}" --out "$out" \
-    --time-budget 420 --note "Run by benchmarks/gpu_checks.sh."; then
+    --time-budget 420 --note "Run by benchmarks/gpu_checks.sh." "${extra_speed[@]}"; then
     tail -n 30 "$out/speed.log"
     verdict exit speed "$out/speed.log" "$rc"
 fi
@@ -159,7 +163,7 @@ fi
 # collectives, cross-rank gradients, matching collectives or hangs: gloo checks those in
 # tests/test_distributed*.py; on NCCL they need a machine with 2+ GPUs.
 if step nccl_one_rank python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
-    benchmarks/distributed_train.py --backend nccl --num-classes 100000 --steps 50; then
+    benchmarks/distributed_train.py "${dist[@]}"; then
     tail -n 10 "$out/nccl_one_rank.log"
     verdict exit nccl_one_rank "$out/nccl_one_rank.log" "$rc"
 fi

@@ -51,14 +51,24 @@ def test_named_test_files_exist():
         assert os.path.isfile(os.path.join(ROOT, path)), path
 
 
-def test_full_step_flags_are_accepted():
-    """The ``full`` steps never run in CI: their flags must at least parse."""
+def _array(name: str, which: int) -> list:
+    """The words of the script's ``name=(...)`` assignment: which=0 the CPU rehearsal's,
+    1 the GPU's."""
+    found = re.findall(rf"^    {name}=\((.*?)\)$", open(SCRIPT).read(), flags=re.M)
+    assert len(found) == 2, found
+    return shlex.split(found[which])
+
+
+def test_gpu_flags_are_accepted():
+    """The GPU side of the script runs only on a lent GPU: its flags must at least parse."""
     import distributed_train
     import speed
 
-    args = speed.parse_args(_step_command("speed") + ["--device", "cuda"])
+    args = speed.parse_args(_step_command("speed") + _array("device", 1))
     assert args.time_budget == 420 and args.device == "cuda"
-    args = distributed_train.parse_args(_step_command("nccl_one_rank"))
+    args = speed.parse_args(_step_command("targets") + _array("device", 1))
+    assert args.preset == "quick" and args.check and args.C == [100_000, 1_000_000]
+    args = distributed_train.parse_args(_step_command("nccl_one_rank") + _array("dist", 1))
     assert args.backend == "nccl"
 
 
@@ -291,3 +301,28 @@ def test_operand_target_reads_the_kernels_op_dtype():
     assert out["cosface_triton"].status == "FAIL"  # autocast(bf16) ran fp32 operands
     assert out["curricular_triton"].status == "PASS"
     assert out["sparse_circle_triton"].status == "FAIL"  # nothing recorded: not verified
+
+
+@needs_bash
+@pytest.mark.slow  # ~20 s of CPU
+def test_cpu_rehearsal_of_the_full_steps(tmp_path):
+    """``full``: the speed grid and the one-rank training run (gloo on the CPU)."""
+    env = dict(
+        os.environ,
+        GPU_CHECKS_CPU="1",
+        GPU_CHECKS_SPEED_ARGS="--providers sparse_circle_torch,pml_circle --modes fwd+bwd",
+    )
+    proc = subprocess.run(
+        ["bash", SCRIPT, str(tmp_path), "full"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    parsed = checks.parse_lines(proc.stdout)
+    assert [(p["status"], p["target"], p["subject"]) for p in parsed] == [
+        ("PASS", "step", "speed"),
+        ("PASS", "step", "nccl_one_rank"),
+    ], proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode == 0
+    rows = json.loads((tmp_path / "cpu.json").read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"floor", "sparse_circle_torch", "pml_circle"}
+    assert all(r["status"] == "ok" and r["time_ratio"] > 0 for r in rows)
+    assert "eval:" in (tmp_path / "nccl_one_rank.log").read_text()
