@@ -37,7 +37,12 @@ def collect():
             acc = m.get("acc", m.get("center_acc"))
             entry = table.setdefault(setup, {}).setdefault(run["loss"], {"seeds": []})
             entry["seeds"].append(
-                {"seed": seed, "acc": acc, "map_at_r": m.get("mean_average_precision_at_r")}
+                {
+                    "seed": seed,
+                    "acc": acc,
+                    "map_at_r": m.get("mean_average_precision_at_r"),
+                    "diverged": bool(run.get("diverged")),
+                }
             )
     return table
 
@@ -64,7 +69,12 @@ def main():
             mapr, mapr_sd = mean_std([r["map_at_r"] for r in entry["seeds"]])
             entry.update(acc=acc, acc_std=acc_sd, map_at_r=mapr, map_at_r_std=mapr_sd)
             delta = "" if acc is None or soft_acc is None else f"{100 * (acc - soft_acc):+.1f}"
+            bad = sum(r["diverged"] for r in entry["seeds"])
             fa = "n/a" if acc is None else f"{acc:.3f} ± {acc_sd:.3f}"
+            if bad:
+                fa = f"diverged in {bad} of {len(entry['seeds'])} seeds" + (
+                    "" if acc is None else f"; others {acc:.3f}"
+                )
             fm = "n/a" if mapr is None else f"{mapr:.3f} ± {mapr_sd:.3f}"
             lines.append(f"| {name} | {len(entry['seeds'])} | {fa} | {delta} | {fm} |")
         lines.append("")
