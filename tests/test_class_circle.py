@@ -302,13 +302,16 @@ def test_dtypes_against_reference(dtype, shape, params):
     losses.sum().backward()
     assert losses.dtype == (F64 if F64 in (x.dtype, W.dtype) else torch.float32)
     assert xa.grad.dtype == dtype and loss_fn.W.grad.dtype == W.dtype
+    # The operand policy: half embeddings make the matmul operands half, so W's values are
+    # rounded to the embeddings' dtype where they are read (the reference gets those).
+    W_op = W.to(dtype) if dtype in (torch.bfloat16, torch.float16) else W
     val_r, (gx_r, gW_r) = value_and_grads(
-        lambda x_, W_: ref.class_circle_loss(x_, W_, y, m, gamma), x.to(F64), W.to(F64)
+        lambda x_, W_: ref.class_circle_loss(x_, W_, y, m, gamma), x.to(F64), W_op.to(F64)
     )
     ltol, gtol = TOL[dtype]
     if params == "fp32":
-        # Everything after rounding the inputs runs in fp32 (the embeddings are normalised
-        # in fp32 too); only d/dx is rounded back to the embedding dtype.
+        # After rounding the operands, products and sums run in fp32 (the embeddings are
+        # normalised in fp32 too); the gradient matmuls round G to the operand dtype.
         ltol = TOL[torch.float32][0] if dtype != F64 else ltol
         gtol = max(TOL[torch.float32][1], 2 * torch.finfo(dtype).eps) if dtype != F64 else gtol
     scale = float(val_r.abs().max())

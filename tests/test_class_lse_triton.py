@@ -34,15 +34,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _sm90 import compile_for_sm90, nvidia_backend_or_skip  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from pml_extras.ops import class_lse  # noqa: E402
 
 try:
     import triton  # noqa: E402, F401
 
+    from pml_extras.ops import _triton_common as tc  # noqa: E402
     from pml_extras.ops import class_lse_triton as clt  # noqa: E402
+    from pml_extras.ops._triton_common import fp32_matmul_precision  # noqa: E402
 except ImportError:  # pragma: no cover - triton is a test dependency on Linux
-    clt = None
+    clt = tc = fp32_matmul_precision = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -81,17 +85,17 @@ def make_case(B, D, C, dtype, kind, block_c, seed=0):
         target[i] = special[i] if special[i] < C else C - 1
     if B >= 3:
         target[2::5] = -1
-    # Rows longer than 1 mostly along a non-target proxy j: raw cosine 1.1 or -1.1, so the
-    # clamp masks their gradient. The part orthogonal to w_j makes that masking visible in
-    # grad_w too (a purely radial contribution would be projected out anyway).
+    # Rows not of unit length (the op normalises them): row 0 is 1.1 times a non-target
+    # proxy j, so its cosine to j is 1 up to rounding (point 7: no gradient mask may flip
+    # there between implementations); row 1 is -(1.1 w_j + 0.3 v), v orthogonal to w_j.
     w_hat = F.normalize(W, dim=0)
-    for i, sign in ((0, 1.0), (min(1, B - 1), -1.0)):
+    for i, sign, off in ((0, 1.0, 0.0), (min(1, B - 1), -1.0, 0.3)):
         j = (int(target[i]) + 1) % C if C > 1 else 0
         if C == 1 and int(target[i]) == 0:
             continue
         v = torch.randn(D, generator=g)
         v = F.normalize(v - w_hat[:, j] * (v @ w_hat[:, j]), dim=0) if D > 1 else 0 * v
-        x[i] = sign * (1.1 * w_hat[:, j] + 0.3 * v)
+        x[i] = sign * (1.1 * w_hat[:, j] + off * v)
     row_param = torch.rand(B, generator=g) - 0.5
     grad_lse = torch.randn(B, generator=g)
     grad_cos = torch.randn(B, generator=g)
@@ -99,13 +103,26 @@ def make_case(B, D, C, dtype, kind, block_c, seed=0):
     return x, W, target, row_param, grad_lse, grad_cos
 
 
+def _operand(x):
+    """The operand policy's dtype without autocast (bf16/fp16 embeddings: theirs)."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _clamp_value(c):
+    """clamp(c, -1, 1) in value, identity in gradient (the op's straight-through clamp)."""
+    return c + (c.clamp(-1.0, 1.0) - c).detach()
+
+
 def dense_oracle(x, W, target, row_param, kind, p0, p1, grad_lse, grad_cos):
-    """float32 dense autograd on the same input values: (lse, cos_y, grad_x, grad_w)."""
-    x = x.detach().float().requires_grad_()
-    W = W.detach().float().requires_grad_()
+    """float32 dense autograd on the operand values (x and W rounded to the operand dtype,
+    both normalised, cosines clamped in value): (lse, cos_y, grad_x, grad_w)."""
+    op = _operand(x)
+    x = x.detach().to(op).float().requires_grad_()
+    W = W.detach().to(op).float().requires_grad_()
     p1 = float(p1)
+    x_hat = x / x.norm(dim=1, keepdim=True).clamp_min(1e-6)
     w_hat = W / W.norm(dim=0).clamp_min(1e-6)
-    c = (x @ w_hat).clamp(-1.0, 1.0)
+    c = _clamp_value(x_hat @ w_hat)
     if kind == "circle":
         z = p0 * (c.detach() + p1).clamp_min(0.0) * (c - p1)
     elif kind == "curricular":
@@ -117,7 +134,7 @@ def dense_oracle(x, W, target, row_param, kind, p0, p1, grad_lse, grad_cos):
     z = z.masked_fill(masked, float("-inf"))
     lse = torch.logsumexp(torch.where(empty[:, None], torch.zeros_like(z), z), dim=1)
     has = target >= 0
-    cos_y = (x * w_hat[:, target.clamp_min(0)].t()).sum(1).clamp(-1.0, 1.0)
+    cos_y = _clamp_value((x_hat * w_hat[:, target.clamp_min(0)].t()).sum(1))
     cos_y = torch.where(has, cos_y, torch.zeros_like(cos_y))
     loss = (torch.where(empty, torch.zeros_like(lse), lse) * grad_lse).sum()
     loss = loss + (cos_y * grad_cos).sum()
@@ -140,10 +157,10 @@ def rel_err(a, b):
 
 
 # Tolerances (relative to the largest entry). fp32: IEEE dots in both implementations.
-# bf16: the torch path rounds the logits to bf16 (error ~ p0 * 2^-9 in z) while the kernels
-# keep them in fp32, so the kernels are compared tightly with the fp32 dense oracle on the
-# same bf16 values and loosely with the torch path.
-TOL = {torch.float32: dict(oracle=1e-4, torch=1e-4), torch.bfloat16: dict(oracle=2e-2, torch=6e-2)}
+# bf16: both implementations multiply the same bf16 operands with float32 sums, so the
+# logits agree to float32; the gradient matmuls round their second operand (G, the
+# softmax weights) to bf16 at different points (2^-9 each).
+TOL = {torch.float32: dict(oracle=1e-4, torch=1e-4), torch.bfloat16: dict(oracle=2e-2, torch=1e-2)}
 
 
 def check_all(
@@ -192,12 +209,15 @@ def check_all(
         assert e_oracle <= tol["oracle"], f"{name} vs dense oracle: {e_oracle:.2e}"
 
 
-_INTERPRETED_MODULES = ("test_margin_losses.py", "test_pair_circle_triton.py")
+_INTERPRETED_MODULES = ("test_margin_losses.py", "test_pair_circle_triton.py", "test_gpu.py")
+# test_gpu.py runs whole (it is the GPU suite; on CPU the interpreter stands in for the
+# GPU); its CUDA-only exceptions are the only skips allowed, each with its reason.
+_CUDA_ONLY = "test_gpu.py"
 
 
 def test_interpreter_suite():
     """Runs the TestInterpreted* classes of this module, test_margin_losses.py and
-    test_pair_circle_triton.py in a TRITON_INTERPRET=1 child process."""
+    test_pair_circle_triton.py, and all of test_gpu.py, in a TRITON_INTERPRET=1 child."""
     if INTERPRET:
         pytest.skip("already under TRITON_INTERPRET=1: the interpreter tests run directly")
     if clt is None:
@@ -208,14 +228,22 @@ def test_interpreter_suite():
     here = os.path.dirname(os.path.abspath(__file__))
     others = [os.path.join(here, name) for name in _INTERPRETED_MODULES]
     cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), *others, "-q", "-rfEs"]
-    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", "Interpreted", "--durations=5"]
+    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", f"Interpreted or {_CUDA_ONLY}"]
+    cmd += ["--durations=5"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     summary = out.strip().splitlines()[-1] if out.strip() else ""
     passed = re.search(r"(\d+) passed", summary)
     assert proc.returncode == 0, f"interpreter tests failed:\n{out[-8000:]}"
-    assert passed and int(passed.group(1)) >= 69, f"too few interpreter tests ran:\n{out[-4000:]}"
-    assert not re.search(r"\d+ (skipped|failed|error)", summary), out[-4000:]
+    assert passed and int(passed.group(1)) >= 125, f"too few interpreter tests ran:\n{out[-4000:]}"
+    assert not re.search(r"\d+ (failed|error)", summary), out[-4000:]
+    # Skips: only test_gpu.py's CUDA-only exceptions, each saying why.
+    skips = re.findall(r"SKIPPED \[(\d+)\] (\S+?):\d+: (.+)", out)
+    assert all(
+        path.endswith(_CUDA_ONLY) and ("CUDA" in why or "GPU" in why) for _, path, why in skips
+    )
+    skipped = re.search(r"(\d+) skipped", summary)
+    assert (int(skipped.group(1)) if skipped else 0) == sum(int(n) for n, _, _ in skips) <= 10, out
 
 
 @interpreted
@@ -253,8 +281,8 @@ class TestInterpretedKernels:
         x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, "circle", cfg["block_c"])
         with clt.block_config(**cfg):
             check_all(x.half(), W.half(), t, rp, "circle", gl, gc, torch.bfloat16)
-            # bf16 x with fp32 W promotes to fp32 matmuls, as the torch path does.
-            # (grad_x comes back in bf16, hence the bf16 tolerances.)
+            # bf16 x with fp32 W: bf16 operands (the operand policy), W's tiles rounded in
+            # the kernel; grad_w comes back in float32, grad_x in bf16.
             check_all(x.bfloat16(), W, t, rp, "scaled", gl, gc, torch.bfloat16)
 
     @pytest.mark.parametrize("transpose", [False, True], ids=["row_major", "column_major"])
@@ -509,11 +537,11 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
         D_GROUP=d_group,
     )
     ptrs = dict(X=f"*{dtype}", W=f"*{dtype}", GW=f"*{dtype}", TGT="*i64")
-    for name in ("INV", "RP", "P1", "M_OUT", "L_OUT", "U_OUT", "LSE", "GLSE"):
+    for name in ("INV", "RX", "RP", "P1", "M_OUT", "L_OUT", "U_OUT", "LSE", "GLSE"):
         ptrs[name] = "*fp32"
     for kernel, constexprs in (
         (clt._fwd_kernel, dict(common, NEED_U=need_u)),
-        (clt._bwd_w_kernel, common),
+        (clt._bwd_w_kernel, dict(common, RESCALE=dtype == "fp16")),
     ):
         compile_for_sm90(
             kernel,
@@ -582,7 +610,7 @@ class TestGPU:
         x, W, t, rp, gl, gc = (v.cuda() for v in (x, W, t, rp, gl, gc))
         p0, p1 = PARAMS[kind]
         p1 = p1.cuda() if torch.is_tensor(p1) else p1
-        with torch.backends.cuda.matmul.flags(allow_tf32=False):
+        with fp32_matmul_precision("ieee"):
             lse, cos_y, state = clt.forward(x, W, t, rp, kind, p0, p1, need_state=True)
             gx, gw = clt.backward(x, W, t, rp, kind, p0, p1, lse, gl, gc, state=state)
             o_lse, o_cos, o_gx, o_gw = dense_oracle(x, W, t, rp, kind, p0, p1, gl, gc)
@@ -604,3 +632,238 @@ class TestGPU:
         budget = 1.5 * (W.numel() * W.element_size() * 2 + x.numel() * x.element_size())
         assert extra < budget, (extra, budget)
         assert extra < B * C * 4  # never a B x C float32 tensor
+
+
+# ---------------------------------------------- issue 10: the GPU-only lines, run in CI
+
+
+class _LegacyMatmul:
+    """torch < 2.9's torch.backends.cuda.matmul: only ``allow_tf32``."""
+
+    allow_tf32 = False
+
+
+class _MixedMatmul:
+    """A state where the new switch says "none" and reading the legacy one raises."""
+
+    fp32_precision = "none"
+
+    @property
+    def allow_tf32(self):
+        raise RuntimeError("mix of the legacy and new APIs")
+
+
+@needs_triton
+def test_tf32_setting_is_read_through_either_api(monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    with fp32_matmul_precision("tf32"):
+        assert matmul.fp32_precision == "tf32" and tc.tf32_enabled()
+        # The bug this replaces: torch 2.13 refuses the legacy read in this state.
+        with pytest.raises(RuntimeError):
+            matmul.allow_tf32  # noqa: B018
+        assert tc.operand_types(torch.float32, True, "x")[2] == "tf32"
+        with fp32_matmul_precision("ieee"):
+            assert not tc.tf32_enabled()
+            assert tc.operand_types(torch.float32, True, "x")[2] == "ieee"
+        assert tc.tf32_enabled()
+    assert matmul.fp32_precision == "none"  # restored
+    assert tc.operand_types(torch.bfloat16, True, "x")[2] is None
+    legacy = _LegacyMatmul()
+    monkeypatch.setattr(tc, "_matmul_backend", lambda: legacy)
+    assert not tc.tf32_enabled()
+    with fp32_matmul_precision("tf32"):
+        assert legacy.allow_tf32 and tc.tf32_enabled()
+    assert legacy.allow_tf32 is False
+    monkeypatch.setattr(tc, "_matmul_backend", lambda: _MixedMatmul())
+    assert not tc.tf32_enabled()  # IEEE, PyTorch's default, instead of raising
+    with pytest.raises(ValueError, match="precision"):
+        with fp32_matmul_precision("fp16"):
+            pass
+
+
+@needs_triton
+def test_wave_splits_fill_whole_waves():
+    # The issue's case: B = 1024 (16 row blocks of 64), one D group, 132 SMs, C = 1M.
+    n_tiles = triton.cdiv(1_000_000, 32)
+    old = triton.cdiv(2 * 132, 16)  # the former rule: 17 splits, 272 programs, 3 waves
+    assert 16 * old == 272 and triton.cdiv(272, 132) == 3
+    splits, per_split = tc.wave_splits(16, n_tiles, 132, 10_000)
+    programs = 16 * splits
+    assert programs / (triton.cdiv(programs, 132) * 132) >= 0.95
+    assert (splits - 1) * per_split < n_tiles <= splits * per_split
+    # More row blocks than SMs: no split needed when the waves are already full enough.
+    assert tc.wave_splits(264, n_tiles, 132, 100)[0] == 1
+    # Few tiles: never more splits than tiles.
+    assert tc.wave_splits(1, 3, 132, 100) == (3, 1)
+
+
+@needs_triton
+@given(
+    programs=st.integers(1, 300),
+    n_tiles=st.integers(1, 5000),
+    slots=st.integers(1, 200),
+    most=st.integers(1, 600),
+)
+@settings(max_examples=150, deadline=None)
+def test_wave_splits_property(programs, n_tiles, slots, most):
+    splits, per_split = tc.wave_splits(programs, n_tiles, slots, most)
+    assert 1 <= splits <= max(1, min(most, n_tiles))
+    assert (splits - 1) * per_split < n_tiles <= splits * per_split
+
+    def fill(s):
+        return programs * s / (triton.cdiv(programs * s, slots) * slots)
+
+    # Every effective split count the search could reach, from the same rounding.
+    reachable = {triton.cdiv(n_tiles, triton.cdiv(n_tiles, w)) for w in range(1, most + 1)}
+    reachable = {s for s in reachable if s <= max(1, min(most, n_tiles))}
+    good = sorted(s for s in reachable if fill(s) >= 0.95)
+    if good:
+        assert splits == good[0]  # the fewest splits that fill 95 % of the waves
+    else:
+        assert fill(splits) == max(fill(s) for s in reachable)
+
+
+@needs_triton
+def test_forward_grid_is_whole_waves(monkeypatch):
+    monkeypatch.setattr(clt, "sm_count", lambda device: 132)
+    cfg = clt.BlockConfig()
+    # bf16 at B = 1024, D = 512, C = 1M, with u (training): 16 row blocks, 1 D group.
+    splits, per_split = clt._n_splits(1024, 1_000_000, 1, True, 2, torch.device("cuda"), cfg)
+    programs = 16 * splits
+    assert programs / (triton.cdiv(programs, 132) * 132) >= 0.95
+    assert splits * 1024 * 512 * 4 <= 1_000_000 * 512 * 2  # u partials no larger than W
+    with clt.block_config(n_splits=5):  # an explicit count is kept
+        assert clt._n_splits(1024, 1_000_000, 1, True, 2, None, clt._configs.current)[0] == 5
+
+
+@needs_triton
+def test_launch_device_on_cpu_is_a_noop_context():
+    ctx = tc.launch_device(torch.zeros(1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == -1
+    with ctx:
+        pass
+
+
+@interpreted
+class TestInterpretedGpuPath:
+    """Issue 10's GPU-only lines under the interpreter: TF32 switches, device context,
+    fp16 backward rescaling, autocast operands, cos = +-1."""
+
+    @pytest.mark.parametrize("api", ["fp32_precision", "allow_tf32"])
+    def test_fp32_launches_under_tf32_settings(self, api):
+        B, D, C, cfg = SHAPES["splits"]
+        case = make_case(B, D, C, torch.float32, "circle", cfg["block_c"], seed=11)
+        matmul = torch.backends.cuda.matmul
+        old = matmul.fp32_precision
+        try:
+            if api == "fp32_precision":
+                matmul.fp32_precision = "tf32"
+            else:
+                matmul.allow_tf32 = True
+            assert tc.tf32_enabled()
+            with clt.block_config(**cfg):
+                check_all(*case[:4], "circle", *case[4:], torch.float32)
+        finally:
+            matmul.fp32_precision = old
+        assert not tc.tf32_enabled()
+
+    def test_every_launch_runs_under_the_tensors_device(self, monkeypatch):
+        from pml_extras.ops import pair_circle_triton as pct
+        from pml_extras.ops.pair_circle import all_pairs_circle_loss
+
+        seen = []
+        real = tc.launch_device
+
+        def spy(t):
+            seen.append(t.device)
+            return real(t)
+
+        monkeypatch.setattr(clt, "launch_device", spy)
+        monkeypatch.setattr(pct, "launch_device", spy)
+        B, D, C, cfg = SHAPES["splits"]
+        x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, "scaled", cfg["block_c"])
+        with clt.block_config(**cfg):
+            lse, cos_y, state = clt.forward(x, W, t, rp, "scaled", 4.0, 0.0, need_state=True)
+            clt.backward(x, W, t, rp, "scaled", 4.0, 0.0, lse, gl, gc, state=state)
+        assert len(seen) == 3  # inverse norms, forward, grad W
+        emb = x.clone().requires_grad_()
+        losses = all_pairs_circle_loss(emb, emb, t, t, self_compare=True, impl="triton")
+        losses.sum().backward()
+        assert len(seen) == 6  # pair forward, row side, column side
+        assert all(d == x.device for d in seen)
+
+    @pytest.mark.parametrize("w_dtype", [torch.float16, torch.float32], ids=["W16", "W32"])
+    @pytest.mark.parametrize("glse_scale", [1.0, 1e-9], ids=["unit", "tiny_upstream"])
+    def test_fp16_zero_and_tiny_proxies_at_d512(self, glse_scale, w_dtype):
+        """fp16 operands, D = 512, gamma = 256, one zero proxy column and one of norm 1e-4
+        (1/||w|| up to 1e6: the old u kernel's e * dz / ||w|| overflowed fp16); tiny
+        upstream gradients (a mean over a huge batch) must not flush G to zero. Against
+        the PyTorch path on the same operands."""
+        B, D, C = 3, 512, 5
+        g = torch.Generator().manual_seed(12)
+        W = torch.randn(D, C, generator=g)
+        W[:, 2] = 0.0
+        W[:, 4] *= 1e-4 / W[:, 4].norm()
+        x = torch.randn(B, D, generator=g)
+        x[1] = W[:, 4] / W[:, 4].norm() * 3.0  # cos = 1 with the tiny proxy
+        x, W = x.half(), W.to(w_dtype)
+        t = torch.tensor([0, 1, -1])
+        rp = torch.zeros(B)
+        gl = (torch.rand(B, generator=g) + 0.5) * glse_scale
+        gc = torch.randn(B, generator=g) * glse_scale
+        with clt.block_config(block_m=4, block_c=8, block_d=64):
+            lse, cos_y, st = clt.forward(x, W, t, rp, "circle", 256.0, 0.25, need_state=True)
+            gx, gw = clt.backward(x, W, t, rp, "circle", 256.0, 0.25, lse, gl, gc, state=st)
+        r_lse, r_cos = class_lse._forward_torch(x, W, t, rp, "circle", 256.0, 0.25, 2)
+        r_gx, r_gw = class_lse._backward_torch(x, W, t, rp, "circle", 256.0, 0.25, 2, r_lse, gl, gc)
+        if w_dtype == torch.float16:
+            # A zero proxy's true gradient is (grad of w_hat) / 1e-6: beyond fp16 in any
+            # implementation, so its column is left out in fp16.
+            gw, r_gw = gw[:, [0, 1, 3, 4]], r_gw[:, [0, 1, 3, 4]]
+        for got, want in ((lse, r_lse), (cos_y, r_cos), (gx, r_gx), (gw, r_gw)):
+            assert torch.isfinite(got).all() and torch.isfinite(want).all()
+        assert rel_err(lse, r_lse) < 1e-5 and rel_err(cos_y, r_cos) < 1e-5
+        assert rel_err(gx, r_gx) < 2e-2
+        assert rel_err(gw, r_gw) < 2e-2
+        if w_dtype == torch.float32:  # (1e-9-sized gradients are below fp16's own range)
+            assert (gw.abs().sum(0) > 0).all()  # nothing flushed to zero
+
+    def test_exact_unit_cosines_agree_between_implementations(self):
+        """Rows equal to (scaled) proxies, gamma = 256: cos = +-1 up to rounding. No mask
+        decides anything there, so both implementations give the same gradients."""
+        B, D, C = 6, 16, 9
+        g = torch.Generator().manual_seed(13)
+        W = torch.randn(D, C, generator=g)
+        x = torch.randn(B, D, generator=g)
+        x[:4] = torch.stack([W[:, 0] * 3, -W[:, 1], W[:, 5] * 0.7, -2 * W[:, 8]])
+        t = torch.tensor([0, 1, 2, 3, -1, 8])
+        rp = torch.zeros(B)
+        gl, gc = torch.ones(B), torch.ones(B)
+        for kind in ("circle", "scaled"):
+            with clt.block_config(block_m=4, block_c=4, block_d=8):
+                lse, cos_y, st = clt.forward(x, W, t, rp, kind, 256.0, 0.25, need_state=True)
+                gx, gw = clt.backward(x, W, t, rp, kind, 256.0, 0.25, lse, gl, gc, state=st)
+            o_lse, o_cos, o_gx, o_gw = dense_oracle(x, W, t, rp, kind, 256.0, 0.25, gl, gc)
+            assert rel_err(lse, o_lse) < 1e-5 and rel_err(cos_y, o_cos) < 1e-5
+            assert rel_err(gx, o_gx) < 1e-4 and rel_err(gw, o_gw) < 1e-4
+
+    def test_cpu_autocast_gives_bf16_operands(self):
+        """Under torch.autocast (CPU, bf16) fp32 inputs run with bf16 operands in both
+        implementations; gradients come back in float32 (the inputs' dtype)."""
+        B, D, C, cfg = SHAPES["splits"]
+        x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, "curricular", cfg["block_c"], 14)
+        p0, p1 = PARAMS["curricular"]
+        out = {}
+        for impl in ("torch", "triton"):
+            xi, Wi = x.clone().requires_grad_(), W.clone().requires_grad_()
+            with clt.block_config(**cfg), torch.autocast("cpu", dtype=torch.bfloat16):
+                assert class_lse.operand_dtype(xi, Wi) == torch.bfloat16
+                lse, cos_y = class_lse.class_logsumexp(
+                    xi, Wi, t, "curricular", p0, p1, row_param=rp, impl=impl
+                )
+            (torch.where(torch.isfinite(lse), lse, 0) * gl + cos_y * gc).sum().backward()
+            assert lse.dtype == torch.float32 and xi.grad.dtype == Wi.grad.dtype == torch.float32
+            out[impl] = (lse.detach(), cos_y, xi.grad, Wi.grad)
+        o = dense_oracle(x.bfloat16(), W.bfloat16(), t, rp, "curricular", p0, p1, gl, gc)
+        for ours, ref, oracle in zip(out["triton"], out["torch"], o):
+            assert rel_err(ours, ref) < 1e-2 and rel_err(ours, oracle) < 2e-2

@@ -119,17 +119,18 @@ def sparse_circle_loss(
         labels: (B,) int64 labels in [0, C).
         m, gamma: see :func:`class_circle_loss`.
         chunk_size: classes per block of the blockwise logsumexp.
-        impl: "auto", "torch" or "triton".
+        impl: "auto", "torch" or "triton". Matmul operands: the autocast dtype under
+            ``torch.autocast``, else the embeddings' dtype if bf16/fp16, else float32
+            (:func:`pml_extras.ops.class_lse.operand_dtype`); float32 accumulation.
 
     Returns:
         (B,) per-sample losses, float32 (float64 for float64 inputs).
     """
-    # Normalise in float32 or wider: with half inputs, the gradient w.r.t. the unit vector
-    # has a large radial part near cos = +-1 (projected out by the normalisation's backward)
-    # that overflows fp16, and bf16 unit vectors cost ~0.4% of the loss at gamma = 256.
-    x = F.normalize(embeddings.to(working_dtype(embeddings, weight)), dim=1)
+    # Raw embeddings: class_logsumexp normalises them outside the matmul (float32 norms,
+    # radial gradient removed in float32), so the matmul operands can follow the operand
+    # policy (autocast / bf16 / fp16 on tensor cores) without the fp16 radial overflow.
     lse_n, cos_y = class_logsumexp(
-        x, weight, labels, "circle", gamma, m, chunk_size=chunk_size, impl=impl
+        embeddings, weight, labels, "circle", gamma, m, chunk_size=chunk_size, impl=impl
     )
     # With C == 1 there are no negatives: lse_n = -inf and the loss is exactly 0.
     return F.softplus(lse_n - circle_target_logit(cos_y, m, gamma))

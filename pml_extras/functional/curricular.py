@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.class_lse import class_logsumexp, target_cosine
-from ._numerics import working_dtype
 
 
 def curricular_target(cos_y: Tensor, margin: float) -> Tuple[Tensor, Tensor]:
@@ -70,20 +69,21 @@ def curricular_face_loss(
         margin, scale: additive angular margin m (0.5) and logit scale s (64).
         target_cos: optional (B,) detached target cosines already computed with
             :func:`pml_extras.ops.class_lse.target_cosine` (saves a second gather).
+        chunk_size, impl: as in :func:`pml_extras.functional.arcface_loss` (matmul
+            operands: autocast dtype, else bf16/fp16 embeddings' dtype, else float32).
 
     Returns:
         (B,) per-sample cross-entropy losses, float32 (float64 for float64 inputs).
     """
-    # Normalise in float32 or wider: with half inputs, the gradient w.r.t. the unit vector
-    # has a large radial part near cos = +-1 (projected out by the normalisation's backward)
-    # that overflows fp16, and bf16 unit vectors cost ~0.4% of the loss at s = 64.
-    x = F.normalize(embeddings.to(working_dtype(embeddings, weight)), dim=1)
+    # Raw embeddings: class_logsumexp normalises them outside the matmul (float32 norms,
+    # radial gradient removed in float32), so the matmul operands can follow the operand
+    # policy (autocast / bf16 / fp16 on tensor cores) without the fp16 radial overflow.
     # The hard-negative threshold comes from the target cosines, before the class pass.
     if target_cos is None:
-        target_cos = target_cosine(x, weight, labels)
+        target_cos = target_cosine(embeddings, weight, labels)
     _, threshold = curricular_target(target_cos, margin)
     lse_n, cos_y = class_logsumexp(
-        x,
+        embeddings,
         weight,
         labels,
         "curricular",

@@ -30,7 +30,6 @@ from torch import Tensor
 
 from .._validation import check_embeddings, check_labels
 from ..ops.class_lse import class_logsumexp
-from ._numerics import working_dtype
 
 # sin(theta) = sqrt(1 - c^2) is clamped away from 0: at c = +-1 the clamp stops the
 # gradient (instead of d sqrt(u)/du = inf at u = 0), and just inside it stays below ~5e5.
@@ -84,12 +83,11 @@ def margin_softmax_losses(
 
     The loss modules call this after validating the batch themselves.
     """
-    # Normalise in float32 or wider: with half inputs the gradient w.r.t. the unit vector
-    # has a large radial part near cos = +-1 (removed only by the normalisation's backward)
-    # that overflows fp16, and half-precision unit vectors shift s*c by up to ~0.1 at s=64.
-    x = F.normalize(embeddings.to(working_dtype(embeddings, weight)), dim=1)
+    # Raw embeddings: class_logsumexp normalises them outside the matmul (float32 norms,
+    # radial gradient removed in float32), so the matmul operands can follow the operand
+    # policy (autocast / bf16 / fp16 on tensor cores) without the fp16 radial overflow.
     lse_n, cos_y = class_logsumexp(
-        x, weight, labels, "scaled", scale, chunk_size=chunk_size, impl=impl
+        embeddings, weight, labels, "scaled", scale, chunk_size=chunk_size, impl=impl
     )
     # With C == 1 there are no negatives: lse_n = -inf and the loss is exactly 0.
     return F.softplus(lse_n - scale * target_fn(cos_y))
@@ -125,7 +123,10 @@ def arcface_loss(
             ``ArcFaceLoss`` takes degrees, 28.6).
         scale: logit scale s (paper: 64).
         chunk_size: classes per block of the blockwise logsumexp (default ~4M logits).
-        impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
+        impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton". Matmul
+            operands: the autocast dtype under ``torch.autocast``, else the embeddings'
+            dtype if bf16/fp16, else float32
+            (:func:`pml_extras.ops.class_lse.operand_dtype`); float32 accumulation.
 
     Returns:
         (B,) per-sample losses, float32 (float64 for float64 inputs).

@@ -1,6 +1,7 @@
 """Launcher plumbing shared by the Triton kernel modules (``class_lse_triton``,
-``pair_circle_triton``): tile-config overrides, operand dtypes, the D layout of the
-second-stage accumulators, and how many programs fill the GPU."""
+``pair_circle_triton``): tile-config overrides, operand dtypes and torch's TF32 setting,
+the D layout of the second-stage accumulators, how many programs fill the GPU in whole
+waves, and the device a launch runs on."""
 
 from __future__ import annotations
 
@@ -67,13 +68,97 @@ def sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few splits, so that the cross-split combines are exercised
 
 
+@functools.lru_cache(maxsize=256)
+def wave_splits(
+    programs_per_split: int, n_tiles: int, slots: int, max_splits: int
+) -> Tuple[int, int]:
+    """(splits, tiles per split) so that ``programs_per_split * splits`` programs fill
+    whole waves of ``slots`` concurrent programs (SMs x blocks per SM).
+
+    A grid of P programs runs in ceil(P / slots) waves; a last wave that is only partly
+    full leaves the rest of the GPU idle (P = 272 on 132 slots: 3 waves, the last with 8
+    programs, 31 % of the time idle). Splits are tried from 1 up to ``max_splits``, each
+    as its effective count after rounding tiles per split up; the first whose waves are
+    at least 95 % full wins (fewest splits: fewest partial sums), else the fullest.
+    """
+    programs_per_split, slots = max(1, programs_per_split), max(1, slots)
+    limit = max(1, min(max_splits, n_tiles))
+    best = (-1.0, 1, max(1, n_tiles))
+    for want in range(1, limit + 1):
+        per_split = triton.cdiv(n_tiles, want)
+        splits = triton.cdiv(n_tiles, per_split)
+        programs = programs_per_split * splits
+        fill = programs / (triton.cdiv(programs, slots) * slots)
+        if fill >= 0.95:
+            return splits, per_split
+        if fill > best[0]:
+            best = (fill, splits, per_split)
+    return best[1], best[2]
+
+
+def launch_device(t: torch.Tensor):
+    """``with launch_device(x):`` makes x's GPU current for a Triton launch.
+
+    Triton launches on ``torch.cuda.current_device()``, not on the tensors' device, so
+    tensors on cuda:1 without a matching ``set_device`` would fault. For CPU tensors (the
+    interpreter) the index is -1, which ``torch.cuda.device`` treats as "no change"
+    without initialising CUDA: the same line runs in CI."""
+    return torch.cuda.device(t.device.index if t.device.type == "cuda" else -1)
+
+
+def _matmul_backend():
+    """torch.backends.cuda.matmul (a function, so that tests can stand in either API)."""
+    return torch.backends.cuda.matmul
+
+
+def tf32_enabled() -> bool:
+    """Whether torch's float32 matmuls may use TF32, read without raising.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or
+    "none": inherit ``torch.backends.fp32_precision``, which its getter already resolves).
+    After a user sets it, reading the legacy ``allow_tf32`` raises ``RuntimeError`` (torch
+    2.13: "mix of the legacy and new APIs"), so the new switch is read first and the
+    legacy one only where the new one says nothing."""
+    matmul = _matmul_backend()
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # a mixed state torch cannot resolve: PyTorch's default, IEEE
+        return False
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(precision: str):
+    """Set torch's float32 matmul precision ("ieee" or "tf32") inside a ``with`` block and
+    restore the previous setting after, through whichever API this torch offers."""
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    matmul = _matmul_backend()
+    if hasattr(matmul, "fp32_precision"):
+        old = matmul.fp32_precision
+        matmul.fp32_precision = precision
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:  # torch < 2.9: only the legacy switch
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = precision == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
+
+
 def operand_types(dtype: torch.dtype, interpreted: bool, what: str):
     """(operand, dot-input, precision) Triton types for matmul operands of ``dtype``.
 
-    Float32 operands use IEEE dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set,
-    as PyTorch's own matmuls would. Triton 3.9's interpreter multiplies bf16 tensors as
-    their raw uint16 storage in ``tl.dot``, so there bf16 operands go in as float32 (same
-    values)."""
+    Float32 operands use IEEE dots unless torch's float32 matmul precision is TF32
+    (:func:`tf32_enabled`), as PyTorch's own matmuls would. Triton 3.9's interpreter
+    multiplies bf16 tensors as their raw uint16 storage in ``tl.dot``, so there bf16
+    operands go in as float32 (same values)."""
     if dtype not in TL_DTYPES:
         raise TypeError(
             f"the Triton {what} kernels support float32/bfloat16/float16 operands, got "
@@ -82,7 +167,7 @@ def operand_types(dtype: torch.dtype, interpreted: bool, what: str):
     op = TL_DTYPES[dtype]
     dot = tl.float32 if (interpreted and op == tl.bfloat16) else op
     if op == tl.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        precision = "tf32" if tf32_enabled() else "ieee"
     else:
         precision = None
     return op, dot, precision

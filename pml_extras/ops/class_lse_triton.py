@@ -72,10 +72,19 @@ from ._triton_common import (
     check_tile_sizes,
     d_layout,
     is_interpreted,
+    launch_device,
     operand_types,
     sm_count,
+    wave_splits,
 )
-from .class_lse import _EPS, KINDS, _target_columns, accumulate_dtype, target_cosine
+from .class_lse import (
+    _EPS,
+    KINDS,
+    _add_target_grad,
+    _project_rows,
+    _unit_target_cosine,
+    operands,
+)
 
 _KIND_IDS = {"circle": 0, "curricular": 1, "scaled": 2}  # the KIND branches of _transform
 assert set(_KIND_IDS) == set(KINDS)
@@ -131,7 +140,15 @@ def _transform(c, rp, p0, p1, KIND: tl.constexpr):
 
 @triton.jit
 def _inv_norm_kernel(
-    W, INV, D, C, stride_wd, stride_wc, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr
+    W,
+    INV,
+    D,
+    C,
+    stride_wd,
+    stride_wc,
+    OP_DTYPE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -143,9 +160,13 @@ def _inv_norm_kernel(
             w_cols + dk.to(tl.int64)[:, None] * stride_wd,
             mask=(dk < D)[:, None] & col_ok[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
+        w = w.to(OP_DTYPE).to(tl.float32)  # norms of the operand values the dots use
         acc += tl.sum(w * w, axis=0)
-    tl.store(INV + cols, 1.0 / tl.sqrt(tl.maximum(acc, EPS)), mask=col_ok)
+    # Correctly rounded sqrt and division (the default "/" and sqrt are approximate on
+    # the GPU): the same inverse norms as the PyTorch path up to its rsqrt's rounding.
+    norm = tl.sqrt_rn(tl.maximum(acc, EPS))
+    tl.store(INV + cols, tl.div_rn(tl.full([BLOCK_C], 1.0, tl.float32), norm), mask=col_ok)
 
 
 @triton.jit
@@ -168,11 +189,12 @@ def _logits(
 ):
     """x[rows] . w[:, cols] over all of D in BLOCK_D steps (float32 accumulator)."""
     s = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xb  # int64: B * stride may pass 2^31
     for d0 in range(0, D, BLOCK_D):
         dk = d0 + tl.arange(0, BLOCK_D)
         d_ok = dk < D
         xk = tl.load(
-            X + rows[:, None] * stride_xb + dk[None, :] * stride_xd,
+            x_rows + dk[None, :] * stride_xd,
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
@@ -195,6 +217,7 @@ def _fwd_kernel(
     X,
     W,
     INV,
+    RX,
     TGT,
     RP,
     P1,
@@ -229,6 +252,7 @@ def _fwd_kernel(
     row_ok = rows < B
     tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
     rp = tl.load(RP + rows, mask=row_ok, other=0.0)
+    rx = tl.load(RX + rows, mask=row_ok, other=0.0)
     if P1_PTR:
         p1 = tl.load(P1)
     else:
@@ -266,8 +290,8 @@ def _fwd_kernel(
             BLOCK_C,
             BLOCK_D,
         )
-        raw = s * inv[None, :]
-        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+        # Both normalisations outside the dot, on its float32 result.
+        c = tl.minimum(tl.maximum(s * rx[:, None] * inv[None, :], -1.0), 1.0)
         z, dz = _transform(c, rp, p0, p1, KIND)
         keep = col_ok[None, :] & (cols[None, :] != tgt[:, None])
         z = tl.where(keep, z, float("-inf"))
@@ -276,15 +300,17 @@ def _fwd_kernel(
         e = tl.exp(z - m_new[:, None])
         l_i = l_i * alpha + tl.sum(e, axis=1)
         if NEED_U:
-            # Softmax weight times dz/dc; the clamp passes no gradient outside [-1, 1];
-            # 1/||w|| folded in so that the raw W tile serves as w_hat.
-            inside = (raw >= -1.0) & (raw <= 1.0)
-            pw = tl.where(inside, e * dz * inv[None, :], 0.0)
+            # Softmax weight times dz/dc, at most ~2 * p0: safe in fp16. The clamp bounds
+            # the value only (no gradient mask: see class_lse._add_target_grad). 1/||w||
+            # goes on the W side, so w_hat's entries lie in [-1, 1]: a near-zero proxy's
+            # huge 1/||w|| never meets a 16-bit operand.
+            pw = e * dz
             w_tile = tl.load(
                 w_cols + dg.to(tl.int64)[:, None] * stride_wd,
                 mask=dg_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
+            w_tile = w_tile.to(OP_DTYPE).to(tl.float32) * inv[None, :]
             w_tile = w_tile.to(OP_DTYPE).to(DOT_DTYPE)
             pw = pw.to(OP_DTYPE).to(DOT_DTYPE)
             u_acc = u_acc * alpha[:, None]
@@ -308,6 +334,7 @@ def _bwd_w_kernel(
     X,
     W,
     INV,
+    RX,
     TGT,
     RP,
     P1,
@@ -330,6 +357,7 @@ def _bwd_w_kernel(
     OP_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
+    RESCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -363,8 +391,9 @@ def _bwd_w_kernel(
         # them, so the tl.where below never lets exp(z + inf) through.
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         glse = tl.load(GLSE + rows, mask=row_ok, other=0.0)
+        rx = tl.load(RX + rows, mask=row_ok, other=0.0)
         x_group = tl.load(
-            X + rows[:, None] * stride_xb + dg[None, :] * stride_xd,
+            X + rows.to(tl.int64)[:, None] * stride_xb + dg[None, :] * stride_xd,
             mask=row_ok[:, None] & dg_ok[None, :],
             other=0.0,
         )
@@ -386,17 +415,28 @@ def _bwd_w_kernel(
             BLOCK_C,
             BLOCK_D,
         )
-        raw = s * inv[None, :]
+        raw = s * rx[:, None] * inv[None, :]
         c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
         z, dz = _transform(c, rp, p0, p1, KIND)
-        valid = col_ok[None, :] & (cols[None, :] != tgt[:, None]) & (raw >= -1.0) & (raw <= 1.0)
+        valid = col_ok[None, :] & (cols[None, :] != tgt[:, None])
         g = tl.where(valid, tl.exp(z - lse[:, None]) * dz * glse[:, None], 0.0)
-        g = g.to(OP_DTYPE).to(DOT_DTYPE)
-        # <grad_w_hat_j, w_hat_j> = sum_i G_ij <x_i, w_hat_j> = sum_i G_ij raw_ij.
-        radial += tl.sum(g.to(tl.float32) * raw, axis=0)
-        acc = tl.dot(tl.trans(x_group), g, acc, input_precision=PRECISION)
+        # <grad_w_hat_j, w_hat_j> = sum_i G_ij <x_hat_i, w_hat_j> = sum_i G_ij raw_ij.
+        radial += tl.sum(g * raw, axis=0)
+        # grad_w_hat_j = sum_i G_ij x_hat_i = sum_i (G_ij / ||x_i||) x_i: the raw x tile.
+        g = g * rx[:, None]
+        if RESCALE:
+            # fp16 operands: each column scaled into [-1, 1] before rounding, the scale
+            # applied to the float32 product. Without it, G ~ 1e-9 (C = 1M, mean
+            # reduction) flushes to zero and a large 1/||x|| overflows.
+            g_max = tl.maximum(tl.max(tl.abs(g), axis=0), 1.0e-38)
+            g = (g / g_max[None, :]).to(OP_DTYPE).to(DOT_DTYPE)
+            part = tl.dot(tl.trans(x_group), g, input_precision=PRECISION)
+            acc += part * g_max[None, :]
+        else:
+            g = g.to(OP_DTYPE).to(DOT_DTYPE)
+            acc = tl.dot(tl.trans(x_group), g, acc, input_precision=PRECISION)
     # Normalisation Jacobian: (I - w_hat w_hat^T) / ||w||.
-    w_hat = w_group.to(tl.float32) * inv[None, :]
+    w_hat = w_group.to(OP_DTYPE).to(tl.float32) * inv[None, :]
     grad = (acc - w_hat * radial[None, :]) * inv[None, :]
     tl.store(
         GW + dg.to(tl.int64)[:, None] * stride_gd + cols.to(tl.int64)[None, :] * stride_gc,
@@ -406,6 +446,9 @@ def _bwd_w_kernel(
 
 
 INTERPRETED = is_interpreted(_fwd_kernel)
+# Concurrent programs per SM: at the default tiles (255 registers per thread, 8 warps)
+# one block fits per SM, so a wave is sm_count programs.
+BLOCKS_PER_SM = 1
 
 
 # --------------------------------------------------------------------------- launchers
@@ -423,11 +466,6 @@ def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
     return d_layout(d, cfg.block_d, group, INTERPRETED)
 
 
-def _dtypes(x: Tensor, weight: Tensor):
-    """(operand, dot-input, precision) Triton types of the matmul operands."""
-    return operand_types(torch.promote_types(x.dtype, weight.dtype), INTERPRETED, "class_logsumexp")
-
-
 def _p1_args(p1, device):
     """(pointer tensor, float value, is_pointer): a 0-d tensor p1 is read on the device."""
     if torch.is_tensor(p1):
@@ -435,50 +473,61 @@ def _p1_args(p1, device):
     return None, float(p1), False
 
 
-def inverse_norms(weight: Tensor, config: Optional[BlockConfig] = None) -> Tensor:
-    """(C,) float32 1 / max(||w_j||, 1e-6), as ``rsqrt(clamp_min(sum w^2, 1e-12))``."""
+def inverse_norms(
+    weight: Tensor, config: Optional[BlockConfig] = None, op_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """(C,) float32 1 / max(||w_j||, 1e-6), as ``rsqrt(clamp_min(sum w^2, 1e-12))``, of W's
+    values rounded to the operand dtype ``op_dtype`` (default: W's own dtype)."""
     cfg = config or _configs.current
+    op = operand_types(op_dtype or weight.dtype, INTERPRETED, "class_logsumexp")[0]
     d, c = weight.shape
     inv = torch.empty(c, device=weight.device, dtype=torch.float32)
     if c:
         grid = (triton.cdiv(c, cfg.norm_block_c),)
-        _inv_norm_kernel[grid](
-            weight,
-            inv,
-            d,
-            c,
-            weight.stride(0),
-            weight.stride(1),
-            BLOCK_D=cfg.norm_block_d,
-            BLOCK_C=cfg.norm_block_c,
-        )
+        with launch_device(weight):
+            _inv_norm_kernel[grid](
+                weight,
+                inv,
+                d,
+                c,
+                weight.stride(0),
+                weight.stride(1),
+                OP_DTYPE=op,
+                BLOCK_D=cfg.norm_block_d,
+                BLOCK_C=cfg.norm_block_c,
+            )
     return inv
 
 
 def _n_splits(
     batch: int, num_classes: int, n_groups: int, need_u: bool, itemsize: int, device, cfg
 ):
-    """(number of class splits, class tiles per split) for the forward grid."""
+    """(number of class splits, class tiles per split) for the forward grid: the grid
+    (row blocks x splits x D groups) fills whole waves of the GPU (see ``wave_splits``)."""
     n_row_blocks = triton.cdiv(batch, cfg.block_m)
     n_tiles = triton.cdiv(num_classes, cfg.block_c)
     if cfg.n_splits is not None:
-        want = cfg.n_splits
-    else:
-        # About two programs per SM (B = 1024 gives only 16 row blocks of 64).
-        want = triton.cdiv(2 * sm_count(device), n_row_blocks * n_groups)
-        if need_u:  # keep the (splits, B, D) float32 partials of u no larger than W
-            want = min(want, max(1, (num_classes * itemsize) // (batch * 4)))
-    want = max(1, min(want, n_tiles))
-    per_split = triton.cdiv(n_tiles, want)
-    return triton.cdiv(n_tiles, per_split), per_split
+        want = max(1, min(cfg.n_splits, n_tiles))
+        per_split = triton.cdiv(n_tiles, want)
+        return triton.cdiv(n_tiles, per_split), per_split
+    per_split_programs = n_row_blocks * n_groups
+    slots = sm_count(device) * BLOCKS_PER_SM
+    # Up to 4 waves' worth of splits; more only multiply the partial sums.
+    most = 4 * triton.cdiv(slots, per_split_programs)
+    if need_u:  # keep the (splits, B, D) float32 partials of u no larger than W
+        most = min(most, max(1, (num_classes * itemsize) // (batch * 4)))
+    return wave_splits(per_split_programs, n_tiles, slots, most)
 
 
-def _forward_impl(x, weight, inv, target, row_param, kind, p0, p1, need_u, cfg):
-    """(lse, u or None): lse (B,) float32; u (B, D) float32 = d lse / d x (see above)."""
-    batch, d = x.shape
+def _forward_impl(x_op, inv_x, weight, inv, target, row_param, kind, p0, p1, need_u, cfg):
+    """(lse, u or None): lse (B,) float32; u (B, D) float32 = d lse / d x_hat (see above).
+
+    ``x_op``: the embeddings rounded to the operand dtype; ``inv_x``: (B,) float32 inverse
+    norms of its rows."""
+    batch, d = x_op.shape
     num_classes = weight.shape[1]
-    device = x.device
-    op, dot, precision = _dtypes(x, weight)
+    device = x_op.device
+    op, dot, precision = operand_types(x_op.dtype, INTERPRETED, "class_logsumexp")
     block_d, d_group, n_groups = _d_layout(d, cfg, op == tl.float32)
     if not need_u:
         n_groups = 1  # without u the D slices are not needed
@@ -492,39 +541,41 @@ def _forward_impl(x, weight, inv, target, row_param, kind, p0, p1, need_u, cfg):
     )
     p1_ptr, p1_value, p1_is_ptr = _p1_args(p1, device)
     grid = (triton.cdiv(batch, cfg.block_m), n_splits, n_groups)
-    _fwd_kernel[grid](
-        x,
-        weight,
-        inv,
-        target,
-        row_param,
-        p1_ptr if p1_is_ptr else inv,
-        m_part,
-        l_part,
-        u_part,
-        batch,
-        d,
-        num_classes,
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        float(p0),
-        p1_value,
-        per_split,
-        KIND=_KIND_IDS[kind],
-        P1_PTR=p1_is_ptr,
-        NEED_U=need_u,
-        OP_DTYPE=op,
-        DOT_DTYPE=dot,
-        PRECISION=precision,
-        BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c,
-        BLOCK_D=block_d,
-        D_GROUP=d_group,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with launch_device(x_op):
+        _fwd_kernel[grid](
+            x_op,
+            weight,
+            inv,
+            inv_x,
+            target,
+            row_param,
+            p1_ptr if p1_is_ptr else inv,
+            m_part,
+            l_part,
+            u_part,
+            batch,
+            d,
+            num_classes,
+            x_op.stride(0),
+            x_op.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            float(p0),
+            p1_value,
+            per_split,
+            KIND=_KIND_IDS[kind],
+            P1_PTR=p1_is_ptr,
+            NEED_U=need_u,
+            OP_DTYPE=op,
+            DOT_DTYPE=dot,
+            PRECISION=precision,
+            BLOCK_M=cfg.block_m,
+            BLOCK_C=cfg.block_c,
+            BLOCK_D=block_d,
+            D_GROUP=d_group,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     # Combine the splits: lse = M + log sum_s exp(m_s - M) l_s (-inf when all masked).
     m_max = m_part.max(0).values
     scale = torch.exp(m_part - m_max)
@@ -537,53 +588,45 @@ def _forward_impl(x, weight, inv, target, row_param, kind, p0, p1, need_u, cfg):
     return lse, u
 
 
-def _prepare(x, weight, target, row_param, kind):
+def _prepare(x, weight, target, row_param, kind, op_dtype):
+    """Checks, then (operands, target, row_param); see ``class_lse.operands``."""
     if kind not in _KIND_IDS:
         raise ValueError(f"unknown transform kind {kind!r}; expected one of {KINDS}")
-    _dtypes(x, weight)  # raises for unsupported dtypes
+    ops = operands(x, weight, op_dtype)
+    operand_types(ops[0], INTERPRETED, "class_logsumexp")  # raises for unsupported dtypes
     target = target.long().contiguous()
     row_param = row_param.to(torch.float32).contiguous()
-    return target, row_param
+    return ops, target, row_param
 
 
-def forward(x, weight, target, row_param, kind, p0, p1, *, need_state=False, config=None):
-    """(lse, cos_y), both (B,) float32. With ``need_state``: (lse, cos_y, state), where
-    ``state`` = (u, inv_norm) lets :func:`backward` skip one recompute of the logits."""
+def forward(
+    x, weight, target, row_param, kind, p0, p1, *, op_dtype=None, need_state=False, config=None
+):
+    """(lse, cos_y), both (B,) float32, of raw embeddings ``x`` (normalised here).
+
+    ``op_dtype``: the matmul operand dtype; None follows :func:`class_lse.operand_dtype`.
+    With ``need_state``: (lse, cos_y, state), where ``state`` = (u, inv_norm) lets
+    :func:`backward` skip one recompute of the logits."""
     cfg = config or _configs.current
     _check_config(cfg)
-    target, row_param = _prepare(x, weight, target, row_param, kind)
-    acc = accumulate_dtype(x, weight)
+    (op, acc, x_op, x_hat, inv_x), target, row_param = _prepare(
+        x, weight, target, row_param, kind, op_dtype
+    )
     batch, d = x.shape
     if batch == 0 or weight.shape[1] == 0:
         # No rows or no classes: nothing to reduce (the torch path agrees for B = 0).
         lse = torch.full((batch,), float("-inf"), device=x.device, dtype=acc)
-        cos_y = torch.zeros(batch, device=x.device, dtype=acc)
         u = torch.zeros(batch, d, device=x.device, dtype=acc)
         inv = torch.empty(weight.shape[1], device=x.device, dtype=torch.float32)
     else:
-        inv = inverse_norms(weight, cfg)
-        lse, u = _forward_impl(x, weight, inv, target, row_param, kind, p0, p1, need_state, cfg)
-        cos_y = target_cosine(x, weight, target)
+        inv = inverse_norms(weight, cfg, op)
+        lse, u = _forward_impl(
+            x_op, inv_x.contiguous(), weight, inv, target, row_param, kind, p0, p1, need_state, cfg
+        )
+    cos_y = _unit_target_cosine(x_hat, weight, target, op)
     if need_state:
         return lse, cos_y, (u, inv)
     return lse, cos_y
-
-
-def _add_target_grad(x, weight, target, grad_cos, grad_x, grad_w):
-    """The target column's gradient, as in ``_backward_torch`` (in place)."""
-    acc = grad_x.dtype if grad_x is not None else torch.float32
-    xf = x.to(acc)
-    w_y, inv_norm_y, has_target = _target_columns(weight, target, acc)
-    gc = torch.where(has_target, grad_cos, torch.zeros_like(grad_cos))
-    cos_raw = (xf * w_y).sum(1)
-    gc = gc * ((cos_raw >= -1.0) & (cos_raw <= 1.0))
-    if grad_x is not None:
-        grad_x += gc[:, None] * w_y
-    if grad_w is not None:
-        g_wy = gc[:, None] * xf
-        g_wy = (g_wy - w_y * (g_wy * w_y).sum(1, keepdim=True)) * inv_norm_y[:, None]
-        safe = torch.where(has_target, target, torch.zeros_like(target))
-        grad_w.index_add_(1, safe, g_wy.t().to(weight.dtype))
 
 
 def backward(
@@ -601,78 +644,105 @@ def backward(
     state=None,
     need_grad_x=True,
     need_grad_w=True,
+    op_dtype=None,
     config=None,
 ):
     """(grad_x (B, D) in x.dtype, grad_w (D, C) in weight.dtype); a gradient that is not
     needed is returned as None. ``state`` is the third output of ``forward(need_state=True)``;
-    without it, u is recomputed (one more pass over W)."""
+    without it, u is recomputed (one more pass over W). ``op_dtype`` as in :func:`forward`
+    (pass the forward's)."""
     cfg = config or _configs.current
     _check_config(cfg)
-    target, row_param = _prepare(x, weight, target, row_param, kind)
+    (op, acc, x_op, x_hat, inv_x), target, row_param = _prepare(
+        x, weight, target, row_param, kind, op_dtype
+    )
+    inv_x = inv_x.contiguous()
     batch, d = x.shape
     num_classes = weight.shape[1]
-    acc = lse.dtype
     grad_lse = grad_lse.to(acc).contiguous()
     grad_cos = grad_cos.to(acc)
     u, inv = state if state is not None else (None, None)
     if inv is None and batch and num_classes:
-        inv = inverse_norms(weight, cfg)
-    grad_x = grad_w = None
+        inv = inverse_norms(weight, cfg, op)
+    grad_hat = grad_w = None
     if need_grad_x:
         if u is None:
             if batch and num_classes:
-                _, u = _forward_impl(x, weight, inv, target, row_param, kind, p0, p1, True, cfg)
+                _, u = _forward_impl(
+                    x_op, inv_x, weight, inv, target, row_param, kind, p0, p1, True, cfg
+                )
             else:
                 u = torch.zeros(batch, d, device=x.device, dtype=acc)
-        grad_x = grad_lse[:, None] * u
+        grad_hat = grad_lse[:, None] * u
     if need_grad_w:
         grad_w = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype)
         if batch == 0:
             grad_w.zero_()
         elif num_classes:
-            _bwd_w_impl(x, weight, inv, target, row_param, kind, p0, p1, lse, grad_lse, grad_w, cfg)
+            _bwd_w_impl(
+                x_op,
+                inv_x,
+                weight,
+                inv,
+                target,
+                row_param,
+                kind,
+                p0,
+                p1,
+                lse,
+                grad_lse,
+                grad_w,
+                cfg,
+            )
     if batch:
-        _add_target_grad(x, weight, target, grad_cos, grad_x, grad_w)
-    return (grad_x.to(x.dtype) if grad_x is not None else None), grad_w
+        _add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op)
+    if grad_hat is None:
+        return None, grad_w
+    return _project_rows(grad_hat, x_hat, inv_x).to(x.dtype), grad_w
 
 
-def _bwd_w_impl(x, weight, inv, target, row_param, kind, p0, p1, lse, grad_lse, grad_w, cfg):
-    batch, d = x.shape
+def _bwd_w_impl(
+    x_op, inv_x, weight, inv, target, row_param, kind, p0, p1, lse, grad_lse, grad_w, cfg
+):
+    batch, d = x_op.shape
     num_classes = weight.shape[1]
-    op, dot, precision = _dtypes(x, weight)
+    op, dot, precision = operand_types(x_op.dtype, INTERPRETED, "class_logsumexp")
     block_d, d_group, n_groups = _d_layout(d, cfg, op == tl.float32)
-    p1_ptr, p1_value, p1_is_ptr = _p1_args(p1, x.device)
+    p1_ptr, p1_value, p1_is_ptr = _p1_args(p1, x_op.device)
     grid = (triton.cdiv(num_classes, cfg.block_c), n_groups)
-    _bwd_w_kernel[grid](
-        x,
-        weight,
-        inv,
-        target,
-        row_param,
-        p1_ptr if p1_is_ptr else inv,
-        lse.to(torch.float32).contiguous(),
-        grad_lse.to(torch.float32),
-        grad_w,
-        batch,
-        d,
-        num_classes,
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        grad_w.stride(0),
-        grad_w.stride(1),
-        float(p0),
-        p1_value,
-        KIND=_KIND_IDS[kind],
-        P1_PTR=p1_is_ptr,
-        OP_DTYPE=op,
-        DOT_DTYPE=dot,
-        PRECISION=precision,
-        BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c,
-        BLOCK_D=block_d,
-        D_GROUP=d_group,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with launch_device(x_op):
+        _bwd_w_kernel[grid](
+            x_op,
+            weight,
+            inv,
+            inv_x,
+            target,
+            row_param,
+            p1_ptr if p1_is_ptr else inv,
+            lse.to(torch.float32).contiguous(),
+            grad_lse.to(torch.float32),
+            grad_w,
+            batch,
+            d,
+            num_classes,
+            x_op.stride(0),
+            x_op.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            grad_w.stride(0),
+            grad_w.stride(1),
+            float(p0),
+            p1_value,
+            KIND=_KIND_IDS[kind],
+            P1_PTR=p1_is_ptr,
+            OP_DTYPE=op,
+            DOT_DTYPE=dot,
+            PRECISION=precision,
+            RESCALE=op == tl.float16,
+            BLOCK_M=cfg.block_m,
+            BLOCK_C=cfg.block_c,
+            BLOCK_D=block_d,
+            D_GROUP=d_group,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )

@@ -55,6 +55,7 @@ from ._triton_common import (
     check_tile_sizes,
     d_layout,
     is_interpreted,
+    launch_device,
     operand_types,
     sm_count,
 )
@@ -494,32 +495,33 @@ def forward(
         n_row_blocks, triton.cdiv(num_cols, cfg.fwd_block_n), False, device, cfg
     )
     part = torch.empty(4, n_splits, batch, device=device, dtype=torch.float32)
-    _fwd_kernel[(n_row_blocks, n_splits)](
-        xo,
-        yo,
-        lab,
-        ref,
-        pos,
-        neg,
-        part,
-        batch,
-        num_cols,
-        d,
-        xo.stride(0),
-        yo.stride(0),
-        float(m),
-        float(gamma),
-        per_split,
-        SELF=self_compare,
-        MODE=mode,
-        DOT_DTYPE=dot,
-        PRECISION=precision,
-        BLOCK_M=cfg.fwd_block_m,
-        BLOCK_N=cfg.fwd_block_n,
-        BLOCK_D=block_d,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with launch_device(xo):
+        _fwd_kernel[(n_row_blocks, n_splits)](
+            xo,
+            yo,
+            lab,
+            ref,
+            pos,
+            neg,
+            part,
+            batch,
+            num_cols,
+            d,
+            xo.stride(0),
+            yo.stride(0),
+            float(m),
+            float(gamma),
+            per_split,
+            SELF=self_compare,
+            MODE=mode,
+            DOT_DTYPE=dot,
+            PRECISION=precision,
+            BLOCK_M=cfg.fwd_block_m,
+            BLOCK_N=cfg.fwd_block_n,
+            BLOCK_D=block_d,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
     return _combine(part[0], part[1]), _combine(part[2], part[3])
 
 
@@ -588,28 +590,29 @@ def backward(
         )
         splits, per_split = _splits(n_outer * n_groups, n_inner, True, device, cfg)
         part = torch.empty(splits, size, d, device=device, dtype=torch.float32)
-        _bwd_kernel[(n_outer, splits, n_groups)](
-            xo,
-            yo,
-            lab,
-            ref,
-            pos,
-            neg,
-            lse_p,
-            lse_n,
-            row_factor,
-            part,
-            batch,
-            num_cols,
-            d,
-            xo.stride(0),
-            yo.stride(0),
-            float(m),
-            float(gamma),
-            per_split,
-            COLUMN_SIDE=column_side,
-            **common,
-        )
+        with launch_device(xo):
+            _bwd_kernel[(n_outer, splits, n_groups)](
+                xo,
+                yo,
+                lab,
+                ref,
+                pos,
+                neg,
+                lse_p,
+                lse_n,
+                row_factor,
+                part,
+                batch,
+                num_cols,
+                d,
+                xo.stride(0),
+                yo.stride(0),
+                float(m),
+                float(gamma),
+                per_split,
+                COLUMN_SIDE=column_side,
+                **common,
+            )
         return part.sum(0)
 
     if need_x:
