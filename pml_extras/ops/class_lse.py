@@ -43,13 +43,15 @@ class-sharded distributed losses); such rows get cos_y = 0 and no target masking
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .._validation import _compile_opt_out
+
+# impl dispatch and the kernels' self-check live in dispatch.py; re-exported here.
+from .dispatch import resolve_impl, triton_available  # noqa: F401
 
 KINDS = ("circle", "curricular", "scaled")
 IMPLS = ("auto", "torch", "triton")
@@ -397,32 +399,6 @@ def apply_eagerly(function, *args):
     return function.apply(*args)
 
 
-def triton_available(device: torch.device) -> bool:
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        from . import class_lse_triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_impl(impl: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """``dtype``: the inputs' promoted dtype; "auto" keeps float64 on the torch path."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        if device.type != "cuda" or dtype == torch.float64:
-            return "torch"
-        return "triton" if triton_available(device) else "torch"
-    if impl == "triton" and not triton_available(device):
-        raise RuntimeError(
-            "impl='triton' needs the triton package and a CUDA tensor "
-            "(or TRITON_INTERPRET=1 on CPU); use impl='torch' or 'auto'"
-        )
-    return impl
-
-
 def class_logsumexp(
     x: Tensor,
     weight: Tensor,
@@ -476,7 +452,7 @@ def class_logsumexp(
     if row_param is None:
         row_param = torch.zeros(batch, device=x.device, dtype=torch.float32)
     op = operand_dtype(x, weight)
-    impl = resolve_impl(impl, x.device, _compute_dtype(x, weight))
+    impl = resolve_impl(impl, x.device, _compute_dtype(x, weight), family="class_lse", operand=op)
     acc = accumulate_dtype(x, weight)
     p1 = p1.detach().to(device=x.device, dtype=acc) if torch.is_tensor(p1) else float(p1)
     args = (x, weight, target.long(), row_param.detach().to(acc), kind, float(p0), p1)

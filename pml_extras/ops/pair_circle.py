@@ -352,7 +352,7 @@ def resolve_operand_dtype(
     if impl == "auto":
         if not (supported and detach_weights):
             return None
-        impl = resolve_impl("auto", x.device, operand_dtype)
+        impl = resolve_impl("auto", x.device, operand_dtype, family="pair_circle")
     elif impl == "triton":
         resolve_impl("triton", x.device)  # raises when Triton cannot run here
         if not supported:
@@ -362,6 +362,8 @@ def resolve_operand_dtype(
             )
         if not detach_weights:
             raise ValueError("impl='triton' supports only detach_weights=True")
+        # Self-checked once per (device, dtype); raises KernelCheckError on a failure.
+        resolve_impl("triton", x.device, operand_dtype, family="pair_circle")
     return operand_dtype if impl == "triton" else None
 
 

@@ -1,0 +1,266 @@
+"""Which implementation runs an op (``impl="auto" | "torch" | "triton"``), and the
+once-per-process self-check that decides whether ``"auto"`` may trust the fused kernels.
+
+``resolve_impl`` is the one place every op asks. With a kernel ``family``
+(:data:`~pml_extras.ops.selfcheck.FAMILIES`), the first time a family would run its Triton
+kernels on a (device, operand dtype) in this process, :func:`~pml_extras.ops.selfcheck.
+run_kernel_check` compares it with the PyTorch path on that device (a small fixed problem,
+forward and backward; see :mod:`~pml_extras.ops.selfcheck`). The outcome is cached:
+
+* ``impl="auto"``: agreement -> Triton from then on at no further cost; disagreement, or a
+  compile / launch failure -> the PyTorch path for that (family, device, dtype), with one
+  :class:`KernelCheckWarning` that says what differed, on which device, with which
+  versions, and asks for a report.
+* ``impl="triton"``: the same check; a failure raises :class:`KernelCheckError` with the
+  same details (every call, never a silent fallback).
+* ``impl="torch"``: no check.
+
+float32 operands are keyed with torch's TF32 setting (a different kernel specialisation).
+
+Opting out (once your setup is verified): set the environment variable
+``PML_EXTRAS_SKIP_KERNEL_CHECK=1`` (read at each first use) or
+``pml_extras.ops.dispatch.check_kernels = False``. The kernels then run unchecked.
+
+Also: ``impl="auto"`` on a CUDA tensor whose Triton kernels cannot be imported (no
+triton, a broken install) uses PyTorch with one :class:`TritonUnavailableWarning` naming
+the module that failed and why.
+
+torch.compile: the check runs outside the graph (``torch.compiler.disable``); the
+PyTorch-only decisions ("torch", CPU, float64) stay traceable. Distributed runs: each rank
+checks its own device (the key holds the device index) and the check issues no
+collectives, so ranks never wait on each other for it.
+
+Test hook (private): ``_interpreter_as_device = True`` makes ``"auto"`` treat a CPU tensor
+under ``TRITON_INTERPRET=1`` as a Triton device, so that CI runs this whole path (check,
+warning, fallback) on the interpreter. Off by default: on CPU, ``"auto"`` is PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .. import _validation
+
+IMPLS = ("auto", "torch", "triton")
+SKIP_ENV = "PML_EXTRAS_SKIP_KERNEL_CHECK"
+# Module-level switch of the self-check (the environment variable also turns it off).
+check_kernels = True
+# Private test hook; see the module docstring.
+_interpreter_as_device = False
+
+_LEGACY_MODULE = "pml_extras.ops.class_lse_triton"  # what triton_available(device) imports
+_Key = Tuple[str, str, torch.dtype, bool]
+_results: Dict[_Key, object] = {}  # key -> selfcheck.KernelCheck
+_warned: set = set()  # keys (and import failures) already warned about
+_lock = threading.RLock()
+_active = threading.local()  # keys whose check is running on this thread (no recursion)
+
+
+class KernelCheckError(RuntimeError):
+    """``impl="triton"`` was asked for, and the kernels failed their self-check here."""
+
+
+class KernelCheckWarning(UserWarning):
+    """``impl="auto"`` falls back to PyTorch: the kernels failed their self-check here."""
+
+
+class TritonUnavailableWarning(UserWarning):
+    """``impl="auto"`` on CUDA falls back to PyTorch: the Triton kernels do not import."""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _kernel_module(family: Optional[str]) -> str:
+    if family is None:
+        return _LEGACY_MODULE
+    from .selfcheck import KERNEL_MODULES
+
+    return KERNEL_MODULES[family]
+
+
+def _import_error(device: torch.device, family: Optional[str] = None) -> Optional[str]:
+    """None when ``family``'s Triton kernels can run on ``device``, else why not."""
+    if device.type != "cuda" and not _interpreting():
+        return (
+            f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1); got {device}"
+        )
+    module = _kernel_module(family)
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        missing = getattr(exc, "name", None)
+        which = f"module {missing!r}" if missing and missing != module else f"{module}"
+        return f"importing {module} failed ({which}): {type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_available(device: torch.device, family: Optional[str] = None) -> bool:
+    """Whether the fused Triton kernels (of ``family``; default the class-level ones)
+    import and have somewhere to run: a CUDA tensor, or CPU under ``TRITON_INTERPRET=1``."""
+    return _import_error(device, family) is None
+
+
+def _checks_enabled() -> bool:
+    return check_kernels and os.environ.get(SKIP_ENV, "").strip().lower() in ("", "0", "false")
+
+
+def _triton_device(device: torch.device) -> bool:
+    """Where ``"auto"`` considers Triton at all."""
+    return device.type == "cuda" or (_interpreter_as_device and _interpreting())
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    dtype: Optional[torch.dtype] = None,
+    *,
+    family: Optional[str] = None,
+    operand: Optional[torch.dtype] = None,
+) -> str:
+    """ "torch" or "triton" for ``impl`` on ``device``.
+
+    Args:
+        impl: "auto", "torch" or "triton".
+        device: the inputs' device.
+        dtype: the inputs' promoted dtype; "auto" keeps float64 on the PyTorch path.
+        family: the kernel family about to launch ("class_lse", "pair_circle"). With it,
+            Triton is self-checked once per (family, device, operand dtype) before use
+            (see the module docstring); without it, no check.
+        operand: the kernels' matmul operand dtype (default ``dtype``), the check's key.
+
+    Raises:
+        ValueError: unknown ``impl``.
+        RuntimeError: ``impl="triton"`` where Triton cannot run.
+        KernelCheckError: ``impl="triton"`` and the kernels failed their self-check.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return "torch"
+    operand = dtype if operand is None else operand
+    if impl == "auto":
+        if not _triton_device(device) or dtype == torch.float64:
+            return "torch"
+        if not _auto_can_import(device, family):
+            return "torch"
+        if family is not None and not _kernels_trusted(family, device, operand, raise_=False):
+            return "torch"
+        return "triton"
+    if not triton_available(device, family):
+        raise RuntimeError(
+            "impl='triton' needs the triton package and a CUDA tensor "
+            "(or TRITON_INTERPRET=1 on CPU); use impl='torch' or 'auto'"
+        )
+    # On CPU the interpreter is a developer's tool: checked only through the test hook.
+    if family is not None and _triton_device(device):
+        _kernels_trusted(family, device, operand, raise_=True)
+    return "triton"
+
+
+@_validation._compile_opt_out("pml_extras imports its Triton kernels outside the graph")
+def _auto_can_import(device: torch.device, family: Optional[str]) -> bool:
+    why = _import_error(device, family)
+    if why is None:
+        return True
+    if device.type == "cuda":
+        with _lock:
+            first = why not in _warned
+            _warned.add(why)
+        if first:
+            warnings.warn(
+                f"pml_extras: impl='auto' cannot use the fused Triton kernels on {device} "
+                f"and falls back to the PyTorch path (slower, same results): {why}. Install "
+                "a triton that matches your torch, or pass impl='torch' to silence this.",
+                TritonUnavailableWarning,
+                stacklevel=4,
+            )
+    return False
+
+
+def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
+    from .selfcheck import tf32_enabled
+
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return family, str(device), operand, operand == torch.float32 and tf32_enabled()
+
+
+# The check launches kernels and synchronises the device: never part of a graph.
+@_validation._compile_opt_out("pml_extras self-checks its Triton kernels once, eagerly")
+def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -> bool:
+    from .selfcheck import CHECK_DTYPES, run_kernel_check
+
+    if operand not in CHECK_DTYPES or not _checks_enabled():
+        return True  # unsupported dtypes raise in the kernels themselves
+    key = _key(family, device, operand)
+    active = getattr(_active, "keys", None)
+    if active is None:
+        active = _active.keys = set()
+    if key in active:  # the check's own impl="triton" calls
+        return True
+    with _lock:
+        result = _results.get(key)
+        if result is None:
+            active.add(key)
+            try:
+                result = run_kernel_check(family, device, operand)
+            finally:
+                active.discard(key)
+            _results[key] = result
+        first_warning = not result.passed and key not in _warned and not raise_
+        if first_warning:
+            _warned.add(key)
+    if result.passed:
+        return True
+    report = (
+        f"pml_extras kernel self-check: {result.describe()} Please report this to the "
+        "pml-extras issue tracker with this message."
+    )
+    if raise_:
+        raise KernelCheckError(
+            f"{report} impl='triton' was requested, so this is an error; impl='auto' "
+            "would use the PyTorch path here."
+        )
+    if first_warning:
+        warnings.warn(
+            f"{report} impl='auto' uses the PyTorch path for {family} on {result.device} "
+            f"with {result.dtype} operands in this process (slower, correct).",
+            KernelCheckWarning,
+            stacklevel=4,
+        )
+    return False
+
+
+def kernel_check_results() -> Dict[_Key, object]:
+    """The self-checks run so far in this process: (family, device, dtype, tf32) ->
+    :class:`~pml_extras.ops.selfcheck.KernelCheck`."""
+    with _lock:
+        return dict(_results)
+
+
+def _reset() -> None:
+    """Forget every check and warning (tests)."""
+    with _lock:
+        _results.clear()
+        _warned.clear()
+
+
+__all__ = [
+    "IMPLS",
+    "SKIP_ENV",
+    "KernelCheckError",
+    "KernelCheckWarning",
+    "TritonUnavailableWarning",
+    "check_kernels",
+    "kernel_check_results",
+    "resolve_impl",
+    "triton_available",
+]

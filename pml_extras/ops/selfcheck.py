@@ -1,0 +1,394 @@
+"""The kernel self-check: a fused Triton kernel family against the PyTorch path, on the
+user's own device, before ``impl="auto"`` trusts it.
+
+A kernel that compiles but computes a wrong number on some GPU (TF32 where IEEE was
+meant, an approximate ``sqrt`` at the clamp edge, a tile mask the interpreter did not
+mirror, an architecture nobody here ran) would silently train a wrong model. So the
+first time a family is about to run on a (device, operand dtype) in a process,
+:mod:`pml_extras.ops.dispatch` calls :func:`run_kernel_check`: one small fixed problem,
+forward and backward, through the family's public entry point with ``impl="triton"``
+and with ``impl="torch"`` on the same device, compared output by output.
+
+Families (``FAMILIES``):
+
+* ``"class_lse"``: :func:`~pml_extras.ops.class_lse.class_logsumexp`, each of its three
+  transforms (circle, curricular, scaled). B = 67, D = 261, C = 133: two 64-row blocks,
+  five 32-class tiles (last one partial), D over four 64-wide steps and, for float32
+  operands, two 256-wide groups. Targets on the tile edges 0, 15, 16, 31, 32, 63, 64,
+  127, 128, 132; one row equal to a non-target proxy (cos = +1), one equal to minus a
+  proxy (cos = -1), one equal to its own target proxy (cos_y = 1), a target of -1 (the
+  sharded losses' "not on this rank"), and a zero proxy column. Outputs: lse, cos_y,
+  grad_x, grad_W of a weighted sum of lse and cos_y.
+* ``"pair_circle"``: :func:`~pml_extras.ops.pair_circle.all_pairs_circle_loss` at
+  gamma = 256, the self-comparison (B = 133: crosses the 128-row forward and 64-row
+  backward tiles) and a reference set of N = 71 rows, with the dense-mined mask form
+  of the kernels too (:func:`~pml_extras.ops.pair_circle.mined_pairs_circle_loss`,
+  ``path="dense"``). Same-label rows straddle the tile edges 31/32, 63/64, 127/128;
+  a positive pair at s = +1, a negative at s = +1 and one at s = -1, a zero row.
+  Outputs: the losses and the embeddings' gradients.
+
+Errors are ``max |triton - torch| / max |torch|`` per output (infinities must match,
+NaN fails). Tolerances (``TOLERANCES``) are the ones the interpreter tests use against
+the same PyTorch path: tests/test_pair_circle_triton.py ``TOL`` (gradients) for the pair
+family; for the class family tests/test_class_lse_triton.py ``TOL["torch"]`` (float32,
+and float16, which that file checks at the bfloat16 entry) and, for bfloat16, the 6e-2 of
+its loss-module comparison (``TestInterpretedAutograd``): through the public entry point
+at D = 261 and gamma = 256 the two paths' different rounding points of the bf16 softmax
+weights already differ by 1.2e-2, the kernel-level 1e-2 with no margin. Float32 under
+TF32 (torch's float32 matmul setting, which both paths follow) gets the bfloat16 ones,
+TF32's 10-bit mantissa being finer than bfloat16's 7. Measured errors of correct kernels
+under the interpreter are 2.4e-6 / 1.2e-2 / 7.2e-4 (class, fp32 / bf16 / fp16) and
+2.3e-6 / 8.2e-3 / 9.6e-4 (pair), from 2.4x (pair bf16) to 40x under the tolerances.
+
+The inputs come from a fixed CPU generator (the user's RNG streams are untouched); the
+check runs with autocast off and autograd on whatever the caller's context, and it
+issues no collective, so each rank of a distributed run checks its own device alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import time
+import warnings
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FAMILIES = ("class_lse", "pair_circle")
+CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The Triton module each family launches (what a failed import names).
+KERNEL_MODULES = {
+    "class_lse": "pml_extras.ops.class_lse_triton",
+    "pair_circle": "pml_extras.ops.pair_circle_triton",
+}
+
+# Largest error relative to the largest entry, per family and operand dtype.
+TOLERANCES: Dict[str, Dict[torch.dtype, float]] = {
+    "class_lse": {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2},
+    "pair_circle": {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3},
+}
+
+
+def tolerance(family: str, dtype: torch.dtype, tf32: bool = False) -> float:
+    """The check's tolerance for ``family`` with ``dtype`` operands (TF32: bf16's)."""
+    if dtype == torch.float32 and tf32:
+        return TOLERANCES[family][torch.bfloat16]
+    return TOLERANCES[family][dtype]
+
+
+def tf32_enabled() -> bool:
+    """torch's float32 matmul setting, read as the kernels read it (never raising)."""
+    try:
+        from ._triton_common import tf32_enabled as read
+    except Exception:  # no triton: nothing will launch a kernel anyway
+        return False
+    return read()
+
+
+def dtype_label(dtype: torch.dtype, tf32: bool = False) -> str:
+    name = str(dtype).replace("torch.", "")
+    return f"{name}+tf32" if dtype == torch.float32 and tf32 else name
+
+
+def device_description(device: torch.device) -> str:
+    """'NVIDIA H100 80GB HBM3 (sm_90)', or the CPU for the interpreter."""
+    if device.type == "cuda":
+        try:
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+        except Exception as exc:  # a broken driver still gets its report
+            return f"CUDA device {device} (name unavailable: {exc})"
+    return f"{platform.processor() or platform.machine() or 'CPU'} (Triton interpreter)"
+
+
+def versions() -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:
+        triton_version = f"not importable ({type(exc).__name__})"
+    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
+    return f"triton {triton_version}, torch {torch.__version__}{cuda}"
+
+
+@dataclasses.dataclass
+class KernelCheck:
+    """Outcome of one self-check of a kernel ``family`` on ``device`` for ``dtype``."""
+
+    family: str
+    device: str
+    dtype: str
+    passed: bool
+    max_rel_err: float  # the largest error over all outputs (nan when it did not run)
+    output: str  # which output had it ("" when the kernels failed to run)
+    tolerance: float
+    seconds: float  # wall time of the whole check, compilation included
+    error: str = ""  # the exception, when the kernels failed to compile or launch
+    device_name: str = ""
+    versions: str = ""
+    errors: Dict[str, float] = dataclasses.field(default_factory=dict)  # per output
+
+    def describe(self) -> str:
+        """What happened, with everything a bug report needs."""
+        where = (
+            f"the fused Triton kernels of family {self.family!r} on {self.device} "
+            f"[{self.device_name}] with {self.dtype} operands"
+        )
+        if self.error:
+            what = f"{where} failed to compile or run: {self.error}"
+        elif self.passed:
+            what = (
+                f"{where} agree with the PyTorch path (max relative error "
+                f"{self.max_rel_err:.2e} in {self.output}, tolerance {self.tolerance:.0e})"
+            )
+        else:
+            what = (
+                f"{where} disagree with the PyTorch path: max relative error "
+                f"{self.max_rel_err:.2e} in {self.output} (tolerance {self.tolerance:.0e}; "
+                + ", ".join(f"{k} {v:.2e}" for k, v in self.errors.items())
+                + ")"
+            )
+        return f"{what}. {self.versions}."
+
+
+def rel_err(ours: Tensor, ref: Tensor) -> float:
+    """max |ours - ref| / max |ref| in float64; inf if the infinities differ, nan if any
+    value is nan (both fail the check)."""
+    a, b = ours.detach().double().cpu(), ref.detach().double().cpu()
+    if a.shape != b.shape:
+        return float("inf")
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return float("nan")
+    inf_a, inf_b = torch.isinf(a), torch.isinf(b)
+    if not torch.equal(inf_a, inf_b) or not torch.equal(a[inf_a], b[inf_b]):
+        return float("inf")
+    a, b = a[~inf_a], b[~inf_b]
+    if b.numel() == 0:
+        return 0.0
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------ the problems
+
+_SEED = 1234
+_ZERO_COLUMN = 7
+
+
+def _class_inputs(device: torch.device, dtype: torch.dtype):
+    B, D, C = 67, 261, 133
+    g = torch.Generator().manual_seed(_SEED)
+    W = torch.randn(D, C, generator=g) * (0.2 + 2.0 * torch.rand(C, generator=g))
+    x = torch.randn(B, D, generator=g) * (0.5 + torch.rand(B, 1, generator=g))
+    target = torch.randint(0, C, (B,), generator=g)
+    edges = [0, 15, 16, 31, 32, 63, 64, 127, 128, 132]
+    target[3 : 3 + len(edges)] = torch.tensor(edges)
+    zero = _ZERO_COLUMN  # the zero proxy column: no row targets it, every row sees it as a negative
+    target[target == zero] = zero + 1
+    W[:, zero] = 0.0
+    # Rows at the clamp edges (scaled, so that only the op's normalisation makes them 1).
+    x[0] = 1.3 * W[:, 50]  # cos = +1 to a non-target proxy
+    target[0] = 51
+    x[1] = -0.7 * W[:, 90]  # cos = -1
+    target[1] = 89
+    x[2] = 2.0 * W[:, 128]  # cos_y = +1 (its own target proxy, on a tile edge)
+    target[2] = 128
+    target[20] = -1  # no target column among these classes
+    row_param = torch.rand(B, generator=g) - 0.5
+    weights = (torch.randn(B, generator=g), torch.randn(B, generator=g))
+    # bf16/fp16 operands: the embeddings in that dtype and W kept in float32, as in
+    # training with float32 proxies (autocast rounds the same way).
+    x = x.to(device=device, dtype=dtype)
+    W = W.to(device=device)
+    return x, W, target.to(device), row_param.to(device), [w.to(device) for w in weights]
+
+
+_CLASS_KINDS = {
+    "circle": (256.0, 0.25, False),
+    "curricular": (64.0, 0.3, True),  # p1 = t as a 0-d tensor, row_param used
+    "scaled": (64.0, 0.0, False),
+}
+
+
+def _class_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
+    from .class_lse import class_logsumexp
+
+    x0, W0, target, row_param, (g_lse, g_cos) = _class_inputs(device, dtype)
+    out = {}
+    for kind, (p0, p1, tensor_p1) in _CLASS_KINDS.items():
+        x = x0.clone().requires_grad_()
+        W = W0.clone().requires_grad_()
+        p1_arg = torch.tensor(p1, device=device) if tensor_p1 else p1
+        lse, cos_y = class_logsumexp(x, W, target, kind, p0, p1_arg, row_param=row_param, impl=impl)
+        finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        ((finite * g_lse).sum() + (cos_y * g_cos).sum()).backward()
+        # The zero column's gradient is scaled by its inverse norm (1e6, the norm floor):
+        # compared on its own, so that it does not hide the error of every other column.
+        others = torch.ones(W.shape[1], dtype=torch.bool, device=device)
+        others[_ZERO_COLUMN] = False
+        out.update(
+            {
+                f"{kind}.lse": lse.detach(),
+                f"{kind}.cos_y": cos_y.detach(),
+                f"{kind}.grad_x": x.grad,
+                f"{kind}.grad_W": W.grad[:, others],
+                f"{kind}.grad_W[zero column]": W.grad[:, _ZERO_COLUMN],
+            }
+        )
+    return out
+
+
+def _pair_inputs(device: torch.device):
+    B, N, D = 133, 71, 261
+    g = torch.Generator().manual_seed(_SEED + 1)
+    x = torch.randn(B, D, generator=g)
+    labels = torch.randint(0, 23, (B,), generator=g)
+    for a, b in ((31, 32), (63, 64), (127, 128)):  # positives across tile edges
+        labels[b] = labels[a]
+    labels[5] = labels[6]
+    x[6] = x[5]  # positive pair at s = +1
+    labels[9] = labels[8] + 1
+    x[9] = x[8]  # negative pair at s = +1 (the largest negative logit)
+    labels[11] = labels[10] + 1
+    x[11] = -x[10]  # s = -1
+    x = F.normalize(x, dim=1)
+    x[12] = 0.0  # a zero row (s = 0 with everything)
+    y = F.normalize(torch.randn(N, D, generator=g), dim=1)
+    y[3] = x[40]
+    ref_labels = torch.randint(0, 23, (N,), generator=g)
+    ref_labels[3] = labels[40]
+    # A dense mined set: about a third of the pairs, each positive or negative.
+    same = labels[:, None] == labels[None, :]
+    keep = torch.rand(B, B, generator=g) < 0.35
+    a1, p = torch.nonzero(same & keep, as_tuple=True)
+    a2, n = torch.nonzero(~same & keep, as_tuple=True)
+    weights = torch.randn(3, B, generator=g)
+    move = lambda *ts: [t.to(device) for t in ts]  # noqa: E731
+    return (*move(x, y, labels, ref_labels, weights), move(a1, p, a2, n))
+
+
+def _pair_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
+    from .pair_circle import all_pairs_circle_loss, mined_pairs_circle_loss
+
+    x0, y0, labels, ref_labels, weights, mined = _pair_inputs(device)
+    opts = dict(m=0.25, gamma=64.0, impl=impl, operand_dtype=dtype)
+    x = x0.clone().requires_grad_()
+    y = y0.clone().requires_grad_()
+    self_loss = all_pairs_circle_loss(x, x, labels, labels, self_compare=True, **opts)
+    ref_loss = all_pairs_circle_loss(x, y, labels, ref_labels, **opts)
+    mined_loss = mined_pairs_circle_loss(x, x, *mined, path="dense", **opts)
+    total = (self_loss * weights[0]).sum() + (ref_loss * weights[1]).sum()
+    (total + (mined_loss * weights[2]).sum()).backward()
+    return {
+        "self.loss": self_loss.detach(),
+        "ref.loss": ref_loss.detach(),
+        "mined.loss": mined_loss.detach(),
+        "grad_x": x.grad,
+        "grad_ref": y.grad,
+    }
+
+
+_RUNNERS: Dict[str, Callable[[str, torch.device, torch.dtype], Dict[str, Tensor]]] = {
+    "class_lse": _class_run,
+    "pair_circle": _pair_run,
+}
+
+
+def _compare(got: Dict[str, Tensor], want: Dict[str, Tensor]) -> Tuple[float, str, Dict]:
+    errors = {name: rel_err(got[name], want[name]) for name in want}
+    # nan sorts nowhere: report it first, then the largest error.
+    worst = max(errors, key=lambda k: (errors[k] != errors[k], errors[k]))
+    return errors[worst], worst, errors
+
+
+def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
+    """Run ``family``'s self-check on ``device`` for ``dtype`` operands now, uncached.
+
+    Never raises for a kernel that fails: the :class:`KernelCheck` says what happened
+    (``passed``, ``max_rel_err``, ``output``, ``error``). :mod:`~pml_extras.ops.dispatch`
+    caches its outcome per (family, device, dtype); call this one directly to re-check
+    (``benchmarks/selfcheck.py`` does).
+
+    Example::
+
+        >>> result = run_kernel_check("class_lse", "cuda", torch.bfloat16)  # doctest: +SKIP
+        >>> result.passed, result.max_rel_err, result.seconds  # doctest: +SKIP
+        (True, 0.0021, 3.8)
+    """
+    if family not in _RUNNERS:
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
+    if dtype not in CHECK_DTYPES:
+        raise TypeError(f"the Triton kernels take {CHECK_DTYPES} operands, got {dtype}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    tf32 = dtype == torch.float32 and tf32_enabled()
+    tol = tolerance(family, dtype, tf32)
+    info = dict(
+        family=family,
+        device=str(device),
+        dtype=dtype_label(dtype, tf32),
+        tolerance=tol,
+        device_name=device_description(device),
+        versions=versions(),
+    )
+    run = _RUNNERS[family]
+    start = time.perf_counter()
+    # Whatever the caller's context: gradients on, autocast off (the dtype is explicit),
+    # the launches on this device, and warnings (the interpreter's numpy overflow notes)
+    # neither shown nor, under a caller's "error" filter, turned into a failed check.
+    with torch.inference_mode(False), torch.enable_grad(), _no_autocast(device):
+        with _on_device(device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                got = run("triton", device, dtype)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # launch errors surface here
+            except Exception as exc:
+                seconds = time.perf_counter() - start
+                err = f"{type(exc).__name__}: {_first_lines(str(exc))}"
+                nan = float("nan")
+                return KernelCheck(
+                    passed=False, max_rel_err=nan, output="", seconds=seconds, error=err, **info
+                )
+            want = run("torch", device, dtype)
+    worst, output, errors = _compare(got, want)
+    seconds = time.perf_counter() - start
+    passed = worst <= tol  # nan compares False
+    return KernelCheck(
+        passed=passed,
+        max_rel_err=worst,
+        output=output,
+        seconds=seconds,
+        errors=errors,
+        **info,
+    )
+
+
+def _first_lines(text: str, n: int = 6) -> str:
+    lines: List[str] = text.strip().splitlines()
+    return " | ".join(lines[:n]) + (" | ..." if len(lines) > n else "")
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+__all__ = [
+    "CHECK_DTYPES",
+    "FAMILIES",
+    "KERNEL_MODULES",
+    "TOLERANCES",
+    "KernelCheck",
+    "rel_err",
+    "run_kernel_check",
+    "tolerance",
+]
