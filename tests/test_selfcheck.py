@@ -225,6 +225,7 @@ def test_auto_warns_once_when_triton_does_not_import_on_cuda(monkeypatch, family
     with pytest.warns(dispatch.TritonUnavailableWarning) as record:
         assert dispatch.resolve_impl("auto", CUDA0, torch.float32, family=family) == "torch"
     text = str(record[0].message)
+    assert record[0].filename == __file__
     assert selfcheck.KERNEL_MODULES[family] in text and "'triton'" in text, text
     assert re.search(r"(ModuleNotFound|Import)Error", text) and "impl='torch'" in text
     with warnings.catch_warnings():
@@ -467,6 +468,7 @@ class TestInterpretedCheck:
         x, W, t = _class_case()
         with pytest.warns(dispatch.KernelCheckWarning, match="failed to compile or run") as rec:
             loss = _class_loss(x, W, t)
+        assert rec[0].filename == __file__  # attributed to the caller's line, not ours
         assert "RuntimeError: PTX assembly aborted (simulated) | ptxas fatal" in str(rec[0].message)
         loss.backward()  # the PyTorch path
         with pytest.raises(dispatch.KernelCheckError, match="PTX assembly aborted"):

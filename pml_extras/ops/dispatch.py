@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import warnings
 from typing import Dict, Optional, Tuple
@@ -175,14 +176,26 @@ def _auto_can_import(device: torch.device, family: Optional[str]) -> bool:
             first = why not in _warned
             _warned.add(why)
         if first:
-            warnings.warn(
+            _warn(
                 f"pml_extras: impl='auto' cannot use the fused Triton kernels on {device} "
                 f"and falls back to the PyTorch path (slower, same results): {why}. Install "
                 "a triton that matches your torch, or pass impl='torch' to silence this.",
                 TritonUnavailableWarning,
-                stacklevel=4,
             )
     return False
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _warn(message: str, category) -> None:
+    """``warnings.warn`` attributed to the first frame outside pml_extras and torch (the
+    user's line that called the loss), however deep the call came from."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE, _TORCH)):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
@@ -230,11 +243,10 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
             "would use the PyTorch path here."
         )
     if first_warning:
-        warnings.warn(
+        _warn(
             f"{report} impl='auto' uses the PyTorch path for {family} on {result.device} "
             f"with {result.dtype} operands in this process (slower, correct).",
             KernelCheckWarning,
-            stacklevel=4,
         )
     return False
 
