@@ -158,3 +158,18 @@ def test_readme_recipe_resumes_bit_identically_and_benchmark_evaluates(tmp_path)
         r"eval: nearest-proxy accuracy over all 30 classes ([0-9.]+) \(20 ", out_bench
     )
     assert match, out_bench
+
+
+def test_memory_benchmark_runs_and_gives_the_readme_figures(tmp_path):
+    script = ROOT / "benchmarks" / "distributed_memory.py"
+    argv = [script, "--num-classes", "3000", "--dim", "16", "--batch", "32"]
+    out = finish(launch([*argv, "--out", tmp_path / "m.json"], 1, tmp_path, "mem"))
+    assert re.search(r"rank 0: train +[0-9.]+ / +[0-9.]+ +predict +[0-9.]+ / +[0-9.]+", out), out
+    sys.path.insert(0, str(script.parent))
+    import distributed_memory as dm
+
+    gib = {k: v / (1 << 30) for k, v in dm.formula(10_000_000, 512, 8, 8192, 0.1).items()}
+    assert round(gib["train"], 2) == 7.18 and round(gib["predict"], 2) == 2.42
+    assert round(gib["partial_fc"], 2) == 14.78 and round(gib["old_predict"], 2) == 42.93
+    assert "SGD momentum, r=0.1: train 7.18  predict 2.42" in out
+    assert "Adam, r=1.0: train 9.57" in out

@@ -362,8 +362,8 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         Args:
             embeddings: (B, D) local embeddings (any norm; cosine similarity is used).
             k: how many classes per row (1 <= k <= num_classes).
-            chunk_size: classes scored at once (default: about 2**24 / B_g, i.e. 64 MiB of
-                float32 scores, at least 1).
+            chunk_size: classes scored at once (default: 2**22 // B_g, i.e. 16 MiB of
+                float32 scores, as the loss's own chunks; at least 1).
             return_scores: also return the cosines.
 
         Returns:
@@ -387,7 +387,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         dtype = torch.promote_types(torch.promote_types(x_all.dtype, self.W.dtype), torch.float32)
         x = x_all.to(dtype)
         rows, local = x.shape[0], self.W.shape[1]
-        chunk = chunk_size or max(1, (1 << 24) // max(rows, 1))
+        chunk = chunk_size or max(1, (1 << 22) // max(rows, 1))
         best = x.new_full((rows, k), -math.inf)
         ids = torch.full((rows, k), -1, dtype=torch.int64, device=x.device)
         for lo in range(0, local, chunk):
