@@ -163,6 +163,20 @@ def test_triton_raises_every_time_with_the_details(fake_gpu):
         assert dispatch.resolve_impl("auto", CUDA0, torch.float16, family="pair_circle") == "torch"
 
 
+def test_first_check_inside_cuda_graph_capture_is_an_error(fake_gpu, monkeypatch):
+    fake = fake_gpu()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+        dispatch.resolve_impl("auto", CUDA0, torch.bfloat16, family="class_lse")
+    assert fake.calls == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    dispatch.resolve_impl("auto", CUDA0, torch.bfloat16, family="class_lse")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    # Checked before the capture: the cached outcome is used, nothing runs.
+    assert dispatch.resolve_impl("auto", CUDA0, torch.bfloat16, family="class_lse") == "triton"
+    assert len(fake.calls) == 1
+
+
 def test_opt_outs_skip_the_check(fake_gpu, monkeypatch):
     fake = fake_gpu(failing=[("class_lse", torch.float32)])
     monkeypatch.setenv(dispatch.SKIP_ENV, "1")

@@ -198,6 +198,13 @@ def _warn(message: str, category) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def _capturing() -> bool:
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except RuntimeError:  # a CPU-only torch build
+        return False
+
+
 def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
     from .selfcheck import tf32_enabled
 
@@ -221,6 +228,14 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
         return True
     with _lock:
         result = _results.get(key)
+        if result is None and device.type == "cuda" and _capturing():
+            # The check synchronises and reads results on the host: impossible inside a
+            # CUDA graph capture, and a kernel captured unchecked would replay unchecked.
+            raise RuntimeError(
+                f"pml_extras: the {family} Triton kernels have not been self-checked on "
+                f"{key[1]} for {key[2]} operands yet, and a CUDA graph is being captured. "
+                f"Run one step before capturing, or set {SKIP_ENV}=1 once verified."
+            )
         if result is None:
             active.add(key)
             try:
