@@ -157,16 +157,75 @@ def test_low_precision_inputs(kind, x_dtype, w_dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cosines_outside_unit_interval_are_clamped(kind):
-    """Rows slightly longer than 1 (as a rounded unit vector can be) along a proxy: the raw
-    cosine exceeds +-1, is clamped to it, and passes no gradient through the clamp."""
+def test_rows_are_normalised_inside(kind):
+    """The op normalises x itself: rows of any length (here 1.01, 0.5 and 3 times a proxy
+    direction, cos = +-1, and random ones) give the values of their unit rows, and the
+    gradient of the unit row divided by the length (d/dx f(x/|x|))."""
     x, W, row_param = make_inputs(10, 6, 10, seed=9)
     w_hat = F.normalize(W, dim=0)
-    x[:4] = 1.01 * w_hat[:, [0, 3, 6, 9]].t()  # own proxy for rows 0, 2; others for 1, 3
-    x[4:6] = -1.01 * w_hat[:, [6, 5]].t()
-    raw = x @ w_hat
-    assert (raw > 1).sum() >= 4 and (raw < -1).sum() >= 2
-    compare(x, W, BOUNDARY_TARGETS, kind, 3, row_param)
+    x[:4] = w_hat[:, [0, 3, 6, 9]].t()  # own proxy for rows 0, 2; others for 1, 3
+    x[4:6] = -w_hat[:, [6, 5]].t()
+    lengths = torch.tensor([1.01, 0.5, 3.0, 1.01, 2.0, 0.7, 1.3, 0.9, 4.0, 0.25], dtype=F64)
+    p0, p1 = PARAMS[kind]
+    rp = row_param if kind == "curricular" else None
+
+    def op(x_, W_):
+        return class_logsumexp(
+            x_, W_, BOUNDARY_TARGETS, kind, p0, p1, row_param=rp, chunk_size=3, impl="torch"
+        )
+
+    unit = run(op, x, W)
+    scaled = run(op, x * lengths[:, None], W)
+    assert_close(scaled[0], unit[0], 1e-12, 1e-12, "lse")
+    assert_close(scaled[1], unit[1], 1e-12, 1e-12, "cos_y")
+    assert_close(scaled[2], unit[2] / lengths[:, None], 1e-10, 1e-10, "d/dx")
+    assert_close(scaled[3], unit[3], 1e-10, 1e-10, "d/dW")
+    compare(x * lengths[:, None], W, BOUNDARY_TARGETS, kind, 3, row_param)
+
+
+def test_operand_dtype_policy():
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    x, W = torch.randn(3, 4), torch.randn(4, 5)
+    assert class_lse.operand_dtype(x, W) == f32
+    assert class_lse.operand_dtype(x.to(bf16), W) == bf16  # W's dtype does not promote
+    assert class_lse.operand_dtype(x.to(f16), W.to(bf16)) == f16
+    assert class_lse.operand_dtype(x, W.to(bf16)) == f32
+    assert class_lse.operand_dtype(x.double(), W) == F64
+    with torch.autocast("cpu", dtype=bf16):
+        assert class_lse.operand_dtype(x, W) == bf16
+        assert class_lse.operand_dtype(x.to(f16), W) == bf16  # autocast decides
+        assert class_lse.operand_dtype(x.double(), W) == F64  # autocast leaves float64
+    with torch.autocast("cpu", dtype=f16):
+        assert class_lse.operand_dtype(x, W) == f16
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_path_follows_the_operand_policy(kind):
+    """bf16 embeddings with fp32 W multiply W rounded to bf16 (tile by tile); CPU autocast
+    gives fp32 inputs the same bf16 operands; the outputs and gradients keep their
+    dtypes, and the result is not the fp32 one."""
+    x, W, row_param = make_inputs(10, 16, 10, seed=11, dtype=torch.float32)
+    p0, p1 = PARAMS[kind]
+    rp = row_param.float() if kind == "curricular" else None
+
+    def op(x_, W_):
+        return class_logsumexp(
+            x_, W_, BOUNDARY_TARGETS, kind, p0, p1, row_param=rp, chunk_size=4, impl="torch"
+        )
+
+    xb = x.bfloat16()
+    half = run(op, xb, W)
+    rounded_w = run(op, xb, W.bfloat16().float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = run(op, xb.float(), W)
+    full = run(op, xb.float(), W)
+    for i, (a, b, c) in enumerate(zip(half, rounded_w, auto)):
+        assert_close(a, b, 1e-6, 1e-6, "rounded W")
+        tol = 8e-3 if i == 2 else 1e-6  # (half's d/dx comes back rounded to bf16)
+        assert_close(c, a, tol, tol * float(a.abs().max()), "autocast")
+    assert half[2].dtype == torch.bfloat16 and half[3].dtype == torch.float32
+    assert auto[2].dtype == auto[3].dtype == torch.float32
+    assert (half[0] - full[0]).abs().max() > 1e-4  # W's rounding shows at these scales
 
 
 def test_weight_may_be_a_transposed_view():

@@ -14,7 +14,8 @@ splits and D groups all have several members, C < BLOCK_C and odd sizes occur, a
 fall on tile boundaries. Oracles: ``_forward_torch`` / ``_backward_torch`` and float32
 dense autograd math on the same (possibly bf16-valued) inputs.
 
-``TestGPU`` (CUDA only) compares impl="triton" with impl="torch" through the loss modules.
+``TestInterpretedOrGPU`` compares impl="triton" with impl="torch" through the loss modules
+(medium sizes on a GPU, small ones under the interpreter).
 ``test_kernels_compile_for_sm90`` compiles the kernels for an H100 without one (ptxas).
 """
 
@@ -211,8 +212,9 @@ def check_all(
 
 _INTERPRETED_MODULES = ("test_margin_losses.py", "test_pair_circle_triton.py", "test_gpu.py")
 # test_gpu.py runs whole (it is the GPU suite; on CPU the interpreter stands in for the
-# GPU); its CUDA-only exceptions are the only skips allowed, each with its reason.
-_CUDA_ONLY = "test_gpu.py"
+# GPU). The CUDA-only exceptions (there and in this module) are the only skips allowed,
+# each with its reason.
+_CUDA_ONLY = ("test_gpu.py", "test_class_lse_triton.py")
 
 
 def test_interpreter_suite():
@@ -228,7 +230,7 @@ def test_interpreter_suite():
     here = os.path.dirname(os.path.abspath(__file__))
     others = [os.path.join(here, name) for name in _INTERPRETED_MODULES]
     cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), *others, "-q", "-rfEs"]
-    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", f"Interpreted or {_CUDA_ONLY}"]
+    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", "Interpreted or test_gpu.py"]
     cmd += ["--durations=5"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -554,23 +556,29 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
         )
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-@needs_triton
-class TestGPU:
-    """impl="triton" vs impl="torch" at a medium size, through the PML loss modules."""
+_DEV = torch.device("cuda" if CUDA else "cpu")
 
-    B, D, C = 256, 128, 5000
+
+@pytest.mark.skipif(
+    not (CUDA or INTERPRET) or clt is None,
+    reason="needs a CUDA device, or the TRITON_INTERPRET=1 child (test_interpreter_suite)",
+)
+class TestInterpretedOrGPU:
+    """impl="triton" vs impl="torch" at a medium size on a GPU (small ones on CPU under the
+    interpreter: only the device and the sizes differ), through the PML loss modules."""
+
+    B, D, C = (256, 128, 5000) if CUDA else (9, 32, 37)
 
     def _run(self, cls, kwargs, dtype, impl, values_dtype=None, seed=0):
         """(loss, grad emb, grad W) as float32; inputs rounded through ``values_dtype``."""
         values_dtype = values_dtype or dtype
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        emb = torch.randn(self.B, self.D, device="cuda", generator=g)
+        g = torch.Generator(device=_DEV).manual_seed(seed)
+        emb = torch.randn(self.B, self.D, device=_DEV, generator=g)
         emb = emb.to(values_dtype).to(dtype)
-        labels = torch.randint(0, self.C, (self.B,), device="cuda", generator=g)
-        loss_fn = cls(self.C, self.D, impl=impl, **kwargs).cuda()
+        labels = torch.randint(0, self.C, (self.B,), device=_DEV, generator=g)
+        loss_fn = cls(self.C, self.D, impl=impl, **kwargs).to(_DEV)
         with torch.no_grad():
-            W = torch.randn(self.D, self.C, device="cuda", generator=g)
+            W = torch.randn(self.D, self.C, device=_DEV, generator=g)
             loss_fn.W.copy_(W.to(values_dtype).float())
         loss_fn = loss_fn.to(dtype)
         emb.requires_grad_()
@@ -605,11 +613,11 @@ class TestGPU:
     @pytest.mark.parametrize("kind", KINDS)
     @pytest.mark.parametrize("d", [128, 1024], ids=["full_d", "d_groups"])
     def test_op_matches_dense_oracle(self, kind, d):
-        B, C = 200, 3001
+        B, C = (200, 3001) if CUDA else (5, 41)
         x, W, t, rp, gl, gc = make_case(B, d, C, torch.float32, kind, 64, seed=7)
-        x, W, t, rp, gl, gc = (v.cuda() for v in (x, W, t, rp, gl, gc))
+        x, W, t, rp, gl, gc = (v.to(_DEV) for v in (x, W, t, rp, gl, gc))
         p0, p1 = PARAMS[kind]
-        p1 = p1.cuda() if torch.is_tensor(p1) else p1
+        p1 = p1.to(_DEV) if torch.is_tensor(p1) else p1
         with fp32_matmul_precision("ieee"):
             lse, cos_y, state = clt.forward(x, W, t, rp, kind, p0, p1, need_state=True)
             gx, gw = clt.backward(x, W, t, rp, kind, p0, p1, lse, gl, gc, state=state)
@@ -617,6 +625,7 @@ class TestGPU:
         for a, b in ((lse, o_lse), (cos_y, o_cos), (gx, o_gx), (gw, o_gw)):
             assert rel_err(a, b) < 1e-3
 
+    @pytest.mark.skipif(not CUDA, reason="needs CUDA: CPU has no peak-allocation counter")
     def test_no_batch_by_classes_memory(self):
         B, D, C = 1024, 512, 100_000
         x = F.normalize(torch.randn(B, D, device="cuda"), dim=1).bfloat16().requires_grad_()
@@ -829,23 +838,39 @@ class TestInterpretedGpuPath:
             assert (gw.abs().sum(0) > 0).all()  # nothing flushed to zero
 
     def test_exact_unit_cosines_agree_between_implementations(self):
-        """Rows equal to (scaled) proxies, gamma = 256: cos = +-1 up to rounding. No mask
-        decides anything there, so both implementations give the same gradients."""
-        B, D, C = 6, 16, 9
-        g = torch.Generator().manual_seed(13)
+        """Rows that are scaled copies of proxies, gamma = 256: the cosine is 1 exactly, and
+        rounding puts the computed one on either side of it (asserted below: some land
+        above 1, on negatives and on targets). Both implementations must match the
+        straight-through oracle there. (At exactly +-1 an entry's gradient is radial and
+        the normalisation removes it, so a rounding-decided mask changes it by ~ulp only:
+        the clamp mask is gone for determinism, and this test cannot see it come back.)"""
+        B, D, C = 12, 16, 9
+        g = torch.Generator().manual_seed(19)
         W = torch.randn(D, C, generator=g)
-        x = torch.randn(B, D, generator=g)
-        x[:4] = torch.stack([W[:, 0] * 3, -W[:, 1], W[:, 5] * 0.7, -2 * W[:, 8]])
-        t = torch.tensor([0, 1, 2, 3, -1, 8])
+        scales = torch.rand(B, generator=g) * 3 + 0.1
+        cols = torch.arange(B) % C
+        x = (W[:, cols] * scales).t().contiguous()
+        t = (cols + 1) % C  # the exact cos = 1 column is a negative of its row...
+        t[::3] = cols[::3]  # ...or its target (the target term's gradient)
+        op, acc, x_op, x_hat, inv_x = class_lse.operands(x, W)
+        raw, _, _ = class_lse._chunk_cosines(x_op.to(acc), x_hat, inv_x, W, op, acc)
+        is_target = torch.arange(C)[None, :] == t[:, None]
+        # The boundary is really crossed by rounding, on negatives and on targets.
+        assert ((raw > 1) & ~is_target).any() and ((raw > 1) & is_target).any()
+        x, t = torch.cat([x, -x[:2]]), torch.cat([t, t[:2]])  # and two rows at cos = -1
+        B = B + 2
         rp = torch.zeros(B)
         gl, gc = torch.ones(B), torch.ones(B)
         for kind in ("circle", "scaled"):
             with clt.block_config(block_m=4, block_c=4, block_d=8):
                 lse, cos_y, st = clt.forward(x, W, t, rp, kind, 256.0, 0.25, need_state=True)
                 gx, gw = clt.backward(x, W, t, rp, kind, 256.0, 0.25, lse, gl, gc, state=st)
+            r_lse, _ = class_lse._forward_torch(x, W, t, rp, kind, 256.0, 0.25, 4)
+            r_gx, r_gw = class_lse._backward_torch(x, W, t, rp, kind, 256.0, 0.25, 4, r_lse, gl, gc)
             o_lse, o_cos, o_gx, o_gw = dense_oracle(x, W, t, rp, kind, 256.0, 0.25, gl, gc)
             assert rel_err(lse, o_lse) < 1e-5 and rel_err(cos_y, o_cos) < 1e-5
-            assert rel_err(gx, o_gx) < 1e-4 and rel_err(gw, o_gw) < 1e-4
+            for got in ((gx, gw), (r_gx, r_gw)):
+                assert rel_err(got[0], o_gx) < 1e-4 and rel_err(got[1], o_gw) < 1e-4
 
     def test_cpu_autocast_gives_bf16_operands(self):
         """Under torch.autocast (CPU, bf16) fp32 inputs run with bf16 operands in both
