@@ -19,10 +19,21 @@ closer than the angle at which AdaCos puts the target's probability at 1/2. Then
 
     scale = sqrt(2) * ln(C - 1)     (AdaCos fixed scale, Zhang et al., CVPR 2019)
 
-and the proxies start spread (see ``_spread``); otherwise the paper's value is used and
-the proxies start as PML's (normal_). Examples: C=10 is low-dimensional below D=18
+Circle loss's margin becomes m = min(max(0.25, c*), 1/2), c* the largest pairwise cosine
+of the best spread of C points on S^(D-1) (:func:`resolve_circle_margin`), and the
+proxies start spread (:func:`auto_proxy_init_`); otherwise the paper's values are used
+and the proxies start as PML's (normal_). Examples: C=10 is low-dimensional below D=18
 (s = 3.11); C=1M, D=512 is not (threshold 110.5), so face recognition keeps s=64 /
 gamma=256 and the Gaussian init exactly; 128-D stays on the paper path up to C ~ 9M.
+
+Measured (digits, 3 seeds, benchmarks/results/lowdim): 3-D CurricularFace 0.926 and
+SparseCircle 0.898 vs softmax 0.909 (paper values: 0.749, 0.677); 128-D identical to the
+paper values (the same code path). Recommended: keep "auto"; pass the paper's numbers
+to reproduce a paper.
+
+Example:
+    >>> resolve_scale("auto", 64.0, 10, 3, "CurricularFaceLoss")  # AdaCos: 3.107...
+    >>> resolve_scale("auto", 64.0, 10**6, 512, "CurricularFaceLoss")  # 64.0
 """
 
 from __future__ import annotations
