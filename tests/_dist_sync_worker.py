@@ -201,6 +201,72 @@ def suite_sync_state(rank, world, *_):
     }
 
 
+SYNC_METHODS = ("item", "tolist", "__bool__", "nonzero", "__int__", "__float__", "unique")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Record every call of a Tensor method that waits for the device, with its call site
+    (the innermost frame in pml_extras). Implicit syncs inside C++ ops (boolean-mask
+    indexing, torch.unique) are not seen, so the code under test avoids those."""
+    import traceback
+
+    log, saved = [], {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+    saved_fn = {name: getattr(torch, name) for name in ("nonzero", "unique")}
+
+    def site():
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "pml_extras" in frame.filename:
+                return f"{frame.filename.split('pml_extras')[-1]}:{frame.name}"
+        return "outside pml_extras"
+
+    def wrap(name, fn):
+        def call(*args, **kwargs):
+            log.append((name, site()))
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    for name, fn in saved_fn.items():
+        setattr(torch, name, wrap(name, fn))
+    try:
+        yield log
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        for name, fn in saved_fn.items():
+            setattr(torch, name, fn)
+
+
+def suite_host_syncs(rank, world, *_):
+    from pml_extras.distributed import (
+        DistributedLossWrapper,
+        ShardedCurricularFaceLoss,
+        ShardedSparseCircleLoss,
+    )
+    from pml_extras.losses import CenterLoss
+
+    sizes, labels = labels_for(world)
+    y = labels[base.rows(sizes, rank)]
+    cases = {
+        "circle": ShardedSparseCircleLoss(13, DIM, gamma=16.0),
+        "circle_sampled": ShardedSparseCircleLoss(13, DIM, gamma=16.0, sample_rate=0.5),
+        "curricular_sampled": ShardedCurricularFaceLoss(13, DIM, scale=16.0, sample_rate=0.5),
+        "wrapper_center": DistributedLossWrapper(CenterLoss(13, DIM)),
+    }
+    out = {}
+    for name, loss_fn in cases.items():
+        for step in range(2):  # the second step is counted (the first syncs state)
+            x = global_x(sum(sizes), seed=step)[base.rows(sizes, rank)].float()
+            x.requires_grad_(True)
+            with count_host_syncs() as log:
+                loss_fn(x, y).backward()
+        out[name] = log
+    return out
+
+
 from _dist_amp_worker import suite_amp  # noqa: E402
 
 base.SUITES.update(
@@ -208,6 +274,7 @@ base.SUITES.update(
     sync_sharded=suite_sync_sharded,
     amp=suite_amp,
     sync_state=suite_sync_state,
+    host_syncs=suite_host_syncs,
 )
 
 if __name__ == "__main__":

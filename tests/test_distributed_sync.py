@@ -37,7 +37,7 @@ def sync_run(request, tmp_path_factory):
         [1] * world,
         13,
         tmp_path_factory.mktemp(f"sync{world}"),
-        suites="sync_wrapper,sync_sharded,amp,sync_state",
+        suites="sync_wrapper,sync_sharded,amp,sync_state,host_syncs",
         timeout=120.0,
         worker=WORKER,
         PMLX_TIMEOUT=20,
@@ -230,3 +230,21 @@ def test_wrapper_restores_state_perturbed_on_one_rank(sync_run):
     last = res[-1]["every0_perturbed"]["state"][2]
     first = res[0]["every0_perturbed"]["state"][2]
     assert not torch.equal(last["W"], first["W"]) and not torch.equal(last["t"], first["t"])
+
+
+# ----------------------------------------------------------------------------- host syncs
+def test_host_syncs_per_step(sync_run):
+    """One host sync per training step (the all-gather of batch sizes, errors and the label
+    range), plus one with negative sampling (how many columns to keep). Counted by patching
+    the Tensor methods that wait for the device (item, tolist, __bool__, nonzero, __int__,
+    __float__, unique); the code avoids boolean-mask indexing, which syncs unseen."""
+    gather = ("tolist", "/distributed/_comm.py:all_gather_ints")
+    keep = ("__int__", "/distributed/sharded.py:_columns_and_targets")
+    for res in sync_run["results"]:
+        got = res["host_syncs"]
+        assert got["circle"] == [gather]
+        assert got["circle_sampled"] == [gather, keep]
+        assert got["curricular_sampled"] == [gather, keep]
+        # The wrapper adds its all-gather to what the wrapped loss does (CenterLoss's own
+        # label check on the gathered batch).
+        assert got["wrapper_center"] == [gather, ("tolist", "/_validation.py:_check_label_range")]

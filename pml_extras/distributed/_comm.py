@@ -36,13 +36,24 @@ def global_rank(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank)
 
 
-def all_gather_ints(values: Sequence[int], device, group=None) -> List[List[int]]:
-    """All-gather a short list of ints from every rank (one small collective, one sync)."""
+def all_gather_ints(
+    values: Sequence[int], device, group=None, device_values: Optional[Tensor] = None
+) -> List[List[int]]:
+    """All-gather a short list of ints from every rank (one small collective, one sync).
+
+    ``device_values`` (a 1-D int64 tensor, the same length on every rank) is appended to
+    each rank's row without a host round trip of its own, so that values computed on the
+    device (a label range) arrive on the host in the same single sync.
+    """
     rank, world = group_info(group)
-    if world == 1:
+    if world == 1 and device_values is None:
         # No tensor round trip: under torch.compile that would be a needless graph break.
         return [[int(v) for v in values]]
     local = torch.tensor(list(values), dtype=torch.int64, device=device)
+    if device_values is not None:
+        local = torch.cat([local, device_values.to(device=device, dtype=torch.int64)])
+    if world == 1:
+        return [local.tolist()]
     out = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(out, local, group=group)
     return torch.stack(out).tolist()
@@ -247,6 +258,7 @@ def synced_validation(
     device,
     group=None,
     needs_grad: bool = False,
+    label_range: Optional[Tensor] = None,
 ):
     """Run ``check()`` (returns the local batch size) on every rank; fail on all if one fails.
 
@@ -256,18 +268,41 @@ def synced_validation(
     ``num_classes``). Returns (every rank's batch size, whether ``needs_grad`` is true on
     some rank): the collective that gathers the outcome also makes the ranks agree on
     whether the gathered embeddings take part in a backward collective.
+
+    ``label_range`` (``lambda: (min, max)`` of the labels as device tensors, called after a
+    successful ``check()``) moves the label range check into the same all-gather: one host
+    sync per step for sizes, errors and labels, instead of one more for the range.
     """
     error, code, batch, bad = None, 0, -1, 0
+    lo_hi = None
     try:
         batch = int(check())
+        if label_range is not None:
+            lo_hi = torch.stack(label_range()) if batch > 0 else None
     except (ValueError, TypeError) as exc:
         error = exc
         label = None if num_classes is None else out_of_range_label(labels, num_classes)
         code, bad = (1, label) if label is not None else (2, 0)
-    rows = all_gather_ints([code, batch, bad, int(bool(needs_grad))], device, group)
+    if label_range is not None and lo_hi is None:
+        lo_hi = torch.zeros(2, dtype=torch.int64, device=device)
+    rows = all_gather_ints(
+        [code, batch, bad, int(bool(needs_grad))], device, group, device_values=lo_hi
+    )
     if error is not None:
         raise error
-    for r, (c, _, b, _) in enumerate(rows):
+    rank, _ = group_info(group)
+    if label_range is not None:  # codes of out-of-range labels, found on the host now
+        for row in rows:
+            lo, hi = row[4:6]
+            if row[0] == 0 and row[1] > 0 and (lo < 0 or hi >= num_classes):
+                row[0], row[2] = 1, lo if lo < 0 else hi
+        if rows[rank][0] == 1:
+            raise ValueError(
+                f"{owner}: label {rows[rank][2]} is out of range for num_classes={num_classes} "
+                f"(labels must lie in [0, {num_classes}))"
+            )
+    for r, row in enumerate(rows):
+        c, b = row[0], row[2]
         if c == 1:
             raise ValueError(
                 f"{owner}: label {b} on rank {r} is out of range for num_classes={num_classes} "

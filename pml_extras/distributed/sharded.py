@@ -88,6 +88,22 @@ def _mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def _check_label_tensor(labels, batch_size: int, owner: str) -> Tensor:
+    """``check_labels`` without its range check (a host sync), which the caller does."""
+    if labels is None:
+        raise ValueError(f"{owner}: labels are required")
+    if not torch.is_tensor(labels):
+        labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.shape[0] != batch_size:
+        raise ValueError(
+            f"{owner}: labels must have shape ({batch_size},) to match the embeddings, "
+            f"got shape {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{owner}: labels must be an integer tensor, got dtype {labels.dtype}")
+    return labels.long()
+
+
 class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """Shared machinery; see :class:`ShardedSparseCircleLoss` for the full description."""
 
@@ -136,6 +152,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self._init_shard(init_seed)
         self.last_sampled_classes: Optional[Tensor] = None
         self._anchor: Optional[Tensor] = None
+        self._sample_step_host: Optional[int] = None
 
     # ----------------------------------------------------------------- construction
     def _init_shard(self, init_seed: Optional[int]) -> None:
@@ -171,6 +188,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 "file saved by the matching rank, or re-shard a full W with load_full_weight()"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sample_step_host = None  # re-read from the loaded buffer at the next step
 
     # ----------------------------------------------------------------- PML entry point
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
@@ -244,11 +262,19 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 raise ValueError(f"{name}: ref_emb/ref_labels are not supported (refs are W)")
             check_embeddings(embeddings, self.embedding_size, name)
             if with_labels:
+                # Shape and dtype here; the range travels with the sizes' all-gather (one
+                # process: the usual check, which torch.compile keeps out of the graph).
                 n = embeddings.shape[0]
-                checked["labels"] = check_labels(labels, self.num_classes, n, name).to(
-                    embeddings.device
-                )
+                if world == 1:
+                    y = check_labels(labels, self.num_classes, n, name)
+                else:
+                    y = _check_label_tensor(labels, n, name)
+                checked["labels"] = y.to(embeddings.device)
             return embeddings.shape[0]
+
+        def label_range():
+            y = checked["labels"]
+            return y.min(), y.max()
 
         device = embeddings.device if torch.is_tensor(embeddings) else self.W.device
         num_classes = self.num_classes if with_labels else None
@@ -256,7 +282,14 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             torch.is_grad_enabled() and torch.is_tensor(embeddings) and (embeddings.requires_grad)
         )
         sizes, needs_grad = _comm.synced_validation(
-            check, name, labels, num_classes, device, group, needs_grad=local_grad
+            check,
+            name,
+            labels,
+            num_classes,
+            device,
+            group,
+            needs_grad=local_grad,
+            label_range=label_range if with_labels and world > 1 else None,
         )
         labels = checked["labels"]
         if sum(sizes) == 0:
@@ -278,20 +311,35 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             self.last_sampled_classes = None
             return None, local
         device = self.W.device
-        positives = torch.unique(local[owned])
+        # Which columns are positives, without boolean-mask indexing or torch.unique
+        # (each a host sync); their count is the one sync left: it sets how many columns
+        # are kept, which must be a host int.
+        hits = torch.zeros(num_local, dtype=torch.int32, device=device)
+        hits.index_add_(0, local.clamp_min(0), owned.to(torch.int32))
+        is_positive = hits > 0
         wanted = int(math.ceil(self.sample_rate * num_local - 1e-9))
-        keep = min(num_local, max(wanted, positives.numel(), 1))
+        keep = min(num_local, max(wanted, int(is_positive.sum()), 1))
+        step = self._host_sample_step()
         generator = torch.Generator(device=device)
-        generator.manual_seed(_mix_seed(self.seed, int(self.sample_step), self.rank))
+        generator.manual_seed(_mix_seed(self.seed, step, self.rank))
         score = torch.rand(num_local, generator=generator, device=device)
-        score[positives] = 2.0  # positives always kept
+        score = torch.where(is_positive, torch.full_like(score, 2.0), score)  # always kept
         cols = torch.topk(score, keep, sorted=False).indices.sort().values
         remap = torch.full((num_local,), -1, dtype=torch.int64, device=device)
         remap[cols] = torch.arange(keep, device=device)
         target = torch.where(owned, remap[local.clamp_min(0)], local)
         self.sample_step += 1
+        self._sample_step_host = step + 1
         self.last_sampled_classes = cols + lo
         return cols, target
+
+    def _host_sample_step(self) -> int:
+        """``sample_step`` as a Python int, mirrored on the host: read from the buffer (one
+        sync) only after construction or ``load_state_dict``; after that it is counted
+        along with the buffer. (Write the buffer through ``load_state_dict``.)"""
+        if self._sample_step_host is None:
+            self._sample_step_host = int(self.sample_step)
+        return self._sample_step_host
 
     # ----------------------------------------------------------------- per kind
     def _partials(self, x_all: Tensor, w_used: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
