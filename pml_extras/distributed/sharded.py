@@ -370,7 +370,9 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def gather_weight(self) -> Tensor:
         """The full (D, C) W, assembled on every rank (a collective: call it on all ranks).
 
-        Only for inspection, export or evaluation at sizes where D x C fits one device.
+        Only for inspection, export or evaluation at sizes where D x C fits one device (at
+        C = 10M, D = 512, fp32 it is 19 GiB on every rank); to change the world size of a
+        checkpoint use :func:`pml_extras.distributed.reshard_checkpoints` instead.
         ``SparseCircleLoss(C, D).W.copy_(sharded.gather_weight())`` gives the equivalent
         single-process loss (plus ``.t.copy_(sharded.t)`` for CurricularFace).
         """
@@ -530,9 +532,12 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
         (CosineSimilarity only), embedding_regularizer: as in PML.
 
     State: ``state_dict()`` is per rank: ``W`` (D, C_r), ``class_range`` [start, end) (checked
-    on load) and ``sample_step``; save one file per rank. :meth:`gather_weight` builds the
-    full (D, C) W on every rank, :meth:`load_full_weight` takes a rank's slice of one, and
-    :meth:`predict` gives nearest-proxy classes without materialising all logits.
+    on load) and ``sample_step``; save one file per rank, and re-shard them offline for
+    another world size with :func:`pml_extras.distributed.reshard_checkpoints` (never all of
+    W in memory). :meth:`gather_weight` builds the full (D, C) W on every rank and
+    :meth:`load_full_weight` takes a rank's slice of one (exports at sizes where W fits one
+    device); :meth:`predict` gives the top-k nearest-proxy classes, streaming over the
+    shard in chunks.
 
     Bad inputs on any rank raise on every rank (no hang): an out-of-range label is a
     ValueError naming the label and ``num_classes``.
