@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -59,22 +60,28 @@ def launch(argv, world, log_dir, name):
     return procs
 
 
-def finish(procs, timeout=120.0):
-    """Wait for the ranks (kill them past ``timeout``); return rank 0's output."""
-    texts = []
+def finish(procs, timeout=300.0):
+    """Wait for the ranks (kill them all past ``timeout`` s); return rank 0's output."""
+    deadline = time.monotonic() + timeout
+    texts, timed_out = [], False
     for proc, log in procs:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            timed_out = True
             for p, _ in procs:
-                p.kill()
+                if p.poll() is None:
+                    p.kill()
             proc.wait()
         log.seek(0)
         texts.append(log.read())
         log.close()
-    if any(p.returncode != 0 for p, _ in procs):
-        joined = "\n".join(f"--- rank {r} ---\n{t[-3000:]}" for r, t in enumerate(texts))
-        raise AssertionError(f"ranks failed or hung:\n{joined}")
+    if timed_out or any(p.returncode != 0 for p, _ in procs):
+        joined = "\n".join(
+            f"--- rank {r} (rc={p.returncode}) ---\n{t[-3000:]}"
+            for r, ((p, _), t) in enumerate(zip(procs, texts))
+        )
+        raise AssertionError(f"ranks failed or hung (timed out: {timed_out}):\n{joined}")
     return texts[0]
 
 
