@@ -6,7 +6,8 @@
 Variant names: ``sc_<init>_<gamma>_<m>`` (SparseCircleLoss), ``cf_<init>_<scale>``
 (CurricularFaceLoss); init ``normal`` (PML's normal_) or ``spread`` (spread_init_),
 ``ada`` = AdaCos's sqrt(2)*ln(C-1). ``scA``/``cfA``: default arguments (the rule);
-``scA_<m>``: the rule with that m; ``scF``/``scF_<m>``: the rule with the proxies frozen.
+``scA_<m>``: the rule with that m; ``scF``/``scF_<m>``: the rule with the proxies frozen;
+``cfA_m<margin>[_s<scale>]``: CurricularFace, the rule with that margin (and scale).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def register(R) -> None:
     for m in (0.46, 0.6, 0.81):
         v[f"scA_{m}"] = variant("sc", m=m)
     v["scF"], v["scF_0.35"] = variant("sc", freeze=True), variant("sc", freeze=True, m=0.35)
+    for margin in (0.2, 0.314):
+        v[f"cfA_m{margin}"] = variant("cf", margin=margin)
+    v["cfA_m0.314_s6.2"] = variant("cf", margin=0.314, scale=6.2)
     for name, build in v.items():
         R.LOSSES[name] = ("ours", build, ())
 
