@@ -41,7 +41,9 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         chunk_size, impl: as in :class:`SparseCircleLoss`.
         weight_init_func: as in PML; the default is the rule's: spread proxies
             (:func:`~pml_extras.losses.spread_init_`) when low-dimensional, else PML's
-            ``normal_`` (same draws as PML).
+            ``normal_`` (same draws as PML). The init follows D and C even when the
+            scale is given: for a paper's exact setup at low D also pass
+            ``weight_init_func=torch.nn.init.normal_``.
         weight_regularizer, weight_reg_weight, reducer, distance (CosineSimilarity only),
         embedding_regularizer: as in PML.
 
