@@ -277,3 +277,23 @@ def test_both_protocols_at_2d_plot_each(tmp_path):
     np.testing.assert_array_equal(np.unique(emb["labels_classes"]), np.arange(5))
     for f in ("embeddings_samples.png", "embeddings_classes.png"):
         assert os.path.getsize(tmp_path / f) > 0
+
+
+def test_3d_plot_with_a_diverged_loss(tmp_path):
+    """A diverged loss gets a labelled empty panel in the 3-D embedding plot too (3-D axes
+    take text2D for axes-relative text; ``text`` there would read the string as z)."""
+    from retrieval_bench import plots
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 20)
+    np.savez(tmp_path / "embeddings_test.npz", labels=labels, emb_Softmax=rng.normal(size=(20, 3)))
+    results = {
+        "config": {"embedding_dim": 3, "dataset": "digits", "epochs": 2},
+        "seed": 0,
+        "losses": [
+            {"loss": "Softmax", "metrics": {"precision_at_1": 1.0}},
+            {"loss": "ArcFaceLoss", "metrics": None, "diverged": {"epoch": 2}},
+        ],
+    }
+    written = plots._embeddings(plots._plt(), results, str(tmp_path))
+    assert written and all(os.path.getsize(p) > 0 for p in written)

@@ -168,7 +168,8 @@ def _embeddings(plt, results: dict, out_dir: str) -> List[str]:
             if key not in data:  # diverged: nothing to draw
                 d = r.get("diverged") or {}
                 ax.set_title(r["loss"], fontsize=8)
-                ax.text(
+                # 3-D axes read text(x, y, s) as text(x, y, z=s): axes-relative is text2D.
+                (ax.text2D if dim == 3 else ax.text)(
                     0.5,
                     0.5,
                     f"diverged\n(epoch {d.get('epoch')})",
