@@ -29,8 +29,13 @@ def check_embeddings(embeddings: Tensor, embedding_size: Optional[int], owner: s
         )
 
 
-def check_labels(labels: Optional[Tensor], num_classes: int, batch_size: int, owner: str) -> Tensor:
-    """Return ``labels`` as int64 after checking shape, dtype and range [0, num_classes)."""
+def check_labels(
+    labels: Optional[Tensor], num_classes: int, batch_size: int, owner: str, check_range=True
+) -> Tensor:
+    """Return ``labels`` as int64 after checking shape, dtype and range [0, num_classes).
+
+    ``check_range=False`` leaves out the range check (a host sync), for callers that check
+    the range themselves (the sharded losses, inside a collective they make anyway)."""
     if labels is None:
         raise ValueError(f"{owner}: labels are required")
     if not torch.is_tensor(labels):
@@ -42,7 +47,7 @@ def check_labels(labels: Optional[Tensor], num_classes: int, batch_size: int, ow
         )
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{owner}: labels must be an integer tensor, got dtype {labels.dtype}")
-    if batch_size > 0:
+    if check_range and batch_size > 0:
         _check_label_range(labels, num_classes, owner)
     return labels.long()
 

@@ -88,22 +88,6 @@ def _mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
-def _check_label_tensor(labels, batch_size: int, owner: str) -> Tensor:
-    """``check_labels`` without its range check (a host sync), which the caller does."""
-    if labels is None:
-        raise ValueError(f"{owner}: labels are required")
-    if not torch.is_tensor(labels):
-        labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.shape[0] != batch_size:
-        raise ValueError(
-            f"{owner}: labels must have shape ({batch_size},) to match the embeddings, "
-            f"got shape {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"{owner}: labels must be an integer tensor, got dtype {labels.dtype}")
-    return labels.long()
-
-
 class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """Shared machinery; see :class:`ShardedSparseCircleLoss` for the full description."""
 
@@ -265,10 +249,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
                 # Shape and dtype here; the range travels with the sizes' all-gather (one
                 # process: the usual check, which torch.compile keeps out of the graph).
                 n = embeddings.shape[0]
-                if world == 1:
-                    y = check_labels(labels, self.num_classes, n, name)
-                else:
-                    y = _check_label_tensor(labels, n, name)
+                y = check_labels(labels, self.num_classes, n, name, check_range=world == 1)
                 checked["labels"] = y.to(embeddings.device)
             return embeddings.shape[0]
 
