@@ -19,9 +19,12 @@ closer than the angle at which AdaCos puts the target's probability at 1/2. Then
 
     scale = sqrt(2) * ln(C - 1)     (AdaCos fixed scale, Zhang et al., CVPR 2019)
 
-Circle loss's margin becomes m = min(max(0.25, c*), 1/2), c* the largest pairwise cosine
-of the best spread of C points on S^(D-1) (:func:`resolve_circle_margin`), and the
-proxies start spread (:func:`auto_proxy_init_`); otherwise the paper's values are used
+With c* the largest pairwise cosine of the best spread of C points on S^(D-1) and
+theta* = acos(c*) its smallest angle, Circle loss's margin becomes
+m = min(max(0.25, c*), 1/2) (:func:`resolve_circle_margin`), CurricularFace's angular
+margin min(0.5, theta*/2) (:func:`resolve_angular_margin`; it changes only in 2-D for
+C=10), and the proxies start spread and short (:func:`auto_proxy_init_`), so that they
+take the class arrangement the network gives. Otherwise the paper's values are used
 and the proxies start as PML's (normal_). Examples: C=10 is low-dimensional below D=18
 (s = 3.11); C=1M, D=512 is not (threshold 110.5), so face recognition keeps s=64 /
 gamma=256 and the Gaussian init exactly; 128-D stays on the paper path up to C ~ 9M.
@@ -49,6 +52,9 @@ from . import _common
 from ._spread import MAX_REPULSION_CLASSES, spread_init_, spread_proxies
 
 AUTO = "auto"
+
+# Length of every proxy the rule's init draws when low-dimensional (auto_proxy_init_).
+LOW_DIM_PROXY_LENGTH = 0.05
 
 
 def low_dim_threshold(num_classes: int) -> float:
@@ -158,11 +164,44 @@ def resolve_circle_margin(
     return float(paper)
 
 
+def resolve_angular_margin(
+    value: Union[float, str], paper: float, num_classes: int, embedding_size: int, owner: str
+) -> float:
+    """``"auto"`` -> min(paper, theta*/2) when low-dimensional, theta* = acos(c*) the
+    smallest pairwise angle of the best spread of C points on S^(D-1)
+    (:func:`separation_cosine`), else ``paper``; numbers unchanged. In radians.
+
+    Why theta*/2: an additive angular margin m asks theta_y + m < theta_j. Between two
+    proxies theta* apart, the points that meet it against the neighbour lie within
+    (theta* - m)/2 of their own proxy, out of the theta*/2 that the class's cell spans;
+    m <= theta*/2 keeps at least half the cell. C=10: 2-D pi/10 = 0.314 (the paper's
+    0.5 would leave a fifth of it), 3-D theta* = 66 deg, so 0.5 stays. Measured
+    (CurricularFace, 2-D, short spread proxies, 3 seeds): digits 0.784 -> 0.807,
+    Fashion-MNIST 0.844 -> 0.844."""
+    if not _check_auto(value, "margin", owner):
+        return float(value)
+    _common.check_proxy_args(num_classes, embedding_size, owner)
+    if is_low_dimensional(num_classes, embedding_size):
+        theta = math.acos(max(-1.0, min(1.0, separation_cosine(num_classes, embedding_size))))
+        return min(float(paper), 0.5 * theta)
+    return float(paper)
+
+
 @torch.no_grad()
 def auto_proxy_init_(weight: Tensor) -> Tensor:
-    """PML ``weight_init_func`` of the rule: spread proxies (D, C) when low-dimensional
-    (:func:`~pml_extras.losses.spread_init_`), else ``torch.nn.init.normal_`` exactly as
-    PML's default (same random draws).
+    """PML ``weight_init_func`` of the rule: when low-dimensional, spread directions of
+    length :data:`LOW_DIM_PROXY_LENGTH` (:func:`~pml_extras.losses.spread_init_`); else
+    ``torch.nn.init.normal_`` exactly as PML's default (same random draws).
+
+    Why short: in 2-D the proxies' cyclic order is fixed once they have length, since
+    two proxies cannot pass each other without one class's arc shrinking to nothing, so
+    the order the init draws at random is the one training ends with. Adam turns a proxy
+    by ~lr * sqrt(D) / |w| per step, so short proxies turn tens of degrees in their
+    first steps and take the order (in 3-D, the arrangement) the embedding network
+    already gives the classes; their length then grows with training and their steps
+    shrink. Measured (Fashion-MNIST 2-D, CurricularFace, 3 seeds): 0.844 accuracy with
+    length 0.05 against 0.790 with ``normal_`` lengths; 0.02 and 0.05 alike, 0.2 in
+    between; proxies placed in the order of a trained softmax's classes 0.851 (1 seed).
 
     Example:
         >>> loss_fn = pml_extras.losses.ArcFaceLoss(
@@ -170,5 +209,5 @@ def auto_proxy_init_(weight: Tensor) -> Tensor:
     """
     d, c = weight.shape
     if is_low_dimensional(c, d):
-        return spread_init_(weight)
+        return spread_init_(weight, length=LOW_DIM_PROXY_LENGTH)
     return torch.nn.init.normal_(weight)

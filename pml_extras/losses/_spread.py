@@ -98,19 +98,27 @@ def min_pairwise_angle(w: Tensor) -> float:
 
 
 @torch.no_grad()
-def spread_init_(weight: Tensor) -> Tensor:
+def spread_init_(weight: Tensor, length: Optional[float] = None) -> Tensor:
     """PML ``weight_init_func``: fill proxies ``weight`` (D, C) in place with a spread
     layout (:func:`spread_proxies`), keeping its dtype and device.
 
-    Only the directions are spread: each column keeps the length of a ``normal_`` draw
-    (~sqrt(D)), as PML's init gives, because Adam moves a proxy by ~lr per coordinate and
-    its angular step is ~lr / |w|: unit-length proxies would train ~sqrt(D) times faster.
+    Only the directions are spread. ``length=None`` gives each column the length of a
+    ``normal_`` draw (~sqrt(D)), as PML's init does; a number gives every column that
+    length. The length sets how fast a proxy turns: Adam moves it by ~lr per coordinate,
+    so its angular step is ~lr * sqrt(D) / |w|. The low-dimensional rule uses short
+    proxies (:data:`~pml_extras.losses._low_dim.LOW_DIM_PROXY_LENGTH`, see
+    :func:`~pml_extras.losses.auto_proxy_init_`).
 
     Example:
         >>> loss_fn = pml_extras.losses.ArcFaceLoss(10, 3, weight_init_func=spread_init_)
     """
     d, c = weight.shape
     directions = spread_proxies(c, d)
-    lengths = torch.randn(d, c, dtype=torch.float64).norm(dim=0, keepdim=True)
+    if length is None:
+        lengths = torch.randn(d, c, dtype=torch.float64).norm(dim=0, keepdim=True)
+    else:
+        if not (isinstance(length, (int, float)) and math.isfinite(length) and length > 0):
+            raise ValueError(f"spread_init_: length must be a positive number, got {length!r}")
+        lengths = float(length)
     weight.copy_((directions * lengths).to(weight.dtype))
     return weight

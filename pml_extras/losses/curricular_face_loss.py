@@ -31,7 +31,10 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     Args:
         num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
-        margin: additive angular margin m (paper: 0.5).
+        margin: additive angular margin m in radians, or ``"auto"`` (the default): the
+            paper's 0.5 unless low-dimensional, where it is min(0.5, theta*/2), theta*
+            the smallest pairwise angle of the best spread of C proxies on S^(D-1)
+            (C=10: 2-D pi/10 = 0.314, 3-D 0.5). ``margin=0.5`` is the paper's exactly.
         scale: logit scale s, or ``"auto"`` (the default): the paper's 64 unless the
             embedding is low-dimensional for C, D < 4*ln(C*(C-1)) (C=10: D <= 17), where
             it is AdaCos's fixed scale sqrt(2)*ln(C-1) (C=10: 3.11). ``scale=64`` gives the
@@ -39,11 +42,11 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             "Low-dimensional embeddings" and ``pml_extras.losses._low_dim``.
         momentum: EMA factor of t (paper: 0.01).
         chunk_size, impl: as in :class:`SparseCircleLoss`.
-        weight_init_func: as in PML; the default is the rule's: spread proxies
-            (:func:`~pml_extras.losses.spread_init_`) when low-dimensional, else PML's
-            ``normal_`` (same draws as PML). The init follows D and C even when the
-            scale is given: for a paper's exact setup at low D also pass
-            ``weight_init_func=torch.nn.init.normal_``.
+        weight_init_func: as in PML; the default is the rule's
+            (:func:`~pml_extras.losses.auto_proxy_init_`): spread proxies of length
+            0.05 when low-dimensional, else PML's ``normal_`` (same draws as PML). The
+            init follows D and C even when the scale is given: for a paper's exact
+            setup at low D also pass ``weight_init_func=torch.nn.init.normal_``.
         weight_regularizer, weight_reg_weight, reducer, distance (CosineSimilarity only),
         embedding_regularizer: as in PML.
 
@@ -58,7 +61,7 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: float = 0.5,
+        margin: Union[float, str] = "auto",
         scale: Union[float, str] = "auto",
         momentum: float = 0.01,
         chunk_size: Optional[int] = None,
@@ -68,6 +71,9 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         super().__init__(**kwargs)
         scale = _low_dim.resolve_scale(
             scale, 64.0, num_classes, embedding_size, "CurricularFaceLoss"
+        )
+        margin = _low_dim.resolve_angular_margin(
+            margin, 0.5, num_classes, embedding_size, "CurricularFaceLoss"
         )
         _common.init_class_proxies(
             self,
@@ -113,7 +119,7 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return _common.cosine_logits(embeddings, self.W, self.scale)
 
     def get_default_weight_init_func(self):
-        """The rule's init: spread proxies when low-dimensional, else PML's normal_."""
+        """The rule's init: short spread proxies when low-dimensional, else PML's normal_."""
         return _low_dim.auto_proxy_init_
 
     def get_default_distance(self):

@@ -75,7 +75,8 @@ def register(R) -> None:
             init="normal_",
         ),
         "CurricularFaceLoss(paper)": lambda c, d: method(
-            ours.CurricularFaceLoss(c, d, scale=64.0, weight_init_func=normal), init="normal_"
+            ours.CurricularFaceLoss(c, d, margin=0.5, scale=64.0, weight_init_func=normal),
+            init="normal_",
         ),
         "ArcFaceLoss(ours-auto)": lambda c, d: method(
             ours.ArcFaceLoss(c, d, scale="auto", weight_init_func=ours.auto_proxy_init_),

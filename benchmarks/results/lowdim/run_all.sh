@@ -2,19 +2,16 @@
 # Every run of this folder, one at a time, niced, one torch thread (the machine is shared).
 #   bash benchmarks/results/lowdim/run_all.sh digits          # 2-D, 3-D, 128-D, seeds 0-2
 #   bash benchmarks/results/lowdim/run_all.sh fashion-mnist 3  # one dimension
+#   bash benchmarks/results/lowdim/run_all.sh fashion-mnist 3 "0 1"  # some seeds
 # PML_EXTRAS_PATH: an optional directory put first on PYTHONPATH (a pinned copy of the
 # package); the figures committed here were made with the package of this commit.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-ds="$1"; dims="${2:-2 3 128}"
-if [ "$ds" = digits ]; then
-  losses="SparseCircleLoss,CurricularFaceLoss,SparseCircleLoss(paper),CurricularFaceLoss(paper),Softmax,ArcFaceLoss,CosFaceLoss,ArcFaceLoss(ours-auto),CosFaceLoss(ours-auto),CenterLoss+Softmax,StandaloneCenterLoss"
-else
-  losses="SparseCircleLoss,CurricularFaceLoss,Softmax,ArcFaceLoss,CosFaceLoss,CenterLoss+Softmax,StandaloneCenterLoss"
-fi
+ds="$1"; dims="${2:-2 3 128}"; seeds="${3:-0 1 2}"
+losses="SparseCircleLoss,CurricularFaceLoss,SparseCircleLoss(paper),CurricularFaceLoss(paper),Softmax,ArcFaceLoss,CosFaceLoss,ArcFaceLoss(ours-auto),CosFaceLoss(ours-auto),CenterLoss+Softmax,StandaloneCenterLoss"
 export PYTHONPATH="${PML_EXTRAS_PATH:+$PML_EXTRAS_PATH:}${PYTHONPATH:-}"
 for d in $dims; do
-  for s in 0 1 2; do
+  for s in $seeds; do
     out="$here/$ds-${d}d/seed$s"
     plots=--no-plots
     if [ "$s" = 0 ] && [ "$d" -le 3 ]; then plots=; fi
