@@ -75,6 +75,26 @@ def test_auto_scale_is_adacos_or_paper(c, d):
 def test_explicit_values_are_exact(c, d, value):
     assert ld.resolve_scale(value, 64.0, c, d, "X") == value
     assert ld.resolve_circle_margin(value, 0.25, c, d, "X") == value
+    assert ld.resolve_angular_margin(value, 0.5, c, d, "X") == value
+
+
+@settings(max_examples=40)
+@given(st.integers(2, 40), st.integers(2, 40))
+def test_auto_angular_margin_is_half_the_separation_angle(c, d):
+    m = ld.resolve_angular_margin("auto", 0.5, c, d, "X")
+    if not ld.is_low_dimensional(c, d):
+        assert m == 0.5
+        return
+    # theta*: the smallest pairwise angle of the spread layout the rule's init draws.
+    w = spread_proxies(c, d, generator=torch.Generator().manual_seed(0))
+    theta = math.radians(min_pairwise_angle(w))
+    assert m == pytest.approx(min(0.5, theta / 2), abs=1e-9)
+    if d == 2:
+        # The regular C-gon: neighbours 2*pi/C apart, so the margin is pi/C below 0.5.
+        assert m == pytest.approx(min(0.5, math.pi / c), rel=1e-12)
+    # At that margin a sample within theta*/4 of its proxy meets it against any other
+    # proxy of the layout: theta_y + m < theta_j for theta_y <= theta*/4, theta_j >= theta*.
+    assert theta / 4 + m <= theta - theta / 4 + 1e-9
 
 
 def test_face_recognition_scale_keeps_paper_settings():
@@ -83,6 +103,7 @@ def test_face_recognition_scale_keeps_paper_settings():
     assert ld.resolve_scale("auto", 64.0, 10**6, 512, "X") == 64.0
     assert ld.resolve_scale("auto", 256.0, 10**6, 512, "X") == 256.0
     assert ld.resolve_circle_margin("auto", 0.25, 10**6, 512, "X") == 0.25
+    assert ld.resolve_angular_margin("auto", 0.5, 10**6, 512, "X") == 0.5
     # 10 classes: low-dimensional up to 17-D, paper values from 18-D (and at 128-D).
     assert [ld.is_low_dimensional(10, d) for d in (2, 3, 17, 18, 128)] == [1, 1, 1, 0, 0]
 
@@ -91,7 +112,7 @@ def test_high_dim_defaults_equal_pml_init_and_paper_values():
     # A high-dimensional case small enough to build: the auto init is PML's normal_ draw.
     for cls, attrs in (
         (SparseCircleLoss, {"gamma": 256.0, "m": 0.25}),
-        (CurricularFaceLoss, {"scale": 64.0}),
+        (CurricularFaceLoss, {"scale": 64.0, "margin": 0.5}),
     ):
         torch.manual_seed(3)
         ours = cls(100, 64)
@@ -112,10 +133,19 @@ def test_low_dim_defaults_and_explicit_paper_values():
     sc = SparseCircleLoss(10, 3, m=0.25, gamma=256)
     assert (sc.m, sc.gamma) == (0.25, 256.0)
     assert CurricularFaceLoss(10, 3, scale=64).scale == 64.0
+    # CurricularFace's margin: pi/10 between the regular decagon's neighbours (36 deg).
+    assert CurricularFaceLoss(10, 2).margin == pytest.approx(math.pi / 10, rel=1e-12)
+    assert CurricularFaceLoss(10, 2, margin=0.5).margin == 0.5
+    assert CurricularFaceLoss(10, 128).margin == 0.5
     # ArcFace/CosFace: the rule is an option; the PML-compatible defaults are unchanged.
     assert ArcFaceLoss(10, 3).scale == 64.0 and CosFaceLoss(10, 3).scale == 64.0
     assert ArcFaceLoss(10, 3, scale="auto").scale == pytest.approx(math.sqrt(2) * math.log(9))
     assert CosFaceLoss(10, 3, scale="auto").scale == pytest.approx(math.sqrt(2) * math.log(9))
+    # ArcFace's margin (degrees, like PML): 28.6 by default; "auto" is the rule's.
+    assert ArcFaceLoss(10, 2).margin == pytest.approx(math.radians(28.6), rel=1e-12)
+    assert ArcFaceLoss(10, 2, margin="auto").margin == pytest.approx(math.pi / 10, rel=1e-12)
+    assert ArcFaceLoss(10, 3, margin="auto").margin == pytest.approx(math.radians(28.6))
+    assert ArcFaceLoss(10, 128, margin="auto").margin == pytest.approx(math.radians(28.6))
     torch.manual_seed(5)
     ours = ArcFaceLoss(10, 3)
     torch.manual_seed(5)
@@ -131,8 +161,12 @@ def test_bad_auto_strings_are_rejected(bad):
         SparseCircleLoss(10, 3, m=bad)
     with pytest.raises(ValueError, match="scale must be a number or 'auto'"):
         CurricularFaceLoss(10, 3, scale=bad)
+    with pytest.raises(ValueError, match="margin must be a number or 'auto'"):
+        CurricularFaceLoss(10, 3, margin=bad)
     with pytest.raises(ValueError, match="scale must be a number or 'auto'"):
         ArcFaceLoss(10, 3, scale=bad)
+    with pytest.raises(ValueError, match="margin must be a number or 'auto'"):
+        ArcFaceLoss(10, 3, margin=bad)
 
 
 def test_bad_sizes_are_named_before_the_rule_runs():
@@ -207,14 +241,61 @@ def test_spread_init_keeps_dtype_and_gaussian_lengths(dtype):
     assert 0.8 < float(w.float().norm(dim=0).mean()) < 2.4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spread_init_takes_a_length(dtype):
+    w = spread_init_(torch.empty(3, 10, dtype=dtype), length=0.25)
+    # Tammes angle 66.15 degrees; bf16's 8-bit mantissa moves directions by ~1 degree.
+    floor = 62.0 if dtype == torch.bfloat16 else 65.5
+    assert w.dtype == dtype and min_pairwise_angle(w.float()) > floor
+    torch.testing.assert_close(
+        w.double().norm(dim=0), torch.full((10,), 0.25, dtype=torch.float64), rtol=1e-2, atol=0
+    )
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "short"):
+        with pytest.raises(ValueError, match="length must be a positive number"):
+            spread_init_(torch.empty(3, 10), length=bad)
+
+
 def test_auto_init_switches_on_the_rule():
     torch.manual_seed(1)
     low = auto_proxy_init_(torch.empty(3, 10))
     assert min_pairwise_angle(low) > 64.0
+    # Short proxies when low-dimensional, every column the same length.
+    torch.testing.assert_close(low.norm(dim=0), torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
+    # The loss modules' default init is this one.
+    for cls in (SparseCircleLoss, CurricularFaceLoss):
+        lengths = cls(10, 2).W.detach().norm(dim=0)
+        torch.testing.assert_close(lengths, torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
     torch.manual_seed(1)
     high = auto_proxy_init_(torch.empty(128, 10))
     torch.manual_seed(1)
     assert torch.equal(high, torch.nn.init.normal_(torch.empty(128, 10)))
+
+
+def proxy_turn_degrees(loss_fn, steps: int = 3) -> float:
+    """Mean angle (degrees) the proxies turn in ``steps`` Adam steps at the recipe's loss
+    lr (1e-2) on a fixed 2-D batch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 2, generator=g)
+    y = torch.arange(128) % 10
+    before = torch.nn.functional.normalize(loss_fn.W.detach().clone(), dim=0)
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(x, y).backward()
+        opt.step()
+    after = torch.nn.functional.normalize(loss_fn.W.detach(), dim=0)
+    cos = (before * after).sum(0).clamp(-1.0, 1.0)
+    return float(torch.rad2deg(torch.acos(cos)).mean())
+
+
+def test_short_proxies_turn_early():
+    # The reason for the short init: its proxies reorder in the first steps, while
+    # proxies of normal_ length move by about a degree (their cyclic order is then fixed).
+    torch.manual_seed(0)
+    short = proxy_turn_degrees(CurricularFaceLoss(10, 2))
+    torch.manual_seed(0)
+    long = proxy_turn_degrees(CurricularFaceLoss(10, 2, weight_init_func=spread_init_))
+    assert short > 20.0 and long < 3.0, (short, long)
 
 
 # ---------------------------------------------------------------- unfolding end to end

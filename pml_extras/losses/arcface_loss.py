@@ -74,7 +74,10 @@ class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     Args:
         num_classes: C. embedding_size: D. The proxies ``W`` have shape (D, C).
         margin: the angular margin in *degrees*, like PML (paper: 0.5 rad = 28.6 degrees,
-            the default). Stored in radians as ``self.margin``, like PML.
+            the default), or ``"auto"``: the low-dimensional rule, min(28.6 degrees,
+            theta*/2) with theta* the smallest pairwise angle of the best spread of C
+            proxies on S^(D-1) when D < 4*ln(C*(C-1)) (C=10: 18 degrees in 2-D, 28.6 in
+            3-D), else 28.6. Stored in radians as ``self.margin``, like PML.
         scale: logit scale s (paper: 64, the default), or ``"auto"``: the low-dimensional
             rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (README section
             "Low-dimensional embeddings"; pair it with ``weight_init_func=auto_proxy_init_``).
@@ -99,14 +102,19 @@ class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self,
         num_classes: int,
         embedding_size: int,
-        margin: float = 28.6,
+        margin: Union[float, str] = 28.6,
         scale: Union[float, str] = 64,
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.margin = math.radians(float(margin))
+        if _low_dim.is_auto(margin, "margin", "ArcFaceLoss"):
+            self.margin = _low_dim.resolve_angular_margin(
+                margin, math.radians(28.6), num_classes, embedding_size, "ArcFaceLoss"
+            )
+        else:
+            self.margin = math.radians(float(margin))
         scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, "ArcFaceLoss")
         check_margin_args(self.margin, scale, type(self).__name__, arc=True)
         init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
