@@ -261,10 +261,17 @@ def test_auto_init_switches_on_the_rule():
     assert min_pairwise_angle(low) > 64.0
     # Short proxies when low-dimensional, every column the same length.
     torch.testing.assert_close(low.norm(dim=0), torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
-    # The loss modules' default init is this one.
-    for cls in (SparseCircleLoss, CurricularFaceLoss):
-        lengths = cls(10, 2).W.detach().norm(dim=0)
-        torch.testing.assert_close(lengths, torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
+    # CurricularFace's default init is this one; SparseCircle's keeps normal_ lengths
+    # (chi with 2 degrees of freedom, mean 1.25) on the same spread directions.
+    lengths = CurricularFaceLoss(10, 2).W.detach().norm(dim=0)
+    torch.testing.assert_close(lengths, torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
+    torch.manual_seed(2)
+    sc = SparseCircleLoss(10, 3).W.detach()
+    assert min_pairwise_angle(sc) > 64.0 and 0.8 < float(sc.norm(dim=0).mean()) < 2.4
+    torch.manual_seed(2)
+    high = SparseCircleLoss(10, 128).W.detach()
+    torch.manual_seed(2)
+    assert torch.equal(high, torch.nn.init.normal_(torch.empty(128, 10)))
     torch.manual_seed(1)
     high = auto_proxy_init_(torch.empty(128, 10))
     torch.manual_seed(1)

@@ -212,3 +212,19 @@ def auto_proxy_init_(weight: Tensor) -> Tensor:
     if is_low_dimensional(c, d):
         return spread_init_(weight, length=LOW_DIM_PROXY_LENGTH)
     return torch.nn.init.normal_(weight)
+
+
+@torch.no_grad()
+def circle_proxy_init_(weight: Tensor) -> Tensor:
+    """SparseCircleLoss's default init: when low-dimensional, spread directions with the
+    lengths of a ``normal_`` draw (:func:`~pml_extras.losses.spread_init_`); else
+    ``torch.nn.init.normal_`` exactly as PML's default.
+
+    Why not the short proxies of :func:`auto_proxy_init_`: class-level Circle loss gives
+    a negative proxy no gradient once its cosine is below -m (alpha_n = [s_n + m]_+), so
+    nothing keeps fast early proxies apart. Measured (3 seeds, benchmarks/results/lowdim):
+    short proxies give Fashion-MNIST 2-D 0.659 against 0.745 with these lengths."""
+    d, c = weight.shape
+    if is_low_dimensional(c, d):
+        return spread_init_(weight)
+    return torch.nn.init.normal_(weight)

@@ -41,9 +41,10 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             retrieval m=0.4, gamma=80. See the README section "Low-dimensional embeddings".
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
-        weight_init_func: as in PML; the default is the rule's
-            (:func:`~pml_extras.losses.auto_proxy_init_`): spread proxies of length
-            0.05 when low-dimensional, else PML's ``normal_`` (same draws as PML). The
+        weight_init_func: as in PML; the default is the rule's for Circle loss
+            (``pml_extras.losses._low_dim.circle_proxy_init_``): spread proxies with
+            ``normal_`` lengths when low-dimensional, else PML's ``normal_`` (same draws
+            as PML). The
             init follows D and C even when the scale is given: for a paper's exact
             setup at low D also pass
             ``weight_init_func=torch.nn.init.normal_``.
@@ -101,8 +102,8 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return _common.cosine_logits(embeddings, self.W, self.gamma)
 
     def get_default_weight_init_func(self):
-        """The rule's init: short spread proxies when low-dimensional, else PML's normal_."""
-        return _low_dim.auto_proxy_init_
+        """Spread proxies (normal_ lengths) when low-dimensional, else PML's normal_."""
+        return _low_dim.circle_proxy_init_
 
     def get_default_distance(self):
         return CosineSimilarity()
