@@ -23,16 +23,18 @@ With c* the largest pairwise cosine of the best spread of C points on S^(D-1) an
 theta* = acos(c*) its smallest angle, Circle loss's margin becomes
 m = min(max(0.25, c*), 1/2) (:func:`resolve_circle_margin`), CurricularFace's angular
 margin min(0.5, theta*/2) (:func:`resolve_angular_margin`; it changes only in 2-D for
-C=10), and the proxies start spread and short (:func:`auto_proxy_init_`), so that they
-take the class arrangement the network gives. Otherwise the paper's values are used
+C=10), and the proxies start spread (CurricularFace's short, :func:`auto_proxy_init_`,
+so that they take the class arrangement the network gives; SparseCircle's with
+``normal_`` lengths, :func:`circle_proxy_init_`). Otherwise the paper's values are used
 and the proxies start as PML's (normal_). Examples: C=10 is low-dimensional below D=18
 (s = 3.11); C=1M, D=512 is not (threshold 110.5), so face recognition keeps s=64 /
 gamma=256 and the Gaussian init exactly; 128-D stays on the paper path up to C ~ 9M.
 
-Measured (digits, 3 seeds, benchmarks/results/lowdim): 3-D CurricularFace 0.926 and
-SparseCircle 0.898 vs softmax 0.909 (paper values: 0.749, 0.677); 128-D identical to the
-paper values (the same code path). Recommended: keep "auto"; pass the paper's numbers
-to reproduce a paper.
+Measured (3 seeds, benchmarks/results/lowdim), accuracy against softmax's: 3-D digits
+CurricularFace 0.925 and SparseCircle 0.897 vs 0.909 (paper values 0.681, 0.677);
+Fashion-MNIST 2-D CurricularFace 0.846 vs 0.869 (paper values 0.432); 128-D identical
+to the paper values (the same code path). Recommended: keep "auto"; pass the paper's
+numbers to reproduce a paper.
 
 Example:
     >>> resolve_scale("auto", 64.0, 10, 3, "CurricularFaceLoss")  # AdaCos: 3.107...
@@ -200,9 +202,10 @@ def auto_proxy_init_(weight: Tensor) -> Tensor:
     by ~lr * sqrt(D) / |w| per step, so short proxies turn tens of degrees in their
     first steps and take the order (in 3-D, the arrangement) the embedding network
     already gives the classes; their length then grows with training and their steps
-    shrink. Measured (Fashion-MNIST 2-D, CurricularFace, 3 seeds): 0.844 accuracy with
-    length 0.05 against 0.790 with ``normal_`` lengths; 0.02 and 0.05 alike, 0.2 in
-    between; proxies placed in the order of a trained softmax's classes 0.851 (1 seed).
+    shrink. Measured (Fashion-MNIST 2-D, CurricularFace, 3 seeds): 0.846 with the rule
+    (length 0.05, margin pi/10) against 0.790 before it (``normal_`` lengths, margin
+    0.5); per-variant figures, including proxies placed in the order of a trained
+    softmax's classes, in benchmarks/results/lowdim/sweeps.md (Sweep E).
 
     Example:
         >>> loss_fn = pml_extras.losses.ArcFaceLoss(
