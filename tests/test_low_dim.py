@@ -262,7 +262,7 @@ def test_auto_init_switches_on_the_rule():
     # Short proxies when low-dimensional, every column the same length.
     torch.testing.assert_close(low.norm(dim=0), torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
     # CurricularFace's default init is this one; SparseCircle's keeps normal_ lengths
-    # (chi with 2 degrees of freedom, mean 1.25) on the same spread directions.
+    # (chi with 3 degrees of freedom, mean 1.60) on the same spread directions.
     lengths = CurricularFaceLoss(10, 2).W.detach().norm(dim=0)
     torch.testing.assert_close(lengths, torch.full((10,), ld.LOW_DIM_PROXY_LENGTH))
     torch.manual_seed(2)

@@ -44,10 +44,8 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         weight_init_func: as in PML; the default is the rule's for Circle loss
             (``pml_extras.losses._low_dim.circle_proxy_init_``): spread proxies with
             ``normal_`` lengths when low-dimensional, else PML's ``normal_`` (same draws
-            as PML). The
-            init follows D and C even when the scale is given: for a paper's exact
-            setup at low D also pass
-            ``weight_init_func=torch.nn.init.normal_``.
+            as PML). The init follows D and C even when the scale is given: for a
+            paper's exact setup at low D also pass ``weight_init_func=torch.nn.init.normal_``.
         weight_regularizer, weight_reg_weight, reducer, distance (CosineSimilarity only),
         embedding_regularizer: as in PML.
 
