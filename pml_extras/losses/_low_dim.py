@@ -190,6 +190,14 @@ def resolve_angular_margin(
     return float(paper)
 
 
+def _spread_if_low_dimensional(weight: Tensor, length) -> Tensor:
+    """spread_init_(weight, length) when low-dimensional for its (D, C), else normal_."""
+    d, c = weight.shape
+    if is_low_dimensional(c, d):
+        return spread_init_(weight, length=length)
+    return torch.nn.init.normal_(weight)
+
+
 @torch.no_grad()
 def auto_proxy_init_(weight: Tensor) -> Tensor:
     """PML ``weight_init_func`` of the rule: when low-dimensional, spread directions of
@@ -211,10 +219,7 @@ def auto_proxy_init_(weight: Tensor) -> Tensor:
         >>> loss_fn = pml_extras.losses.ArcFaceLoss(
         ...     10, 3, scale="auto", weight_init_func=auto_proxy_init_)
     """
-    d, c = weight.shape
-    if is_low_dimensional(c, d):
-        return spread_init_(weight, length=LOW_DIM_PROXY_LENGTH)
-    return torch.nn.init.normal_(weight)
+    return _spread_if_low_dimensional(weight, LOW_DIM_PROXY_LENGTH)
 
 
 @torch.no_grad()
@@ -228,7 +233,4 @@ def circle_proxy_init_(weight: Tensor) -> Tensor:
     nothing keeps fast early proxies apart. Measured (3 seeds, benchmarks/results/lowdim):
     short proxies give Fashion-MNIST 2-D 0.659 against 0.765 with these lengths (digits
     2-D 0.752 against 0.696)."""
-    d, c = weight.shape
-    if is_low_dimensional(c, d):
-        return spread_init_(weight)
-    return torch.nn.init.normal_(weight)
+    return _spread_if_low_dimensional(weight, None)

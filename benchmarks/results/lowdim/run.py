@@ -55,6 +55,13 @@ def load_benchmark():
     return retrieval
 
 
+def method_of(R, loss, **hp):
+    """The benchmark's Method for a class loss scored by its own logits; its hparams are
+    the loss's margin/scale attributes that exist, plus ``hp``."""
+    shown = {k: getattr(loss, k) for k in ("m", "gamma", "margin", "scale") if hasattr(loss, k)}
+    return R.Method(loss, classifiers={"acc": R._logits_of(loss)}, hparams={**shown, **hp})
+
+
 def register(R) -> None:
     import torch
     from pytorch_metric_learning.utils import common_functions as c_f
@@ -64,8 +71,7 @@ def register(R) -> None:
     normal = c_f.TorchInitWrapper(torch.nn.init.normal_)
 
     def method(loss, **hp):
-        shown = {k: getattr(loss, k) for k in ("m", "gamma", "margin", "scale") if hasattr(loss, k)}
-        return R.Method(loss, classifiers={"acc": R._logits_of(loss)}, hparams={**shown, **hp})
+        return method_of(R, loss, **hp)
 
     builders = {
         "SparseCircleLoss": lambda c, d: method(ours.SparseCircleLoss(c, d), init="auto"),

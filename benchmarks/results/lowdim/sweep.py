@@ -117,14 +117,7 @@ def register_sweep_e(R, v: dict) -> None:
                     c, d, m=0.5, gamma=adacos_scale(c), weight_init_func=init_of(init)
                 )
             loss.W.requires_grad_(not frozen)
-            shown = {
-                k: getattr(loss, k) for k in ("m", "gamma", "margin", "scale") if hasattr(loss, k)
-            }
-            return R.Method(
-                loss,
-                classifiers={"acc": R._logits_of(loss)},
-                hparams={**shown, "init": init, "frozen": frozen},
-            )
+            return run.method_of(R, loss, init=init, frozen=frozen)
 
         return make
 
@@ -142,11 +135,7 @@ def register_sweep_e(R, v: dict) -> None:
         loss = ours.ArcFaceLoss(
             c, d, margin="auto", scale="auto", weight_init_func=ours.auto_proxy_init_
         )
-        return R.Method(
-            loss,
-            classifiers={"acc": R._logits_of(loss)},
-            hparams={"margin": loss.margin, "scale": loss.scale, "init": "auto"},
-        )
+        return run.method_of(R, loss, init="auto")
 
     v["afE_auto"] = arcface
 
