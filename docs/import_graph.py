@@ -125,12 +125,12 @@ def import_edges(root: Path = ROOT) -> Set[Edge]:
                     base = module.package.split(".") if module.package else []
                     base = base[: len(base) - (node.level - 1)]
                     prefix = ".".join(base + ([node.module] if node.module else []))
-                    names = [prefix] if node.module else []
-                    # `from . import x`: x is a submodule, or a name of the package.
-                    for alias in node.names:
-                        sub = f"{prefix}.{alias.name}"
-                        names.append(sub if sub in modules else prefix)
-                    targets += [n for n in names if n in modules]
+                    # `from .x import y`: y is a submodule of x, or a name of x itself
+                    # (x's __init__ runs either way, like a parent package's: not drawn).
+                    subs = [f"{prefix}.{a.name}" for a in node.names]
+                    targets += [s for s in subs if s in modules]
+                    if not all(s in modules for s in subs) and prefix in modules:
+                        targets.append(prefix)
                 else:
                     subs = [f"{node.module}.{a.name}" for a in node.names]
                     targets += [s for s in subs if s in modules]
