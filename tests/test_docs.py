@@ -196,3 +196,54 @@ def test_import_graph_finds_circles_and_upward_arrows(tmp_path):
     assert [(e.source, e.target) for e in graph.upward(edges)] == [
         ("pml_extras.ops.c", "pml_extras.losses.l")
     ]
+
+
+LOSS_PAGES = {
+    "SparseCircleLoss": "sparse_circle_loss.md",
+    "CurricularFaceLoss": "curricular_face_loss.md",
+    "ArcFaceLoss": "arcface_loss.md",
+    "CosFaceLoss": "cosface_loss.md",
+    "CircleLoss": "circle_loss.md",
+    "CenterLoss": "center_loss.md",
+    "StandaloneCenterLoss": "standalone_center_loss.md",
+}
+
+
+def _part(text: str, heading: str) -> str:
+    """The text under a PML-style bold heading (``**Default reducer**:``)."""
+    start = text.index(f"**{heading}**:") + len(heading) + 5
+    end = text.find("\n**", start)
+    return text[start : end if end >= 0 else None]
+
+
+def test_every_loss_has_a_page():
+    from pml_extras import losses
+
+    classes = {n for n in losses.__all__ if n[0].isupper()}
+    assert classes == set(LOSS_PAGES)
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_PAGES))
+def test_loss_page_follows_pml_format_and_the_code(name):
+    """PML's sections in PML's order, and the default distance, default reducer and
+    reducer input they state are the loss's own."""
+    from pml_extras import losses
+
+    text = (DOCS / "losses" / LOSS_PAGES[name]).read_text()
+    assert text.startswith(f"# {name}\n")
+    headings = ["Equation", "Parameters", "Default distance", "Default reducer", "Reducer input"]
+    positions = [text.index(f"**{h}**:") for h in headings]
+    assert positions == sorted(positions), f"{name}: sections out of PML's order"
+
+    cls = getattr(losses, name)
+    args = (10, 8) if "num_classes" in inspect.signature(cls).parameters else ()
+    loss_fn = cls(*args)
+    distance = re.search(r"^- `(\w+)\((.*?)\)`", _part(text, "Default distance"), flags=re.M)
+    actual = loss_fn.get_default_distance()
+    assert distance.group(1) == type(actual).__name__
+    for key, value in re.findall(r"(\w+)=([^,]+)", distance.group(2)):
+        assert getattr(actual, key) == ast.literal_eval(value), f"{name}: distance {key}"
+    reducer = re.search(r"^- `(\w+)`", _part(text, "Default reducer"), flags=re.M).group(1)
+    assert reducer == type(loss_fn.get_default_reducer()).__name__
+    inputs = re.findall(r"^\* \*\*(\w+)\*\*:", _part(text, "Reducer input"), flags=re.M)
+    assert inputs == loss_fn.sub_loss_names()
