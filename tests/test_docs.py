@@ -248,3 +248,34 @@ def test_loss_page_follows_pml_format_and_the_code(name):
     assert reducer == type(loss_fn.get_default_reducer()).__name__
     inputs = re.findall(r"^\* \*\*(\w+)\*\*:", _part(text, "Reducer input"), flags=re.M)
     assert inputs == loss_fn.sub_loss_names()
+
+
+def test_import_graph_script_runs(tmp_path, monkeypatch, capsys):
+    """The script's own paths, without Graphviz: --print lists edges and circles; drawing
+    stops (exit 1, nothing written) when ``dot`` is missing; with a stand-in ``dot`` that
+    echoes its input, both files get the DOT source, circle edges in red."""
+    graph = _import_graph_module()
+    monkeypatch.setattr(graph, "OUT", tmp_path / "img")
+    assert graph.main(["--print"]) == 0
+    printed = capsys.readouterr().out
+    edges = graph.import_edges()
+    assert all(f"{e.source} -> {e.target}" in printed for e in edges)
+    assert printed.count("import circle:") == len(graph.circles(edges))
+
+    monkeypatch.setattr(graph.shutil, "which", lambda name: None)
+    assert graph.main([]) == 1
+    assert not (tmp_path / "img").exists()
+
+    fake_dot = tmp_path / "dot"
+    fake_dot.write_text("#!/bin/sh\ncat\n")
+    fake_dot.chmod(0o755)
+    monkeypatch.setattr(graph.shutil, "which", lambda name: str(fake_dot))
+    assert graph.main([]) == 0
+    for fmt in ("svg", "png"):
+        source = (tmp_path / "img" / f"import_graph.{fmt}").read_text()
+        assert source == graph.to_dot(edges)
+    on_circles = [
+        e for e in edges if any({e.source, e.target} <= set(c) for c in graph.circles(edges))
+    ]
+    for e in on_circles:
+        assert f'"{e.source}" -> "{e.target}" [color="#d62728"' in source
