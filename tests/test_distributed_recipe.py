@@ -1,6 +1,6 @@
-"""The README's multi-GPU recipe and ``benchmarks/distributed_train.py`` run on 2 gloo ranks.
+"""The docs' multi-GPU recipe and ``benchmarks/distributed_train.py`` run on 2 gloo ranks.
 
-The recipe block (```python torchrun in README.md) is run as written, with only its
+The recipe block (```python torchrun in docs/distributed.md) is run as written, with only its
 configuration line replaced by small sizes, through the same code path as on GPUs except
 the device: DDP backbone, sharded CurricularFace outside DDP, fp16 autocast with
 GlobalGradScaler, unscale_ + shard-aware clipping, per-rank checkpoints, ``predict``.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "docs" / "distributed.md").read_text()
 CONFIG = (
     "num_classes, dim, batch, steps, ckpt_every, ckpt_dir = "
     '1_000_000, 512, 128, 20_000, 1000, "ckpt"'
