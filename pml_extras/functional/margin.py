@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_embeddings, check_labels
-from ..ops.class_lse import class_logsumexp
+from ..ops.class_lse import class_logsumexp, target_cosine
+from ._numerics import working_dtype
 
 # sin(theta) = sqrt(1 - c^2) is clamped away from 0: at c = +-1 the clamp stops the
 # gradient (instead of d sqrt(u)/du = inf at u = 0), and just inside it stays below ~5e5.
@@ -91,6 +92,16 @@ def margin_softmax_losses(
     )
     # With C == 1 there are no negatives: lse_n = -inf and the loss is exactly 0.
     return F.softplus(lse_n - scale * target_fn(cos_y))
+
+
+def mean_target_angle(embeddings: Tensor, weight: Tensor, labels: Tensor) -> float:
+    """Mean angle in degrees between the embeddings and their class proxies (no gradient):
+    PML's ``avg_angle`` statistic of its margin losses. One gather of B proxies."""
+    with torch.no_grad():
+        dtype = working_dtype(embeddings, weight)
+        x = F.normalize(embeddings.detach().to(dtype), dim=1)
+        cos_y = target_cosine(x, weight, labels)
+        return math.degrees(float(torch.acos(cos_y).mean()))
 
 
 def _validated(embeddings, weight, labels, owner):

@@ -1,19 +1,20 @@
+"""CosFace (large margin cosine), a blockwise drop-in for PML's ``CosFaceLoss``."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
 
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.reducers import MeanReducer
+from ..functional.margin import (
+    check_margin_args,
+    cosface_target,
+    margin_softmax_losses,
+    mean_target_angle,
+)
+from . import _low_dim
+from .base_proxy_loss import BaseProxyLoss
 
-from .._validation import check_embeddings
-from ..functional.margin import check_margin_args, cosface_target
-from . import _common, _low_dim
-from .arcface_loss import init_margin_loss, margin_loss_dict
 
-
-class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class CosFaceLoss(BaseProxyLoss):
     """CosFace (large margin cosine) loss; a blockwise drop-in for PML's ``CosFaceLoss``.
 
     Wang, Wang, Zhou, Ji, Gong, Zhou, Li and Liu, "CosFace: Large Margin Cosine Loss for
@@ -52,6 +53,8 @@ class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         >>> preds = loss_fn.get_logits(torch.randn(4, 128)).argmax(1)
     """
 
+    recorded_attributes = ("num_classes",)
+
     def __init__(
         self,
         num_classes: int,
@@ -62,34 +65,36 @@ class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         impl: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.margin = float(margin)
-        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, "CosFaceLoss")
-        check_margin_args(self.margin, scale, type(self).__name__, arc=False)
-        init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
+        hyper_parameters = {"margin": margin, "scale": scale}
+        super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
+        self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
+
+    @classmethod
+    def resolve_hyper_parameters(
+        cls, num_classes, embedding_size, owner=None, margin=0.35, scale=64
+    ) -> dict:
+        """margin: a number (no "auto": a cosine margin has no low-dimensional rule);
+        scale: a number or "auto" (64, or AdaCos's when low-dimensional)."""
+        owner = owner or cls.__name__
+        margin = float(margin)
+        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, owner)
+        check_margin_args(margin, scale, owner, arc=False)
+        return {"margin": margin, "scale": float(scale)}
 
     def modify_cosine_of_target_classes(self, cosine_of_target_classes):
         """f(c_y) = c_y - m, PML's name for it."""
         return cosface_target(cosine_of_target_classes, self.margin)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return margin_loss_dict(
-            self,
-            self.modify_cosine_of_target_classes,
+    def per_sample_losses(self, embeddings, labels):
+        """softplus(logsumexp_{j != y} s*c_j - s*(c_y - m)), blockwise over the classes."""
+        if self.collect_stats:
+            self.avg_angle = mean_target_angle(embeddings, self.W, labels)
+        return margin_softmax_losses(
             embeddings,
+            self.W,
             labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
+            self.scale,
+            self.modify_cosine_of_target_classes,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
         )
-
-    def get_logits(self, embeddings):
-        """(B, C) scale * cosine to each proxy (no margin), like PML's; argmax predicts."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return _common.cosine_logits(embeddings, self.W, self.scale)
-
-    def get_default_distance(self):
-        return CosineSimilarity()
-
-    def get_default_reducer(self):
-        return MeanReducer()
