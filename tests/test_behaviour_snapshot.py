@@ -29,8 +29,8 @@ def test_every_public_loss_has_a_case():
     names = list(snap.all_cases())
     public = [*L.__all__, "ShardedSparseCircleLoss", "ShardedCurricularFaceLoss"]
     for name in public:
-        if name.endswith("_"):  # the init functions are exercised by the "auto" cases
-            continue
+        if name.endswith("_") or name.startswith("Base"):
+            continue  # init functions: run by the "auto" cases; the base: by every loss
         assert any(f".{name}." in n for n in names), name
     import pml_extras.functional as F
 

@@ -110,3 +110,10 @@ class ArcFaceLoss(BaseProxyLoss):
             chunk_size=self.chunk_size,
             impl=self.impl,
         )
+
+
+def __getattr__(name):
+    # Helpers this module held before BaseProxyLoss (deprecated aliases).
+    from ._deprecated import moved_name
+
+    return moved_name(__name__, name)
