@@ -648,12 +648,19 @@ def test_a_new_proxy_loss_needs_its_formula_and_defaults_only():
             cls.check_values(owner or cls.__name__, positive={"scale": scale})
             return {"scale": float(scale)}
 
+    class OwnFormula(NormSoftmaxLoss):
         def per_sample_losses(self, embeddings, labels):
             return F.cross_entropy(self.get_logits(embeddings), labels, reduction="none")
 
-    torch.manual_seed(0)
-    loss_fn = NormSoftmaxLoss(C_, D_, weight_regularizer=pml_regularizers.LpRegularizer())
+    # The base's default formula (margin softmax, identity target: a normalised softmax)
+    # and an overriding one give the same loss.
     x, y = clustered_batch(seed=1, dtype=F64)
+    torch.manual_seed(0)
+    default = NormSoftmaxLoss(C_, D_).double()(x, y)
+    torch.manual_seed(0)
+    assert_close(default, OwnFormula(C_, D_).double()(x, y), 1e-12, what="default formula")
+    torch.manual_seed(0)
+    loss_fn = OwnFormula(C_, D_, weight_regularizer=pml_regularizers.LpRegularizer())
     loss_fn = loss_fn.double()
     # The base's PML machinery: validation, miner weights, regularizer, reducer.
     logits = 16.0 * F.normalize(x, dim=1) @ F.normalize(loss_fn.W.detach(), dim=0)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-from ..functional.margin import (
-    arcface_target,
-    check_margin_args,
-    margin_softmax_losses,
-    mean_target_angle,
-)
+from ..functional.margin import arcface_target, check_margin_args
 from . import _low_dim
 from .base_proxy_loss import BaseProxyLoss
 
@@ -61,6 +56,7 @@ class ArcFaceLoss(BaseProxyLoss):
     """
 
     recorded_attributes = ("num_classes",)
+    recorded_stats = ("avg_angle",)
 
     def __init__(
         self,
@@ -74,7 +70,6 @@ class ArcFaceLoss(BaseProxyLoss):
     ):
         hyper_parameters = {"margin": margin, "scale": scale}
         super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
-        self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
 
     @classmethod
     def resolve_hyper_parameters(
@@ -96,20 +91,6 @@ class ArcFaceLoss(BaseProxyLoss):
     def modify_cosine_of_target_classes(self, cosine_of_target_classes):
         """f(c_y), PML's name for it: cos(theta + m), or c - m*sin(m) past pi - m."""
         return arcface_target(cosine_of_target_classes, self.margin)
-
-    def per_sample_losses(self, embeddings, labels):
-        """softplus(logsumexp_{j != y} s*c_j - s*f(c_y)), blockwise over the classes."""
-        if self.collect_stats:
-            self.avg_angle = mean_target_angle(embeddings, self.W, labels)
-        return margin_softmax_losses(
-            embeddings,
-            self.W,
-            labels,
-            self.scale,
-            self.modify_cosine_of_target_classes,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
-        )
 
 
 def __getattr__(name):

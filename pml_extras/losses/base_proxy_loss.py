@@ -28,7 +28,9 @@ A subclass gives:
   ``super().__init__(num_classes, embedding_size, {name: value, ...}, chunk_size=...,
   impl=..., **kwargs)``;
 * :meth:`resolve_hyper_parameters` (its defaults, "auto" rules and value checks);
-* :meth:`per_sample_losses` (its formula: (B,) losses for a validated batch);
+* its formula: :meth:`modify_cosine_of_target_classes` (the target logit f(c_y) of the
+  default formula, the margin softmax of ArcFace/CosFace), or :meth:`per_sample_losses`
+  ((B,) losses for a validated batch) for a loss of another form;
 * ``scale_name``, the attribute holding its logit scale (``"scale"`` or ``"gamma"``);
 * optionally ``default_weight_init`` (a ``weight_init_func``; None: PML's ``normal_``).
 
@@ -59,6 +61,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from torch import Tensor
 
 from .._validation import check_embeddings, check_labels, check_no_ref
+from ..functional.margin import margin_softmax_losses, mean_target_angle
 from . import _common
 
 
@@ -80,6 +83,8 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     scale_name = "scale"
     #: Attributes PML's record-keeper logs (besides the resolved hyper-parameters).
     recorded_attributes = ()
+    #: Statistics it logs when ``collect_stats`` is on ("avg_angle": the default formula's).
+    recorded_stats = ()
     #: The ``weight_init_func`` used when none is given; None: PML's ``normal_``.
     default_weight_init: Optional[Callable[[Tensor], Tensor]] = None
 
@@ -104,6 +109,8 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.add_to_recordable_attributes(
             list_of_names=[*self.recorded_attributes, *values], is_stat=False
         )
+        if self.recorded_stats:
+            self.add_to_recordable_attributes(list_of_names=list(self.recorded_stats), is_stat=True)
 
     # ------------------------------------------------------------ what a subclass gives
     @classmethod
@@ -117,9 +124,35 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         """
         raise NotImplementedError
 
+    def modify_cosine_of_target_classes(self, cosine_of_target_classes: Tensor) -> Tensor:
+        """f(c_y), the target logit before scaling (PML's name): the identity here."""
+        return cosine_of_target_classes
+
     def per_sample_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """(B,) losses of a validated, non-empty batch (labels int64 in [0, C))."""
-        raise NotImplementedError
+        """(B,) losses of a validated, non-empty batch (labels int64 in [0, C)).
+
+        The default formula is the margin softmax of ArcFace/CosFace (PML's
+        ``LargeMarginSoftmaxLoss`` family), with s the logit scale and
+        f = :meth:`modify_cosine_of_target_classes`:
+
+            L = cross_entropy(s * [f(c_y), c_j for j != y], y)
+              = softplus( logsumexp_{j != y} s*c_j - s*f(c_y) )
+
+        computed blockwise over the classes (the B x C logits are never built). With
+        ``collect_stats`` and "avg_angle" in ``recorded_stats`` it also records the mean
+        target angle in degrees, as PML does. Losses of another form override this.
+        """
+        if self.collect_stats and "avg_angle" in self.recorded_stats:
+            self.avg_angle = mean_target_angle(embeddings, self.W, labels)
+        return margin_softmax_losses(
+            embeddings,
+            self.W,
+            labels,
+            getattr(self, self.scale_name),
+            self.modify_cosine_of_target_classes,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+        )
 
     # ------------------------------------------------------------ shared machinery
     @staticmethod

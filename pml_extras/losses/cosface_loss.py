@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from ..functional.margin import (
-    check_margin_args,
-    cosface_target,
-    margin_softmax_losses,
-    mean_target_angle,
-)
+from ..functional.margin import check_margin_args, cosface_target
 from . import _low_dim
 from .base_proxy_loss import BaseProxyLoss
 
@@ -54,6 +49,7 @@ class CosFaceLoss(BaseProxyLoss):
     """
 
     recorded_attributes = ("num_classes",)
+    recorded_stats = ("avg_angle",)
 
     def __init__(
         self,
@@ -67,7 +63,6 @@ class CosFaceLoss(BaseProxyLoss):
     ):
         hyper_parameters = {"margin": margin, "scale": scale}
         super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
-        self.add_to_recordable_attributes(name="avg_angle", is_stat=True)
 
     @classmethod
     def resolve_hyper_parameters(
@@ -84,20 +79,6 @@ class CosFaceLoss(BaseProxyLoss):
     def modify_cosine_of_target_classes(self, cosine_of_target_classes):
         """f(c_y) = c_y - m, PML's name for it."""
         return cosface_target(cosine_of_target_classes, self.margin)
-
-    def per_sample_losses(self, embeddings, labels):
-        """softplus(logsumexp_{j != y} s*c_j - s*(c_y - m)), blockwise over the classes."""
-        if self.collect_stats:
-            self.avg_angle = mean_target_angle(embeddings, self.W, labels)
-        return margin_softmax_losses(
-            embeddings,
-            self.W,
-            labels,
-            self.scale,
-            self.modify_cosine_of_target_classes,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
-        )
 
 
 def __getattr__(name):
