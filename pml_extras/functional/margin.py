@@ -104,11 +104,18 @@ def mean_target_angle(embeddings: Tensor, weight: Tensor, labels: Tensor) -> flo
         return math.degrees(float(torch.acos(cos_y).mean()))
 
 
-def _validated(embeddings, weight, labels, owner):
+def _checked_margin_loss(
+    owner, arc, embeddings, weight, labels, margin, scale, target_fn, chunk_size, impl
+):
+    """The functional ArcFace/CosFace: check the inputs, then the margin softmax."""
     if not torch.is_tensor(weight) or weight.ndim != 2:
         raise ValueError(f"{owner}: weight must be a (embedding_size, num_classes) tensor")
     check_embeddings(embeddings, weight.shape[0], owner)
-    return check_labels(labels, weight.shape[1], embeddings.shape[0], owner)
+    labels = check_labels(labels, weight.shape[1], embeddings.shape[0], owner)
+    check_margin_args(margin, scale, owner, arc=arc)
+    return margin_softmax_losses(
+        embeddings, weight, labels, float(scale), target_fn, chunk_size=chunk_size, impl=impl
+    )
 
 
 def arcface_loss(
@@ -147,17 +154,9 @@ def arcface_loss(
         >>> arcface_loss(x, W, torch.randint(0, 100, (8,)), 0.5, 64.0).shape
         torch.Size([8])
     """
-    labels = _validated(embeddings, weight, labels, "arcface_loss")
-    check_margin_args(margin_rad, scale, "arcface_loss", arc=True)
-    return margin_softmax_losses(
-        embeddings,
-        weight,
-        labels,
-        float(scale),
-        lambda c: arcface_target(c, margin_rad),
-        chunk_size=chunk_size,
-        impl=impl,
-    )
+    target = lambda c: arcface_target(c, margin_rad)  # noqa: E731
+    args = (embeddings, weight, labels, margin_rad, scale, target, chunk_size, impl)
+    return _checked_margin_loss("arcface_loss", True, *args)
 
 
 def cosface_loss(
@@ -189,14 +188,6 @@ def cosface_loss(
         >>> cosface_loss(x, W, torch.randint(0, 100, (8,)), 0.35, 64.0).shape
         torch.Size([8])
     """
-    labels = _validated(embeddings, weight, labels, "cosface_loss")
-    check_margin_args(margin, scale, "cosface_loss", arc=False)
-    return margin_softmax_losses(
-        embeddings,
-        weight,
-        labels,
-        float(scale),
-        lambda c: cosface_target(c, margin),
-        chunk_size=chunk_size,
-        impl=impl,
-    )
+    target = lambda c: cosface_target(c, margin)  # noqa: E731
+    args = (embeddings, weight, labels, margin, scale, target, chunk_size, impl)
+    return _checked_margin_loss("cosface_loss", False, *args)

@@ -11,6 +11,8 @@ from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
+from .._validation import check_embeddings
+from ..functional.center import pairwise_distances
 from ..ops.dispatch import IMPLS
 
 
@@ -66,6 +68,19 @@ def check_proxy_args(num_classes: int, embedding_size: int, owner: str) -> None:
     for name, value in (("num_classes", num_classes), ("embedding_size", embedding_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def check_center_loss_args(loss_fn, num_classes: int, embedding_size: int) -> None:
+    """The constructor checks of the center losses: an LpDistance, positive C and D."""
+    owner = type(loss_fn).__name__
+    require_lp(loss_fn.distance, owner)
+    check_proxy_args(num_classes, embedding_size, owner)
+
+
+def nearest_center_logits(loss_fn, embeddings: Tensor) -> Tensor:
+    """(B, C) minus the distance of each embedding to every center of ``loss_fn``."""
+    check_embeddings(embeddings, loss_fn.embedding_size, type(loss_fn).__name__)
+    return -pairwise_distances(embeddings, loss_fn.centers, **lp_settings(loss_fn.distance))
 
 
 def lp_settings(distance) -> dict:
