@@ -347,7 +347,8 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         raise NotImplementedError
 
     def _scale(self) -> float:
-        raise NotImplementedError
+        """The logit scale: the twin's ``scale_name`` attribute (gamma or scale)."""
+        return getattr(self, self.single_device_loss.scale_name)
 
     def _class_lse(self, x_all, w_used, target, kind, param, row_param=None):
         """This shard's (partial logsumexp, target cosine) of ``kind`` for every global row."""
@@ -585,9 +586,6 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
     def _per_sample(self, lse, cos_y):
         return F.softplus(lse - circle_target_logit(cos_y, self.m, self.gamma))
 
-    def _scale(self) -> float:
-        return self.gamma
-
 
 class ShardedCurricularFaceLoss(_ShardedClassLoss):
     """CurricularFace with W sharded by classes over the ranks (model parallel).
@@ -659,6 +657,3 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
     def _per_sample(self, lse, cos_y):
         target_logit, _ = curricular_target(cos_y, self.margin)
         return F.softplus(lse - self.scale * target_logit)
-
-    def _scale(self) -> float:
-        return self.scale
