@@ -35,7 +35,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
 from .._validation import check_embeddings, check_labels
-from ..functional._numerics import masked_logsumexp
+from ..functional import masked_logsumexp
 from ..functional.circle import circle_target_logit
 from ..functional.curricular import curricular_target, update_t
 from ..losses import CurricularFaceLoss, SparseCircleLoss
