@@ -694,3 +694,22 @@ def test_no_loss_module_imports_another():
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 names = {node.module} | {a.name for a in node.names if node.module is None}
                 assert not names & modules, f"{path.name} imports {names & modules}"
+
+
+def test_distributed_uses_public_or_base_class_names():
+    # pml_extras.distributed reaches the loss layers through public names only.
+    import ast
+    import pathlib
+
+    import pml_extras.distributed as dist_
+
+    for path in pathlib.Path(dist_.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 2 and node.module):
+                continue
+            parts = node.module.split(".")
+            if parts[0] not in ("losses", "functional"):
+                continue
+            private = [p for p in parts if p.startswith("_")]
+            private += [a.name for a in node.names if a.name.startswith("_")]
+            assert not private, f"{path.name}: from ..{node.module} import {private}"
