@@ -450,3 +450,25 @@ def test_finite_at_coincident_points(dtype, form, B, D, C, copies, at_center, ma
     center = make_center(centers.to(dtype))
     center(x2, y).backward()
     assert torch.isfinite(x2.grad).all() and torch.isfinite(center.centers.grad).all()
+
+
+@pytest.mark.parametrize("cls", [CenterLoss, StandaloneCenterLoss])
+@pytest.mark.parametrize("p, power, normalize", LP_SETTINGS[:3])
+def test_get_logits_are_minus_the_distance_to_every_center(cls, p, power, normalize):
+    g = torch.Generator().manual_seed(7)
+    loss_fn = cls(5, 3, distance=LpDistance(p=p, power=power, normalize_embeddings=normalize))
+    loss_fn = loss_fn.double()
+    x = torch.randn(6, 3, generator=g, dtype=F64)
+    logits = loss_fn.get_logits(x)
+    centers = loss_fn.centers.detach()
+    expected = torch.tensor(
+        [
+            [-float(ref.lp_distance(x[i], centers[j], p, power, normalize)) for j in range(5)]
+            for i in range(6)
+        ],
+        dtype=F64,
+    )
+    torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))  # nearest center
+    with pytest.raises(ValueError, match=f"{cls.__name__}: embeddings have size 4"):
+        loss_fn.get_logits(torch.randn(2, 4, dtype=F64))

@@ -134,6 +134,9 @@ def objective_reference(kind, case, sizes, steps, kw, train=True, weights=None, 
     xs, ys, w = case
     world, num_classes = len(sizes), w.shape[1]
     ranges = shard_ranges(num_classes, world)
+    # The sharded losses' defaults are their single-device twins' for the global (C, D).
+    twin = SparseCircleLoss if kind == "circle" else CurricularFaceLoss
+    kw = twin.resolve_hyper_parameters(num_classes, w.shape[0], **kw)
     weight = w.clone().requires_grad_(True)
     t = torch.zeros(1, dtype=F64)
     out = {"losses": [], "x_grad": [], "w_grad": [], "t": []}
@@ -141,12 +144,12 @@ def objective_reference(kind, case, sizes, steps, kw, train=True, weights=None, 
         x = xs[step].clone().requires_grad_(True)
         y = ys[step]
         if kind == "circle":
-            per = sparse_circle_loss(x, weight, y, kw.get("m", 0.25), kw.get("gamma", 256.0))
+            per = sparse_circle_loss(x, weight, y, kw["m"], kw["gamma"])
         else:
             cos = target_cosine(F.normalize(x, dim=1), weight, y)
             if train:
                 t = update_t(t, cos, kw["momentum"])
-            per = curricular_face_loss(x, weight, y, t, kw.get("margin", 0.5), kw["scale"])
+            per = curricular_face_loss(x, weight, y, t, kw["margin"], kw["scale"])
         if weights is not None:
             per = per * weights
         rank_losses = []

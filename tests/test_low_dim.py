@@ -167,6 +167,75 @@ def test_bad_auto_strings_are_rejected(bad):
             cls(10, 3, **{name: bad})
 
 
+SHARDED_TWINS = [
+    ("ShardedSparseCircleLoss", SparseCircleLoss, ("m", "gamma")),
+    ("ShardedCurricularFaceLoss", CurricularFaceLoss, ("margin", "scale", "momentum")),
+]
+
+
+@pytest.mark.parametrize("sharded_name, twin, names", SHARDED_TWINS)
+@pytest.mark.parametrize("c, d", [(10, 2), (10, 3), (10, 17), (10, 18), (10, 128), (50, 20)])
+def test_sharded_losses_resolve_the_twins_defaults(sharded_name, twin, names, c, d):
+    # Low-dimensional (D < 4 ln(C(C-1)): 18.0 for C=10, 31.2 for C=50) and high.
+    import pml_extras.distributed as dist_
+
+    sharded_cls = getattr(dist_, sharded_name)
+    torch.manual_seed(4)
+    sharded = sharded_cls(c, d)
+    torch.manual_seed(4)
+    single = twin(c, d)
+    for name in names:
+        assert getattr(sharded, name) == getattr(single, name), (name, c, d)
+    # One process holds every class: the same default init, draw for draw.
+    assert torch.equal(sharded.W.detach(), single.W.detach())
+    # Explicit values pass through both unchanged.
+    explicit = {"m": 0.3, "gamma": 80.0, "margin": 0.4, "scale": 30.0, "momentum": 0.1}
+    kw = {k: explicit[k] for k in names}
+    plain = sharded_cls(c, d, weight_init_func=torch.nn.init.normal_, **kw)
+    assert all(getattr(plain, k) == v for k, v in kw.items())
+    # A typo in "auto" names the sharded loss and the argument.
+    with pytest.raises(ValueError, match=f"{sharded_name}: {names[0]} must be a number or"):
+        sharded_cls(c, d, **{names[0]: "Auto"})
+
+
+def test_sharded_defaults_are_the_papers_at_face_recognition_sizes():
+    # C = 1M classes, D = 512: resolved without building the 2 GB W.
+    assert SparseCircleLoss.resolve_hyper_parameters(10**6, 512) == {"m": 0.25, "gamma": 256.0}
+    assert CurricularFaceLoss.resolve_hyper_parameters(10**6, 512, owner="X") == {
+        "margin": 0.5,
+        "scale": 64.0,
+        "momentum": 0.01,
+    }
+    low = SparseCircleLoss.resolve_hyper_parameters(10**6, 64)
+    assert low["gamma"] == pytest.approx(math.sqrt(2) * math.log(10**6 - 1))
+
+
+def test_rule_init_decides_on_the_global_class_count():
+    # A shard of 2 columns out of C = 10 classes in 3-D: low-dimensional for C = 10
+    # (threshold 18.0) although a 2-class W alone would not be (threshold 2.8).
+    torch.manual_seed(0)
+    shard = auto_proxy_init_(torch.empty(3, 2), num_classes=10)
+    torch.testing.assert_close(shard.norm(dim=0), torch.full((2,), ld.LOW_DIM_PROXY_LENGTH))
+    torch.manual_seed(0)
+    alone = auto_proxy_init_(torch.empty(3, 2))
+    torch.manual_seed(0)
+    assert torch.equal(alone, torch.nn.init.normal_(torch.empty(3, 2)))
+
+
+def test_sharded_init_decides_on_the_global_class_count(monkeypatch):
+    # Rank 0 of 5 (construction makes no collective call, so the group is faked): a shard
+    # of 2 of the 10 classes in 3-D gets the rule's short proxies, as the 10 classes are
+    # low-dimensional in 3-D although 2 classes alone would not be.
+    import pml_extras.distributed as dist_
+    from pml_extras.distributed import _comm
+
+    monkeypatch.setattr(_comm, "group_info", lambda group=None: (0, 5))
+    loss = dist_.ShardedCurricularFaceLoss(10, 3, init_seed=0)
+    assert (loss.class_start, loss.class_end) == (0, 2)
+    lengths = loss.W.detach().norm(dim=0)
+    torch.testing.assert_close(lengths, torch.full((2,), ld.LOW_DIM_PROXY_LENGTH))
+
+
 def test_bad_sizes_are_named_before_the_rule_runs():
     with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
         SparseCircleLoss(0, 3)

@@ -21,8 +21,9 @@ state, plus one chunk of logits.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,11 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from torch import Tensor
 
 from .._validation import check_embeddings, check_labels
-from ..functional._numerics import masked_logsumexp
+from ..functional import masked_logsumexp
 from ..functional.circle import circle_target_logit
 from ..functional.curricular import curricular_target, update_t
-from ..losses import _common
+from ..losses import CurricularFaceLoss, SparseCircleLoss
+from ..losses.base_proxy_loss import BaseProxyLoss
 from ..ops.class_lse import class_logsumexp, target_cosine
 from . import _comm
 
@@ -89,12 +91,21 @@ def _mix_seed(*values: int) -> int:
 
 
 class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
-    """Shared machinery; see :class:`ShardedSparseCircleLoss` for the full description."""
+    """Shared machinery; see :class:`ShardedSparseCircleLoss` for the full description.
+
+    A subclass names its ``single_device_loss`` (a :class:`BaseProxyLoss`): its
+    ``resolve_hyper_parameters`` gives the defaults and "auto" values for the *global*
+    (C, D), and its ``default_weight_init`` the default init, so that both losses resolve
+    the same values.
+    """
+
+    single_device_loss = BaseProxyLoss
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
+        hyper_parameters: Dict[str, object],
         sample_rate: float = 1.0,
         seed: int = 0,
         shard_sizes: Optional[Sequence[int]] = None,
@@ -102,23 +113,16 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         chunk_size: Optional[int] = None,
         impl: str = "auto",
         init_seed: Optional[int] = None,
-        positive: Optional[dict] = None,
-        unit_interval: Optional[dict] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         name = type(self).__name__
-        # The subclass's hyper-parameters are checked by the same function as the
-        # single-GPU losses', so the errors are identical.
-        _common.check_class_loss_args(
-            self,
-            num_classes,
-            embedding_size,
-            impl,
-            chunk_size,
-            positive=positive,
-            unit_interval=unit_interval,
+        # Defaults, "auto" and checks of the single-device twin, for the global (C, D):
+        # the same values and the same errors.
+        values = self.single_device_loss.resolve_hyper_parameters(
+            num_classes, embedding_size, owner=name, **hyper_parameters
         )
+        BaseProxyLoss.check_arguments(self, num_classes, embedding_size, impl, chunk_size)
         if not 0.0 < float(sample_rate) <= 1.0:
             raise ValueError(f"{name}: sample_rate must lie in (0, 1], got {sample_rate}")
         rank, world = _comm.group_info(process_group)
@@ -132,6 +136,9 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         self.class_start, self.class_end = ranges[rank]
         self.register_buffer("class_range", torch.tensor(ranges[rank], dtype=torch.int64))
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.int64))
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.add_to_recordable_attributes(list_of_names=list(values), is_stat=False)
         self.W = torch.nn.Parameter(torch.empty(embedding_size, self.class_end - self.class_start))
         self._init_shard(init_seed)
         self.last_sampled_classes: Optional[Tensor] = None
@@ -147,13 +154,23 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         values, i.e. classes start + j of all shards would share a proxy. The base is
         ``init_seed`` or one draw from the global generator; rank r uses mix(base, r).
         """
+        init = self.weight_init_func
+        rule = self.single_device_loss.default_weight_init
+        if rule is not None and init is rule:
+            # The twin's low-dimensional rule decides on the global C, not the shard's.
+            init = functools.partial(rule, num_classes=self.num_classes)
         if self.world_size == 1 and init_seed is None:
-            self.weight_init_func(self.W)
+            init(self.W)
             return
         base = init_seed if init_seed is not None else int(torch.randint(0, 2**62, ()).item())
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix_seed(base, self.rank))
-            self.weight_init_func(self.W)
+            init(self.W)
+
+    def get_default_weight_init_func(self):
+        """The single-device twin's default init (its low-dimensional rule), else PML's."""
+        rule = self.single_device_loss.default_weight_init
+        return rule if rule is not None else super().get_default_weight_init_func()
 
     def extra_repr(self) -> str:
         return (
@@ -213,8 +230,8 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             # empty local batch, a reducer that returns a detached zero...).
             self._anchor = losses
             if sizes[rank] > 0:
-                weights = _common.miner_weights(indices_tuple, labels, losses.dtype)
-                loss_dict = {"loss": _common.element_loss(losses * weights)}
+                weights = BaseProxyLoss.miner_weights(indices_tuple, labels, losses.dtype)
+                loss_dict = {"loss": BaseProxyLoss.element_loss(losses * weights)}
         self.add_weight_regularization_to_loss_dict(loss_dict, w_used.t())
         return loss_dict
 
@@ -330,7 +347,8 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         raise NotImplementedError
 
     def _scale(self) -> float:
-        raise NotImplementedError
+        """The logit scale: the twin's ``scale_name`` attribute (gamma or scale)."""
+        return getattr(self, self.single_device_loss.scale_name)
 
     def _class_lse(self, x_all, w_used, target, kind, param, row_param=None):
         """This shard's (partial logsumexp, target cosine) of ``kind`` for every global row."""
@@ -373,7 +391,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def shard_logits(self, embeddings: Tensor) -> Tensor:
         """(B, C_local) scaled cosines to this rank's classes [class_start, class_end)."""
         check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return _common.cosine_logits(embeddings, self.W, self._scale())
+        return BaseProxyLoss.cosine_logits(embeddings, self.W, self._scale())
 
     @torch.no_grad()
     def predict(
@@ -502,15 +520,22 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
 
     Args:
         num_classes: C (>= number of ranks). embedding_size: D. m, gamma: as in
-            :class:`~pml_extras.losses.SparseCircleLoss` (face recognition m=0.25, gamma=256).
+            :class:`~pml_extras.losses.SparseCircleLoss`, with the same defaults: "auto"
+            resolves for the global (C, D) exactly as the single-device loss does (the
+            paper's m=0.25, gamma=256 at face-recognition sizes, e.g. C=1M, D=512; the
+            low-dimensional rule below D = 4*ln(C*(C-1))). Pass m=0.25, gamma=256 for the
+            paper's values in every dimension.
         sample_rate: fraction of each shard used per step, in (0, 1]. seed: sampling seed.
         shard_sizes: optional classes per rank (default: as even as possible).
         process_group: the group to shard over (default: the world).
         chunk_size, impl: as in the single-GPU loss.
         init_seed: base seed of the shard initialisation (default: one draw from the global
             generator); rank r initialises its shard from mix(init_seed, r).
-        weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
-        (CosineSimilarity only), embedding_regularizer: as in PML.
+        weight_init_func: as in PML; the default is the single-device loss's (PML's
+            ``normal_`` unless low-dimensional for the global (C, D), where it is the
+            low-dimensional rule's init applied to each shard).
+        weight_regularizer, weight_reg_weight, reducer, distance (CosineSimilarity only),
+        embedding_regularizer: as in PML.
 
     State: ``state_dict()`` is per rank: ``W`` (D, C_r), ``class_range`` [start, end) (checked
     on load) and ``sample_step``; save one file per rank, and re-shard them offline for
@@ -524,12 +549,14 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
     ValueError naming the label and ``num_classes``.
     """
 
+    single_device_loss = SparseCircleLoss
+
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
-        m: float = 0.25,
-        gamma: float = 256.0,
+        m: Union[float, str] = "auto",
+        gamma: Union[float, str] = "auto",
         sample_rate: float = 1.0,
         seed: int = 0,
         shard_sizes: Optional[Sequence[int]] = None,
@@ -542,6 +569,7 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
         super().__init__(
             num_classes,
             embedding_size,
+            {"m": m, "gamma": gamma},
             sample_rate=sample_rate,
             seed=seed,
             shard_sizes=shard_sizes,
@@ -549,20 +577,14 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
             chunk_size=chunk_size,
             impl=impl,
             init_seed=init_seed,
-            positive={"gamma": gamma},
             **kwargs,
         )
-        self.m, self.gamma = float(m), float(gamma)
-        self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
 
     def _partials(self, x_all, w_used, target):
         return self._class_lse(x_all, w_used, target, "circle", self.m)
 
     def _per_sample(self, lse, cos_y):
         return F.softplus(lse - circle_target_logit(cos_y, self.m, self.gamma))
-
-    def _scale(self) -> float:
-        return self.gamma
 
 
 class ShardedCurricularFaceLoss(_ShardedClassLoss):
@@ -580,17 +602,22 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
     ``t`` is in every rank's state_dict (identical values).
 
     Args:
-        num_classes, embedding_size, margin (0.5), scale (64), momentum (0.01): as in the
-            single-GPU loss. sample_rate, seed, shard_sizes, process_group, chunk_size,
-            impl, init_seed and PML's kwargs: as in :class:`ShardedSparseCircleLoss`.
+        num_classes, embedding_size, margin, scale, momentum (0.01): as in
+            :class:`~pml_extras.losses.CurricularFaceLoss`, with the same defaults: "auto"
+            resolves for the global (C, D) as the single-device loss does (the paper's
+            margin 0.5 and scale 64 at face-recognition sizes). sample_rate, seed,
+            shard_sizes, process_group, chunk_size, impl, init_seed, weight_init_func and
+            PML's kwargs: as in :class:`ShardedSparseCircleLoss`.
     """
+
+    single_device_loss = CurricularFaceLoss
 
     def __init__(
         self,
         num_classes: int,
         embedding_size: int,
-        margin: float = 0.5,
-        scale: float = 64.0,
+        margin: Union[float, str] = "auto",
+        scale: Union[float, str] = "auto",
         momentum: float = 0.01,
         sample_rate: float = 1.0,
         seed: int = 0,
@@ -604,6 +631,7 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
         super().__init__(
             num_classes,
             embedding_size,
+            {"margin": margin, "scale": scale, "momentum": momentum},
             sample_rate=sample_rate,
             seed=seed,
             shard_sizes=shard_sizes,
@@ -611,15 +639,9 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
             chunk_size=chunk_size,
             impl=impl,
             init_seed=init_seed,
-            positive={"scale": scale},
-            unit_interval={"momentum": momentum},
             **kwargs,
         )
-        self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
         self.register_buffer("t", torch.zeros(1))
-        self.add_to_recordable_attributes(
-            list_of_names=["margin", "scale", "momentum"], is_stat=False
-        )
 
     def _partials(self, x_all, w_used, target):
         # Global target cosines (each class is owned by one rank; the others add 0).
@@ -635,6 +657,3 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
     def _per_sample(self, lse, cos_y):
         target_logit, _ = curricular_target(cos_y, self.margin)
         return F.softplus(lse - self.scale * target_logit)
-
-    def _scale(self) -> float:
-        return self.scale

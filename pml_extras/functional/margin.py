@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_embeddings, check_labels
-from ..ops.class_lse import class_logsumexp
+from ..ops.class_lse import class_logsumexp, target_cosine
+from ._numerics import working_dtype
 
 # sin(theta) = sqrt(1 - c^2) is clamped away from 0: at c = +-1 the clamp stops the
 # gradient (instead of d sqrt(u)/du = inf at u = 0), and just inside it stays below ~5e5.
@@ -93,11 +94,28 @@ def margin_softmax_losses(
     return F.softplus(lse_n - scale * target_fn(cos_y))
 
 
-def _validated(embeddings, weight, labels, owner):
+def mean_target_angle(embeddings: Tensor, weight: Tensor, labels: Tensor) -> float:
+    """Mean angle in degrees between the embeddings and their class proxies (no gradient):
+    PML's ``avg_angle`` statistic of its margin losses. One gather of B proxies."""
+    with torch.no_grad():
+        dtype = working_dtype(embeddings, weight)
+        x = F.normalize(embeddings.detach().to(dtype), dim=1)
+        cos_y = target_cosine(x, weight, labels)
+        return math.degrees(float(torch.acos(cos_y).mean()))
+
+
+def _checked_margin_loss(
+    owner, arc, embeddings, weight, labels, margin, scale, target_fn, chunk_size, impl
+):
+    """The functional ArcFace/CosFace: check the inputs, then the margin softmax."""
     if not torch.is_tensor(weight) or weight.ndim != 2:
         raise ValueError(f"{owner}: weight must be a (embedding_size, num_classes) tensor")
     check_embeddings(embeddings, weight.shape[0], owner)
-    return check_labels(labels, weight.shape[1], embeddings.shape[0], owner)
+    labels = check_labels(labels, weight.shape[1], embeddings.shape[0], owner)
+    check_margin_args(margin, scale, owner, arc=arc)
+    return margin_softmax_losses(
+        embeddings, weight, labels, float(scale), target_fn, chunk_size=chunk_size, impl=impl
+    )
 
 
 def arcface_loss(
@@ -136,17 +154,9 @@ def arcface_loss(
         >>> arcface_loss(x, W, torch.randint(0, 100, (8,)), 0.5, 64.0).shape
         torch.Size([8])
     """
-    labels = _validated(embeddings, weight, labels, "arcface_loss")
-    check_margin_args(margin_rad, scale, "arcface_loss", arc=True)
-    return margin_softmax_losses(
-        embeddings,
-        weight,
-        labels,
-        float(scale),
-        lambda c: arcface_target(c, margin_rad),
-        chunk_size=chunk_size,
-        impl=impl,
-    )
+    target = lambda c: arcface_target(c, margin_rad)  # noqa: E731
+    args = (embeddings, weight, labels, margin_rad, scale, target, chunk_size, impl)
+    return _checked_margin_loss("arcface_loss", True, *args)
 
 
 def cosface_loss(
@@ -178,14 +188,6 @@ def cosface_loss(
         >>> cosface_loss(x, W, torch.randint(0, 100, (8,)), 0.35, 64.0).shape
         torch.Size([8])
     """
-    labels = _validated(embeddings, weight, labels, "cosface_loss")
-    check_margin_args(margin, scale, "cosface_loss", arc=False)
-    return margin_softmax_losses(
-        embeddings,
-        weight,
-        labels,
-        float(scale),
-        lambda c: cosface_target(c, margin),
-        chunk_size=chunk_size,
-        impl=impl,
-    )
+    target = lambda c: cosface_target(c, margin)  # noqa: E731
+    args = (embeddings, weight, labels, margin, scale, target, chunk_size, impl)
+    return _checked_margin_loss("cosface_loss", False, *args)

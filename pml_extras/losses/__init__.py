@@ -3,6 +3,7 @@
 from ._low_dim import auto_proxy_init_
 from ._spread import spread_init_
 from .arcface_loss import ArcFaceLoss
+from .base_proxy_loss import BaseProxyLoss  # noqa: F401  (for contributors; not a loss)
 from .center_loss import CenterLoss
 from .circle_loss import CircleLoss
 from .cosface_loss import CosFaceLoss

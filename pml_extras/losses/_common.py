@@ -1,15 +1,19 @@
-"""Pieces shared by the loss modules: distance checks, loss dicts, miner weights."""
+"""Small pieces shared by the loss modules: distance and argument checks, PML loss
+entries, miner weights, cosine logits. The proxy losses reach them through
+:class:`~pml_extras.losses.base_proxy_loss.BaseProxyLoss`."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from torch import Tensor
 
-from .._validation import check_embeddings, check_labels, check_no_ref
+from .._validation import check_embeddings
+from ..functional.center import pairwise_distances
+from ..ops.dispatch import IMPLS
 
 
 def require_cosine(distance, owner: str) -> None:
@@ -66,6 +70,19 @@ def check_proxy_args(num_classes: int, embedding_size: int, owner: str) -> None:
             raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
+def check_center_loss_args(loss_fn, num_classes: int, embedding_size: int) -> None:
+    """The constructor checks of the center losses: an LpDistance, positive C and D."""
+    owner = type(loss_fn).__name__
+    require_lp(loss_fn.distance, owner)
+    check_proxy_args(num_classes, embedding_size, owner)
+
+
+def nearest_center_logits(loss_fn, embeddings: Tensor) -> Tensor:
+    """(B, C) minus the distance of each embedding to every center of ``loss_fn``."""
+    check_embeddings(embeddings, loss_fn.embedding_size, type(loss_fn).__name__)
+    return -pairwise_distances(embeddings, loss_fn.centers, **lp_settings(loss_fn.distance))
+
+
 def lp_settings(distance) -> dict:
     return {
         "p": float(distance.p),
@@ -75,34 +92,10 @@ def lp_settings(distance) -> dict:
 
 
 def check_impl(impl: str, chunk_size: Optional[int], owner: str) -> None:
-    from ..ops.class_lse import IMPLS
-
     if impl not in IMPLS:
         raise ValueError(f"{owner}: impl must be one of {IMPLS}, got {impl!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{owner}: chunk_size must be a positive int or None, got {chunk_size!r}")
-
-
-def class_proxy_loss_dict(
-    loss_fn, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample: Callable
-) -> dict:
-    """The PML loss dict of a proxy loss (``loss_fn.W``) around its per-sample function.
-
-    Validates the batch, gives an empty batch a zero loss, calls ``per_sample(labels)``
-    otherwise, turns miners into per-sample weights and adds the weight regularizer.
-    """
-    name = type(loss_fn).__name__
-    check_no_ref(embeddings, labels, ref_emb, ref_labels, name, "its references are W")
-    check_embeddings(embeddings, loss_fn.embedding_size, name)
-    labels = check_labels(labels, loss_fn.num_classes, embeddings.shape[0], name)
-    if embeddings.shape[0] == 0:
-        loss_dict = {"loss": loss_fn.zero_loss()}
-    else:
-        losses = per_sample(labels)
-        weights = miner_weights(indices_tuple, labels, losses.dtype)
-        loss_dict = {"loss": element_loss(losses * weights)}
-    loss_fn.add_weight_regularization_to_loss_dict(loss_dict, loss_fn.W.t())
-    return loss_dict
 
 
 def check_class_loss_args(
@@ -126,6 +119,13 @@ def check_class_loss_args(
     require_cosine(loss_fn.distance, owner)
     check_proxy_args(num_classes, embedding_size, owner)
     check_impl(impl, chunk_size, owner)
+    check_values(owner, positive=positive, unit_interval=unit_interval)
+
+
+def check_values(
+    owner: str, positive: Optional[dict] = None, unit_interval: Optional[dict] = None
+) -> None:
+    """``unit_interval`` values must lie in [0, 1], ``positive`` values must be > 0."""
     for name, value in (unit_interval or {}).items():
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{owner}: {name} must lie in [0, 1], got {value}")
@@ -133,22 +133,3 @@ def check_class_loss_args(
         # `not > 0` rather than `<= 0`: a NaN is rejected too.
         if not value > 0:
             raise ValueError(f"{owner}: {name} must be > 0, got {value}")
-
-
-def init_class_proxies(
-    loss_fn,
-    num_classes: int,
-    embedding_size: int,
-    chunk_size: Optional[int],
-    impl: str,
-    **checks,
-) -> None:
-    """What every single-GPU class-proxy loss does after ``super().__init__``: the shared
-    constructor checks (``checks``: see :func:`check_class_loss_args`), the attributes
-    ``num_classes``, ``embedding_size``, ``chunk_size``, ``impl``, and the proxies ``W``
-    of shape (D, C) initialised by ``weight_init_func``, as PML's."""
-    check_class_loss_args(loss_fn, num_classes, embedding_size, impl, chunk_size, **checks)
-    loss_fn.num_classes, loss_fn.embedding_size = num_classes, embedding_size
-    loss_fn.chunk_size, loss_fn.impl = chunk_size, impl
-    loss_fn.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
-    loss_fn.weight_init_func(loss_fn.W)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -190,19 +190,22 @@ def resolve_angular_margin(
     return float(paper)
 
 
-def _spread_if_low_dimensional(weight: Tensor, length) -> Tensor:
-    """spread_init_(weight, length) when low-dimensional for its (D, C), else normal_."""
+def _spread_if_low_dimensional(weight: Tensor, length, num_classes: Optional[int]) -> Tensor:
+    """spread_init_(weight, length) when low-dimensional for (D, C), else normal_; C is
+    ``num_classes``, or the columns of ``weight`` when None."""
     d, c = weight.shape
-    if is_low_dimensional(c, d):
+    if is_low_dimensional(c if num_classes is None else num_classes, d):
         return spread_init_(weight, length=length)
     return torch.nn.init.normal_(weight)
 
 
 @torch.no_grad()
-def auto_proxy_init_(weight: Tensor) -> Tensor:
+def auto_proxy_init_(weight: Tensor, num_classes: Optional[int] = None) -> Tensor:
     """PML ``weight_init_func`` of the rule: when low-dimensional, spread directions of
     length :data:`LOW_DIM_PROXY_LENGTH` (:func:`~pml_extras.losses.spread_init_`); else
     ``torch.nn.init.normal_`` exactly as PML's default (same random draws).
+    ``num_classes``: the C that decides "low-dimensional" when ``weight`` is one class
+    shard of a larger W (the sharded losses pass theirs); default: its columns.
 
     Why short: in 2-D the proxies' cyclic order is fixed once they have length, since
     two proxies cannot pass each other without one class's arc shrinking to nothing, so
@@ -219,18 +222,19 @@ def auto_proxy_init_(weight: Tensor) -> Tensor:
         >>> loss_fn = pml_extras.losses.ArcFaceLoss(
         ...     10, 3, scale="auto", weight_init_func=auto_proxy_init_)
     """
-    return _spread_if_low_dimensional(weight, LOW_DIM_PROXY_LENGTH)
+    return _spread_if_low_dimensional(weight, LOW_DIM_PROXY_LENGTH, num_classes)
 
 
 @torch.no_grad()
-def circle_proxy_init_(weight: Tensor) -> Tensor:
+def circle_proxy_init_(weight: Tensor, num_classes: Optional[int] = None) -> Tensor:
     """SparseCircleLoss's default init: when low-dimensional, spread directions with the
     lengths of a ``normal_`` draw (:func:`~pml_extras.losses.spread_init_`); else
-    ``torch.nn.init.normal_`` exactly as PML's default.
+    ``torch.nn.init.normal_`` exactly as PML's default. ``num_classes``: as in
+    :func:`auto_proxy_init_`.
 
     Why not the short proxies of :func:`auto_proxy_init_`: class-level Circle loss gives
     a negative proxy no gradient once its cosine is below -m (alpha_n = [s_n + m]_+), so
     nothing keeps fast early proxies apart. Measured (3 seeds, benchmarks/results/lowdim):
     short proxies give Fashion-MNIST 2-D 0.659 against 0.765 with these lengths (digits
     2-D 0.752 against 0.696)."""
-    return _spread_if_low_dimensional(weight, None)
+    return _spread_if_low_dimensional(weight, None, num_classes)

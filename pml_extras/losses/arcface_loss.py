@@ -1,59 +1,16 @@
+"""ArcFace (additive angular margin), a blockwise drop-in for PML's ``ArcFaceLoss``."""
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
-import torch
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.reducers import MeanReducer
-
-from .._validation import check_embeddings
-from ..functional._numerics import working_dtype
-from ..functional.margin import arcface_target, check_margin_args, margin_softmax_losses
-from ..ops.class_lse import target_cosine
-from . import _common, _low_dim
+from ..functional.margin import arcface_target, check_margin_args
+from . import _low_dim
+from .base_proxy_loss import BaseProxyLoss
 
 
-def init_margin_loss(loss_fn, num_classes, embedding_size, scale, chunk_size, impl) -> None:
-    """What ArcFaceLoss and CosFaceLoss share after ``super().__init__``: the proxies and
-    checks of every class loss, the scale, and PML's recordable attributes."""
-    _common.init_class_proxies(loss_fn, num_classes, embedding_size, chunk_size, impl)
-    loss_fn.scale = float(scale)
-    loss_fn.add_to_recordable_attributes(
-        list_of_names=["num_classes", "margin", "scale"], is_stat=False
-    )
-    loss_fn.add_to_recordable_attributes(name="avg_angle", is_stat=True)
-
-
-def margin_loss_dict(
-    loss_fn, target_fn: Callable, embeddings, labels, indices_tuple, ref_emb, ref_labels
-) -> dict:
-    def per_sample(labels):
-        if loss_fn.collect_stats:
-            # PML's statistic: mean target angle in degrees (one extra gather of B proxies).
-            x = torch.nn.functional.normalize(
-                embeddings.detach().to(working_dtype(embeddings, loss_fn.W)), dim=1
-            )
-            cos_y = target_cosine(x, loss_fn.W, labels)
-            loss_fn.avg_angle = math.degrees(float(torch.acos(cos_y).mean()))
-        return margin_softmax_losses(
-            embeddings,
-            loss_fn.W,
-            labels,
-            loss_fn.scale,
-            target_fn,
-            chunk_size=loss_fn.chunk_size,
-            impl=loss_fn.impl,
-        )
-
-    return _common.class_proxy_loss_dict(
-        loss_fn, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample
-    )
-
-
-class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class ArcFaceLoss(BaseProxyLoss):
     """ArcFace (additive angular margin) loss; a blockwise drop-in for PML's ``ArcFaceLoss``.
 
     Deng, Guo, Xue and Zafeiriou, "ArcFace: Additive Angular Margin Loss for Deep Face
@@ -98,6 +55,9 @@ class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         >>> preds = loss_fn.get_logits(torch.randn(4, 128)).argmax(1)
     """
 
+    recorded_attributes = ("num_classes",)
+    recorded_stats = ("avg_angle",)
+
     def __init__(
         self,
         num_classes: int,
@@ -108,39 +68,33 @@ class ArcFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         impl: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if _low_dim.is_auto(margin, "margin", "ArcFaceLoss"):
-            self.margin = _low_dim.resolve_angular_margin(
-                margin, math.radians(28.6), num_classes, embedding_size, "ArcFaceLoss"
+        hyper_parameters = {"margin": margin, "scale": scale}
+        super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
+
+    @classmethod
+    def resolve_hyper_parameters(
+        cls, num_classes, embedding_size, owner=None, margin=28.6, scale=64
+    ) -> dict:
+        """margin: degrees, or "auto" (the low-dimensional rule), stored in radians as
+        PML does; scale: a number or "auto" (64, or AdaCos's when low-dimensional)."""
+        owner = owner or cls.__name__
+        if _low_dim.is_auto(margin, "margin", owner):
+            margin = _low_dim.resolve_angular_margin(
+                margin, math.radians(28.6), num_classes, embedding_size, owner
             )
         else:
-            self.margin = math.radians(float(margin))
-        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, "ArcFaceLoss")
-        check_margin_args(self.margin, scale, type(self).__name__, arc=True)
-        init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
+            margin = math.radians(float(margin))
+        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, owner)
+        check_margin_args(margin, scale, owner, arc=True)
+        return {"margin": margin, "scale": float(scale)}
 
     def modify_cosine_of_target_classes(self, cosine_of_target_classes):
         """f(c_y), PML's name for it: cos(theta + m), or c - m*sin(m) past pi - m."""
         return arcface_target(cosine_of_target_classes, self.margin)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return margin_loss_dict(
-            self,
-            self.modify_cosine_of_target_classes,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-        )
 
-    def get_logits(self, embeddings):
-        """(B, C) scale * cosine to each proxy (no margin), like PML's; argmax predicts."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return _common.cosine_logits(embeddings, self.W, self.scale)
+def __getattr__(name):
+    # Helpers this module held before BaseProxyLoss (deprecated aliases).
+    from ._deprecated import moved_name
 
-    def get_default_distance(self):
-        return CosineSimilarity()
-
-    def get_default_reducer(self):
-        return MeanReducer()
+    return moved_name(__name__, name)

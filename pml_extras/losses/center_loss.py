@@ -6,7 +6,7 @@ from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import MeanReducer
 
 from .._validation import check_embeddings, check_labels, check_no_ref
-from ..functional.center import center_loss, center_update, pairwise_distances
+from ..functional.center import center_loss, center_update
 from . import _common
 
 UPDATE_RULES = ("gradient", "paper")
@@ -62,8 +62,7 @@ class CenterLoss(BaseMetricLossFunction):
     ):
         super().__init__(**kwargs)
         name = type(self).__name__
-        _common.require_lp(self.distance, name)
-        _common.check_proxy_args(num_classes, embedding_size, name)
+        _common.check_center_loss_args(self, num_classes, embedding_size)
         if update_rule not in UPDATE_RULES:
             raise ValueError(
                 f"{name}: update_rule must be one of {UPDATE_RULES}, got {update_rule!r}"
@@ -95,8 +94,7 @@ class CenterLoss(BaseMetricLossFunction):
 
     def get_logits(self, embeddings):
         """(B, C) minus the distance to every center; argmax = nearest center."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return -pairwise_distances(embeddings, self.centers, **_common.lp_settings(self.distance))
+        return _common.nearest_center_logits(self, embeddings)
 
     def get_default_distance(self):
         return LpDistance(normalize_embeddings=False, p=2, power=2)

@@ -1,19 +1,15 @@
+"""CosFace (large margin cosine), a blockwise drop-in for PML's ``CosFaceLoss``."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
 
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.reducers import MeanReducer
-
-from .._validation import check_embeddings
 from ..functional.margin import check_margin_args, cosface_target
-from . import _common, _low_dim
-from .arcface_loss import init_margin_loss, margin_loss_dict
+from . import _low_dim
+from .base_proxy_loss import BaseProxyLoss
 
 
-class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class CosFaceLoss(BaseProxyLoss):
     """CosFace (large margin cosine) loss; a blockwise drop-in for PML's ``CosFaceLoss``.
 
     Wang, Wang, Zhou, Ji, Gong, Zhou, Li and Liu, "CosFace: Large Margin Cosine Loss for
@@ -52,6 +48,9 @@ class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         >>> preds = loss_fn.get_logits(torch.randn(4, 128)).argmax(1)
     """
 
+    recorded_attributes = ("num_classes",)
+    recorded_stats = ("avg_angle",)
+
     def __init__(
         self,
         num_classes: int,
@@ -62,34 +61,28 @@ class CosFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         impl: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.margin = float(margin)
-        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, "CosFaceLoss")
-        check_margin_args(self.margin, scale, type(self).__name__, arc=False)
-        init_margin_loss(self, num_classes, embedding_size, scale, chunk_size, impl)
+        hyper_parameters = {"margin": margin, "scale": scale}
+        super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
+
+    @classmethod
+    def resolve_hyper_parameters(
+        cls, num_classes, embedding_size, owner=None, margin=0.35, scale=64
+    ) -> dict:
+        """margin: a number (no "auto": a cosine margin has no low-dimensional rule);
+        scale: a number or "auto" (64, or AdaCos's when low-dimensional)."""
+        owner = owner or cls.__name__
+        margin = float(margin)
+        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, owner)
+        check_margin_args(margin, scale, owner, arc=False)
+        return {"margin": margin, "scale": float(scale)}
 
     def modify_cosine_of_target_classes(self, cosine_of_target_classes):
         """f(c_y) = c_y - m, PML's name for it."""
         return cosface_target(cosine_of_target_classes, self.margin)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        return margin_loss_dict(
-            self,
-            self.modify_cosine_of_target_classes,
-            embeddings,
-            labels,
-            indices_tuple,
-            ref_emb,
-            ref_labels,
-        )
 
-    def get_logits(self, embeddings):
-        """(B, C) scale * cosine to each proxy (no margin), like PML's; argmax predicts."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return _common.cosine_logits(embeddings, self.W, self.scale)
+def __getattr__(name):
+    # Helpers this module held before BaseProxyLoss (deprecated aliases).
+    from ._deprecated import moved_name
 
-    def get_default_distance(self):
-        return CosineSimilarity()
-
-    def get_default_reducer(self):
-        return MeanReducer()
+    return moved_name(__name__, name)

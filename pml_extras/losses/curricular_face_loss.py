@@ -1,20 +1,18 @@
+"""CurricularFace: an ArcFace margin plus an adaptive curriculum on hard negatives."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.reducers import MeanReducer
 
-from .._validation import check_embeddings
 from ..functional.curricular import curricular_face_loss, update_t
 from ..ops.class_lse import target_cosine
-from . import _common, _low_dim
+from . import _low_dim
+from .base_proxy_loss import BaseProxyLoss
 
 
-class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class CurricularFaceLoss(BaseProxyLoss):
     """CurricularFace: an ArcFace margin plus an adaptive curriculum on hard negatives.
 
     Huang et al., "CurricularFace: Adaptive Curriculum Learning Loss for Deep Face
@@ -57,6 +55,9 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         >>> loss = loss_fn(torch.randn(64, 512), torch.randint(0, 1000, (64,)))
     """
 
+    # The rule's init: short spread proxies when low-dimensional, else PML's normal_.
+    default_weight_init = staticmethod(_low_dim.auto_proxy_init_)
+
     def __init__(
         self,
         num_classes: int,
@@ -68,62 +69,37 @@ class CurricularFaceLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         impl: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        scale = _low_dim.resolve_scale(
-            scale, 64.0, num_classes, embedding_size, "CurricularFaceLoss"
-        )
-        margin = _low_dim.resolve_angular_margin(
-            margin, 0.5, num_classes, embedding_size, "CurricularFaceLoss"
-        )
-        _common.init_class_proxies(
-            self,
-            num_classes,
-            embedding_size,
-            chunk_size,
-            impl,
-            positive={"scale": scale},
-            unit_interval={"momentum": momentum},
-        )
-        self.margin, self.scale, self.momentum = float(margin), float(scale), float(momentum)
+        hyper_parameters = {"margin": margin, "scale": scale, "momentum": momentum}
+        super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
         self.register_buffer("t", torch.zeros(1))
-        self.add_to_recordable_attributes(
-            list_of_names=["margin", "scale", "momentum"], is_stat=False
+
+    @classmethod
+    def resolve_hyper_parameters(
+        cls, num_classes, embedding_size, owner=None, margin="auto", scale="auto", momentum=0.01
+    ) -> dict:
+        """margin (radians) and scale: numbers, or "auto": the paper's 0.5 and 64 unless
+        low-dimensional (module ``_low_dim``); momentum in [0, 1]."""
+        owner = owner or cls.__name__
+        scale = _low_dim.resolve_scale(scale, 64.0, num_classes, embedding_size, owner)
+        margin = _low_dim.resolve_angular_margin(margin, 0.5, num_classes, embedding_size, owner)
+        cls.check_values(owner, positive={"scale": scale}, unit_interval={"momentum": momentum})
+        return {"margin": float(margin), "scale": float(scale), "momentum": float(momentum)}
+
+    def per_sample_losses(self, embeddings, labels):
+        """Updates t (training mode only), then softplus(lse_{j != y} s*g(c_j) - s*f(c_y))."""
+        # Raw embeddings: both normalise in float32 themselves (operand policy).
+        cos_y = target_cosine(embeddings, self.W, labels)
+        if self.training:
+            self.t.copy_(update_t(self.t, cos_y, self.momentum))
+        return curricular_face_loss(
+            embeddings,
+            self.W,
+            labels,
+            # A copy, so that a later in-place update cannot reach a pending backward.
+            self.t.detach().clone(),
+            self.margin,
+            self.scale,
+            target_cos=cos_y,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
         )
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        def per_sample(labels):
-            # Raw embeddings: both normalise in float32 themselves (operand policy).
-            cos_y = target_cosine(embeddings, self.W, labels)
-            if self.training:
-                self.t.copy_(update_t(self.t, cos_y, self.momentum))
-            return curricular_face_loss(
-                embeddings,
-                self.W,
-                labels,
-                # A copy, so that a later in-place update cannot reach a pending backward.
-                self.t.detach().clone(),
-                self.margin,
-                self.scale,
-                target_cos=cos_y,
-                chunk_size=self.chunk_size,
-                impl=self.impl,
-            )
-
-        return _common.class_proxy_loss_dict(
-            self, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample
-        )
-
-    def get_logits(self, embeddings):
-        """(B, C) scale * cosine to each proxy (no margin); argmax is the predicted class."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return _common.cosine_logits(embeddings, self.W, self.scale)
-
-    def get_default_weight_init_func(self):
-        """The rule's init: short spread proxies when low-dimensional, else PML's normal_."""
-        return _low_dim.auto_proxy_init_
-
-    def get_default_distance(self):
-        return CosineSimilarity()
-
-    def get_default_reducer(self):
-        return MeanReducer()

@@ -1,18 +1,15 @@
+"""Class-level Circle loss with integer labels and learnable class proxies."""
+
 from __future__ import annotations
 
 from typing import Optional, Union
 
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.reducers import MeanReducer
-
-from .._validation import check_embeddings
 from ..functional.circle import sparse_circle_loss
-from . import _common, _low_dim
+from . import _low_dim
+from .base_proxy_loss import BaseProxyLoss
 
 
-class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class SparseCircleLoss(BaseProxyLoss):
     """Class-level Circle loss with integer labels and learnable class proxies.
 
     Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization",
@@ -58,6 +55,10 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         >>> loss.backward()
     """
 
+    scale_name = "gamma"
+    # Spread proxies (normal_ lengths) when low-dimensional, else PML's normal_.
+    default_weight_init = staticmethod(_low_dim.circle_proxy_init_)
+
     def __init__(
         self,
         num_classes: int,
@@ -68,43 +69,29 @@ class SparseCircleLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         impl: str = "auto",
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        owner = type(self).__name__
+        hyper_parameters = {"m": m, "gamma": gamma}
+        super().__init__(num_classes, embedding_size, hyper_parameters, chunk_size, impl, **kwargs)
+
+    @classmethod
+    def resolve_hyper_parameters(
+        cls, num_classes, embedding_size, owner=None, m="auto", gamma="auto"
+    ) -> dict:
+        """m and gamma: numbers, or "auto": the paper's 0.25 and 256 unless
+        low-dimensional (module ``_low_dim``); gamma > 0."""
+        owner = owner or cls.__name__
         gamma = _low_dim.resolve_scale(gamma, 256.0, num_classes, embedding_size, owner, "gamma")
         m = _low_dim.resolve_circle_margin(m, 0.25, num_classes, embedding_size, owner)
-        _common.init_class_proxies(
-            self, num_classes, embedding_size, chunk_size, impl, positive={"gamma": gamma}
+        cls.check_values(owner, positive={"gamma": gamma})
+        return {"m": float(m), "gamma": float(gamma)}
+
+    def per_sample_losses(self, embeddings, labels):
+        """softplus(lse_{j != y} gamma*a_n*(s_j - m) - gamma*a_p*(s_y - (1 - m)))."""
+        return sparse_circle_loss(
+            embeddings,
+            self.W,
+            labels,
+            self.m,
+            self.gamma,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
         )
-        self.m, self.gamma = float(m), float(gamma)
-        self.add_to_recordable_attributes(list_of_names=["m", "gamma"], is_stat=False)
-
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        def per_sample(labels):
-            return sparse_circle_loss(
-                embeddings,
-                self.W,
-                labels,
-                self.m,
-                self.gamma,
-                chunk_size=self.chunk_size,
-                impl=self.impl,
-            )
-
-        return _common.class_proxy_loss_dict(
-            self, embeddings, labels, indices_tuple, ref_emb, ref_labels, per_sample
-        )
-
-    def get_logits(self, embeddings):
-        """(B, C) gamma * cosine to each proxy; argmax is the predicted class."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return _common.cosine_logits(embeddings, self.W, self.gamma)
-
-    def get_default_weight_init_func(self):
-        """Spread proxies (normal_ lengths) when low-dimensional, else PML's normal_."""
-        return _low_dim.circle_proxy_init_
-
-    def get_default_distance(self):
-        return CosineSimilarity()
-
-    def get_default_reducer(self):
-        return MeanReducer()

@@ -7,7 +7,7 @@ from pytorch_metric_learning.reducers import MeanReducer
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .._validation import check_embeddings, check_labels
-from ..functional.center import INTER_FORMS, pairwise_distances, standalone_center_loss
+from ..functional.center import INTER_FORMS, standalone_center_loss
 from . import _common
 
 
@@ -58,8 +58,7 @@ class StandaloneCenterLoss(BaseMetricLossFunction):
     ):
         super().__init__(**kwargs)
         name = type(self).__name__
-        _common.require_lp(self.distance, name)
-        _common.check_proxy_args(num_classes, embedding_size, name)
+        _common.check_center_loss_args(self, num_classes, embedding_size)
         if inter_form not in INTER_FORMS:
             raise ValueError(f"{name}: inter_form must be one of {INTER_FORMS}, got {inter_form!r}")
         self.num_classes, self.embedding_size = num_classes, embedding_size
@@ -106,8 +105,7 @@ class StandaloneCenterLoss(BaseMetricLossFunction):
 
     def get_logits(self, embeddings):
         """(B, C) minus the distance to every center; argmax = nearest center."""
-        check_embeddings(embeddings, self.embedding_size, type(self).__name__)
-        return -pairwise_distances(embeddings, self.centers, **_common.lp_settings(self.distance))
+        return _common.nearest_center_logits(self, embeddings)
 
     def get_default_distance(self):
         return LpDistance(normalize_embeddings=False, p=2, power=2)
