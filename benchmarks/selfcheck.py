@@ -1,4 +1,4 @@
-"""Run the fused kernels' self-check (pml_extras.ops.selfcheck) on this machine's device.
+"""Run the fused kernels' self-check (pml_extras.ops.kernel_check) on this machine's device.
 
 For each kernel family and operand dtype, the check impl="auto" runs once per process
 before it trusts the Triton kernels: a small fixed problem, forward and backward, Triton
@@ -34,7 +34,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None):
-    from pml_extras.ops.selfcheck import FAMILIES
+    from pml_extras.ops.dispatch import FAMILIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     elif device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
-    from pml_extras.ops import selfcheck
+    from pml_extras.ops import kernel_check as selfcheck
 
     results, failed = [], 0
     for family in args.family:

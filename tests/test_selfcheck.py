@@ -1,4 +1,4 @@
-"""The fused kernels' self-check (pml_extras/ops/selfcheck.py) and impl dispatch
+"""The fused kernels' self-check (pml_extras/ops/kernel_check.py) and impl dispatch
 (pml_extras/ops/dispatch.py): verify once per (family, device, dtype), then trust;
 fall back with one warning under impl="auto", raise under impl="triton".
 
@@ -33,7 +33,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pml_extras.ops import class_lse, dispatch, pair_circle, selfcheck  # noqa: E402
+from pml_extras.ops import class_lse, dispatch, pair_circle  # noqa: E402
+from pml_extras.ops import kernel_check as selfcheck  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 try:
@@ -94,7 +95,7 @@ class FakeCheck:
 def fake_gpu(monkeypatch):
     """CUDA devices where Triton imports (no device needed: only dispatch is exercised)."""
     monkeypatch.setattr(dispatch, "_import_error", lambda device, family=None: None)
-    monkeypatch.setattr(selfcheck, "tf32_enabled", lambda: False)
+    monkeypatch.setattr(dispatch, "tf32_enabled", lambda: False)
 
     def install(failing=()):
         fake = FakeCheck(failing)
@@ -107,14 +108,14 @@ def fake_gpu(monkeypatch):
 def test_check_runs_once_per_family_device_dtype(fake_gpu, monkeypatch):
     fake = fake_gpu()
     for _ in range(3):
-        for fam in selfcheck.FAMILIES:
+        for fam in dispatch.FAMILIES:
             for dev in (CUDA0, CUDA1):
                 for dt in (torch.float32, torch.bfloat16):
                     assert dispatch.resolve_impl("auto", dev, dt, family=fam) == "triton"
                     assert dispatch.resolve_impl("triton", dev, dt, family=fam) == "triton"
     assert len(fake.calls) == len(set(fake.calls)) == 2 * 2 * 2
     # TF32 on is another float32 specialisation: checked once more, then cached too.
-    monkeypatch.setattr(selfcheck, "tf32_enabled", lambda: True)
+    monkeypatch.setattr(dispatch, "tf32_enabled", lambda: True)
     for _ in range(2):
         dispatch.resolve_impl("auto", CUDA0, torch.float32, family="class_lse")
     assert len(fake.calls) == 9
@@ -193,7 +194,7 @@ def test_opt_outs_skip_the_check(fake_gpu, monkeypatch):
 
 
 def test_torch_float64_and_no_family_never_check(fake_gpu):
-    fake = fake_gpu(failing=[(f, d) for f in selfcheck.FAMILIES for d in selfcheck.CHECK_DTYPES])
+    fake = fake_gpu(failing=[(f, d) for f in dispatch.FAMILIES for d in dispatch.CHECK_DTYPES])
     assert dispatch.resolve_impl("torch", CUDA0, torch.float32, family="class_lse") == "torch"
     assert dispatch.resolve_impl("auto", CUDA0, torch.float64, family="class_lse") == "torch"
     assert dispatch.resolve_impl("auto", CUDA0, torch.float32) == "triton"  # no family
@@ -227,12 +228,12 @@ def test_class_lse_keeps_its_names():
     assert class_lse.triton_available is dispatch.triton_available
 
 
-@pytest.mark.parametrize("family", selfcheck.FAMILIES)
+@pytest.mark.parametrize("family", dispatch.FAMILIES)
 def test_auto_warns_once_when_triton_does_not_import_on_cuda(monkeypatch, family):
     import pml_extras.ops as ops
 
     monkeypatch.setitem(sys.modules, "triton", None)  # "import triton" raises ImportError
-    for mod in selfcheck.KERNEL_MODULES.values():
+    for mod in dispatch.KERNEL_MODULES.values():
         monkeypatch.delitem(sys.modules, mod, raising=False)
         monkeypatch.delattr(ops, mod.rsplit(".", 1)[1], raising=False)
     monkeypatch.setattr(selfcheck, "run_kernel_check", FakeCheck())
@@ -240,7 +241,7 @@ def test_auto_warns_once_when_triton_does_not_import_on_cuda(monkeypatch, family
         assert dispatch.resolve_impl("auto", CUDA0, torch.float32, family=family) == "torch"
     text = str(record[0].message)
     assert record[0].filename == __file__
-    assert selfcheck.KERNEL_MODULES[family] in text and "'triton'" in text, text
+    assert dispatch.KERNEL_MODULES[family] in text and "'triton'" in text, text
     assert re.search(r"(ModuleNotFound|Import)Error", text) and "impl='torch'" in text
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -77,14 +77,14 @@ from ._triton_common import (
     sm_count,
     wave_splits,
 )
-from .class_lse import (
-    _EPS,
+from .class_common import (
     KINDS,
-    _add_target_grad,
-    _project_rows,
-    _unit_target_cosine,
+    add_target_grad,
     operands,
+    project_rows,
+    unit_target_cosine,
 )
+from .precision import EPS as _EPS
 
 _KIND_IDS = {"circle": 0, "curricular": 1, "scaled": 2}  # the KIND branches of _transform
 assert set(_KIND_IDS) == set(KINDS)
@@ -301,7 +301,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(e, axis=1)
         if NEED_U:
             # Softmax weight times dz/dc, at most ~2 * p0: safe in fp16. The clamp bounds
-            # the value only (no gradient mask: see class_lse._add_target_grad). 1/||w||
+            # the value only (no gradient mask: see class_common.add_target_grad). 1/||w||
             # goes on the W side, so w_hat's entries lie in [-1, 1]: a near-zero proxy's
             # huge 1/||w|| never meets a 16-bit operand.
             pw = e * dz
@@ -623,7 +623,7 @@ def forward(
         lse, u = _forward_impl(
             x_op, inv_x.contiguous(), weight, inv, target, row_param, kind, p0, p1, need_state, cfg
         )
-    cos_y = _unit_target_cosine(x_hat, weight, target, op)
+    cos_y = unit_target_cosine(x_hat, weight, target, op)
     if need_state:
         return lse, cos_y, (u, inv)
     return lse, cos_y
@@ -695,10 +695,10 @@ def backward(
                 cfg,
             )
     if batch:
-        _add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op)
+        add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op)
     if grad_hat is None:
         return None, grad_w
-    return _project_rows(grad_hat, x_hat, inv_x).to(x.dtype), grad_w
+    return project_rows(grad_hat, x_hat, inv_x).to(x.dtype), grad_w
 
 
 def _bwd_w_impl(

@@ -1,11 +1,13 @@
 """Which implementation runs an op (``impl="auto" | "torch" | "triton"``), and the
 once-per-process self-check that decides whether ``"auto"`` may trust the fused kernels.
 
-``resolve_impl`` is the one place every op asks. With a kernel ``family``
-(:data:`~pml_extras.ops.selfcheck.FAMILIES`), the first time a family would run its Triton
-kernels on a (device, operand dtype) in this process, :func:`~pml_extras.ops.selfcheck.
-run_kernel_check` compares it with the PyTorch path on that device (a small fixed problem,
-forward and backward; see :mod:`~pml_extras.ops.selfcheck`). The outcome is cached:
+``resolve_impl`` is the one place every op asks; this module alone owns the names of the
+implementations (:data:`IMPLS`) and of the kernel families (:data:`FAMILIES`, with the
+Triton module of each in :data:`KERNEL_MODULES`). With a kernel ``family``
+(:data:`FAMILIES`), the first time a family would run its Triton kernels on a (device,
+operand dtype) in this process, :func:`~pml_extras.ops.kernel_check.run_kernel_check`
+compares it with the PyTorch path on that device (small fixed problems, forward and
+backward; see :mod:`~pml_extras.ops.kernel_check`). The outcome is cached:
 
 * ``impl="auto"``: agreement -> Triton from then on at no further cost; disagreement, or a
   compile / launch failure -> the PyTorch path for that (family, device, dtype), with one
@@ -47,8 +49,17 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .. import _validation
+from .precision import TRITON_DTYPES, tf32_enabled
 
 IMPLS = ("auto", "torch", "triton")
+FAMILIES = ("class_lse", "pair_circle")
+# The Triton module each family launches (what a failed import names).
+KERNEL_MODULES = {
+    "class_lse": "pml_extras.ops.class_lse_triton",
+    "pair_circle": "pml_extras.ops.pair_circle_triton",
+}
+# The operand dtypes a self-check exists for (those the kernels take).
+CHECK_DTYPES = TRITON_DTYPES
 SKIP_ENV = "PML_EXTRAS_SKIP_KERNEL_CHECK"
 # Module-level switch of the self-check (the environment variable also turns it off).
 check_kernels = True
@@ -57,10 +68,9 @@ _interpreter_as_device = False
 
 _LEGACY_MODULE = "pml_extras.ops.class_lse_triton"  # what triton_available(device) imports
 _Key = Tuple[str, str, torch.dtype, bool]
-_results: Dict[_Key, object] = {}  # key -> selfcheck.KernelCheck
+_results: Dict[_Key, object] = {}  # key -> kernel_check.KernelCheck
 _warned: set = set()  # keys (and import failures) already warned about
 _lock = threading.RLock()
-_active = threading.local()  # keys whose check is running on this thread (no recursion)
 
 
 class KernelCheckError(RuntimeError):
@@ -82,8 +92,6 @@ def _interpreting() -> bool:
 def _kernel_module(family: Optional[str]) -> str:
     if family is None:
         return _LEGACY_MODULE
-    from .selfcheck import KERNEL_MODULES
-
     return KERNEL_MODULES[family]
 
 
@@ -206,8 +214,6 @@ def _capturing() -> bool:
 
 
 def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
-    from .selfcheck import tf32_enabled
-
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return family, str(device), operand, operand == torch.float32 and tf32_enabled()
@@ -216,16 +222,13 @@ def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
 # The check launches kernels and synchronises the device: never part of a graph.
 @_validation._compile_opt_out("pml_extras self-checks its Triton kernels once, eagerly")
 def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -> bool:
-    from .selfcheck import CHECK_DTYPES, run_kernel_check
+    # The check runs the ops' autograd Functions with impl="triton" fixed, never
+    # resolve_impl: no re-entry here, and kernel_check imports no op's public module.
+    from . import kernel_check
 
     if operand not in CHECK_DTYPES or not _checks_enabled():
         return True  # unsupported dtypes raise in the kernels themselves
     key = _key(family, device, operand)
-    active = getattr(_active, "keys", None)
-    if active is None:
-        active = _active.keys = set()
-    if key in active:  # the check's own impl="triton" calls
-        return True
     with _lock:
         result = _results.get(key)
         if result is None and device.type == "cuda" and _capturing():
@@ -237,11 +240,7 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
                 f"Run one step before capturing, or set {SKIP_ENV}=1 once verified."
             )
         if result is None:
-            active.add(key)
-            try:
-                result = run_kernel_check(family, device, operand)
-            finally:
-                active.discard(key)
+            result = kernel_check.run_kernel_check(family, device, operand)
             _results[key] = result
         first_warning = not result.passed and key not in _warned and not raise_
         if first_warning:
@@ -268,7 +267,7 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
 
 def kernel_check_results() -> Dict[_Key, object]:
     """The self-checks run so far in this process: (family, device, dtype, tf32) ->
-    :class:`~pml_extras.ops.selfcheck.KernelCheck`."""
+    :class:`~pml_extras.ops.kernel_check.KernelCheck`."""
     with _lock:
         return dict(_results)
 
@@ -281,7 +280,10 @@ def _reset() -> None:
 
 
 __all__ = [
+    "CHECK_DTYPES",
+    "FAMILIES",
     "IMPLS",
+    "KERNEL_MODULES",
     "SKIP_ENV",
     "KernelCheckError",
     "KernelCheckWarning",

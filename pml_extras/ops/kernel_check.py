@@ -5,11 +5,17 @@ A kernel that compiles but computes a wrong number on some GPU (TF32 where IEEE 
 meant, an approximate ``sqrt`` at the clamp edge, a tile mask the interpreter did not
 mirror, an architecture nobody here ran) would silently train a wrong model. So the
 first time a family is about to run on a (device, operand dtype) in a process,
-:mod:`pml_extras.ops.dispatch` calls :func:`run_kernel_check`: one small fixed problem,
-forward and backward, through the family's public entry point with ``impl="triton"``
-and with ``impl="torch"`` on the same device, compared output by output.
+:mod:`pml_extras.ops.dispatch` calls :func:`run_kernel_check`: small fixed problems,
+forward and backward, through the family's autograd Function with the implementation
+fixed (Triton, then PyTorch, on the same device), compared output by output. The check
+never goes through ``resolve_impl`` (nothing to re-enter) and imports no op's public
+module, only the Functions' (:mod:`~pml_extras.ops.class_lse_autograd`,
+:mod:`~pml_extras.ops.pair_circle_autograd`).
 
-Families (``FAMILIES``):
+(This module was ``pml_extras.ops.selfcheck``; that name still works, with a
+DeprecationWarning. The command-line check is ``python benchmarks/selfcheck.py``.)
+
+Families (:data:`~pml_extras.ops.dispatch.FAMILIES`):
 
 * ``"class_lse"``: :func:`~pml_extras.ops.class_lse.class_logsumexp`, each of its three
   transforms (circle, curricular, scaled). B = 67, D = 261, C = 133: two 64-row blocks,
@@ -28,15 +34,9 @@ Families (``FAMILIES``):
   Outputs: the losses and the embeddings' gradients.
 
 Errors are ``max |triton - torch| / max |torch|`` per output (infinities must match,
-NaN fails). Tolerances (``TOLERANCES``) are the ones the interpreter tests use against
-the same PyTorch path: tests/test_pair_circle_triton.py ``TOL`` (gradients) for the pair
-family; for the class family tests/test_class_lse_triton.py ``TOL["torch"]`` (float32,
-and float16, which that file checks at the bfloat16 entry) and, for bfloat16, the 6e-2 of
-its loss-module comparison (``TestInterpretedAutograd``): through the public entry point
-at D = 261 and gamma = 256 the two paths' different rounding points of the bf16 softmax
-weights already differ by 1.2e-2, the kernel-level 1e-2 with no margin. Float32 under
-TF32 (torch's float32 matmul setting, which both paths follow) gets the bfloat16 ones,
-TF32's 10-bit mantissa being finer than bfloat16's 7. Measured errors of correct kernels
+NaN fails). Tolerances (``TOLERANCES``) are ``pml_extras.ops.tolerances.KERNEL``, the
+table the interpreter tests read too (see that module for where each entry comes from);
+float32 under TF32 gets the bfloat16 entry. Measured errors of correct kernels
 under the interpreter are 2.4e-6 / 1.2e-2 / 7.2e-4 (class, fp32 / bf16 / fp16) and
 2.3e-6 / 8.2e-3 / 9.6e-4 (pair), from 2.4x (pair bf16) to 40x under the tolerances.
 
@@ -58,40 +58,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FAMILIES = ("class_lse", "pair_circle")
-CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The Triton module each family launches (what a failed import names).
-KERNEL_MODULES = {
-    "class_lse": "pml_extras.ops.class_lse_triton",
-    "pair_circle": "pml_extras.ops.pair_circle_triton",
-}
+from .precision import TRITON_DTYPES as CHECK_DTYPES
+from .precision import dtype_label, tf32_enabled
+from .tolerances import KERNEL, kernel_tolerance
 
-# Largest error relative to the largest entry, per family and operand dtype.
-TOLERANCES: Dict[str, Dict[torch.dtype, float]] = {
-    "class_lse": {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2},
-    "pair_circle": {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3},
-}
+# Largest error relative to the largest entry, per family and operand dtype: the tests'
+# own bounds, from the one table (pml_extras.ops.tolerances).
+TOLERANCES = KERNEL
 
 
 def tolerance(family: str, dtype: torch.dtype, tf32: bool = False) -> float:
     """The check's tolerance for ``family`` with ``dtype`` operands (TF32: bf16's)."""
-    if dtype == torch.float32 and tf32:
-        return TOLERANCES[family][torch.bfloat16]
-    return TOLERANCES[family][dtype]
-
-
-def tf32_enabled() -> bool:
-    """torch's float32 matmul setting, read as the kernels read it (never raising)."""
-    try:
-        from ._triton_common import tf32_enabled as read
-    except Exception:  # no triton: nothing will launch a kernel anyway
-        return False
-    return read()
-
-
-def dtype_label(dtype: torch.dtype, tf32: bool = False) -> str:
-    name = str(dtype).replace("torch.", "")
-    return f"{name}+tf32" if dtype == torch.float32 and tf32 else name
+    return kernel_tolerance(family, dtype, tf32)
 
 
 def device_description(device: torch.device) -> str:
@@ -215,7 +193,7 @@ _CLASS_KINDS = {
 
 
 def _class_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
-    from .class_lse import class_logsumexp
+    from .class_lse_autograd import apply_class_lse, default_chunk_size
 
     x0, W0, target, row_param, (g_lse, g_cos) = _class_inputs(device, dtype)
     out = {}
@@ -223,7 +201,8 @@ def _class_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str,
         x = x0.clone().requires_grad_()
         W = W0.clone().requires_grad_()
         p1_arg = torch.tensor(p1, device=device) if tensor_p1 else p1
-        lse, cos_y = class_logsumexp(x, W, target, kind, p0, p1_arg, row_param=row_param, impl=impl)
+        chunk = default_chunk_size(x.shape[0], W.shape[1])
+        lse, cos_y = apply_class_lse(x, W, target, kind, p0, p1_arg, row_param, chunk, impl, dtype)
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         ((finite * g_lse).sum() + (cos_y * g_cos).sum()).backward()
         # The zero column's gradient is scaled by its inverse norm (1e6, the norm floor):
@@ -272,15 +251,19 @@ def _pair_inputs(device: torch.device):
 
 
 def _pair_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
-    from .pair_circle import all_pairs_circle_loss, mined_pairs_circle_loss
+    from .pair_circle_autograd import LabelMasks, PairMasks, blockwise_circle
 
     x0, y0, labels, ref_labels, weights, mined = _pair_inputs(device)
-    opts = dict(m=0.25, gamma=64.0, impl=impl, operand_dtype=dtype)
+    operand = dtype if impl == "triton" else None
+
+    def run(a, b, masks):
+        return blockwise_circle(a, b, masks, 0.25, 64.0, None, True, operand)
+
     x = x0.clone().requires_grad_()
     y = y0.clone().requires_grad_()
-    self_loss = all_pairs_circle_loss(x, x, labels, labels, self_compare=True, **opts)
-    ref_loss = all_pairs_circle_loss(x, y, labels, ref_labels, **opts)
-    mined_loss = mined_pairs_circle_loss(x, x, *mined, path="dense", **opts)
+    self_loss = run(x, x, LabelMasks(labels, labels, True))
+    ref_loss = run(x, y, LabelMasks(labels, ref_labels, False))
+    mined_loss = run(x, x, PairMasks(*_dense_masks(mined, x.shape[0])))
     total = (self_loss * weights[0]).sum() + (ref_loss * weights[1]).sum()
     (total + (mined_loss * weights[2]).sum()).backward()
     return {
@@ -290,6 +273,16 @@ def _pair_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, 
         "grad_x": x.grad,
         "grad_ref": y.grad,
     }
+
+
+def _dense_masks(mined, rows: int):
+    """(B, B) boolean positive / negative masks of the mined index pairs."""
+    a1, p, a2, n = mined
+    pos = torch.zeros(rows, rows, dtype=torch.bool, device=a1.device)
+    neg = torch.zeros_like(pos)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    return pos, neg
 
 
 _RUNNERS: Dict[str, Callable[[str, torch.device, torch.dtype], Dict[str, Tensor]]] = {
@@ -320,7 +313,7 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
         (True, 0.0021, 3.8)
     """
     if family not in _RUNNERS:
-        raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {tuple(_RUNNERS)}")
     if dtype not in CHECK_DTYPES:
         raise TypeError(f"the Triton kernels take {CHECK_DTYPES} operands, got {dtype}")
     device = torch.device(device)
@@ -384,8 +377,6 @@ def _on_device(device: torch.device):
 
 __all__ = [
     "CHECK_DTYPES",
-    "FAMILIES",
-    "KERNEL_MODULES",
     "TOLERANCES",
     "KernelCheck",
     "rel_err",
