@@ -165,7 +165,9 @@ def class_logsumexp(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     op = operand_dtype(x, weight)  # read here, under the caller's autocast state
     compute = precision.compute_dtype(x, weight)
-    impl = resolve_impl(impl, x.device, compute, family="class_lse", operand=op)
+    impl = resolve_impl(
+        impl, x.device, compute, family="class_lse", operand=op, storage=weight.dtype
+    )
     return apply_class_lse(x, weight, target, kind, p0, p1, row_param, chunk_size, impl, op)
 
 

@@ -44,7 +44,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
@@ -67,7 +67,19 @@ check_kernels = True
 _interpreter_as_device = False
 
 _LEGACY_MODULE = "pml_extras.ops.class_lse_triton"  # what triton_available(device) imports
-_Key = Tuple[str, str, torch.dtype, bool]
+
+
+class CheckKey(NamedTuple):
+    """What one self-check vouches for: a kernel specialisation family on a device."""
+
+    family: str
+    device: str  # "cuda:0"
+    operand: torch.dtype  # the matmul operand dtype
+    tf32: bool  # float32 operands with TF32 dots
+    storage: Optional[torch.dtype] = None  # W's dtype (class family), None for pair
+
+
+_Key = CheckKey
 _results: Dict[_Key, object] = {}  # key -> kernel_check.KernelCheck
 _warned: set = set()  # keys (and import failures) already warned about
 _lock = threading.RLock()
@@ -133,6 +145,7 @@ def resolve_impl(
     *,
     family: Optional[str] = None,
     operand: Optional[torch.dtype] = None,
+    storage: Optional[torch.dtype] = None,
 ) -> str:
     """ "torch" or "triton" for ``impl`` on ``device``.
 
@@ -144,6 +157,8 @@ def resolve_impl(
             Triton is self-checked once per (family, device, operand dtype) before use
             (see the module docstring); without it, no check.
         operand: the kernels' matmul operand dtype (default ``dtype``), the check's key.
+        storage: the dtype the class proxies W are stored in (bf16-stored W is another
+            specialisation, checked on its own); None for families without W.
 
     Raises:
         ValueError: unknown ``impl``.
@@ -160,7 +175,9 @@ def resolve_impl(
             return "torch"
         if not _auto_can_import(device, family):
             return "torch"
-        if family is not None and not _kernels_trusted(family, device, operand, raise_=False):
+        if family is not None and not _kernels_trusted(
+            family, device, operand, storage, raise_=False
+        ):
             return "torch"
         return "triton"
     if not triton_available(device, family):
@@ -170,7 +187,7 @@ def resolve_impl(
         )
     # On CPU the interpreter is a developer's tool: checked only through the test hook.
     if family is not None and _triton_device(device):
-        _kernels_trusted(family, device, operand, raise_=True)
+        _kernels_trusted(family, device, operand, storage, raise_=True)
     return "triton"
 
 
@@ -213,22 +230,25 @@ def _capturing() -> bool:
         return False
 
 
-def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
+def _key(family, device: torch.device, operand: torch.dtype, storage=None) -> CheckKey:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return family, str(device), operand, operand == torch.float32 and tf32_enabled()
+    tf32 = operand == torch.float32 and tf32_enabled()
+    return CheckKey(family, str(device), operand, tf32, storage)
 
 
 # The check launches kernels and synchronises the device: never part of a graph.
 @_validation._compile_opt_out("pml_extras self-checks its Triton kernels once, eagerly")
-def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -> bool:
+def _kernels_trusted(family, device: torch.device, operand, storage, raise_: bool) -> bool:
     # The check runs the ops' autograd Functions with impl="triton" fixed, never
     # resolve_impl: no re-entry here, and kernel_check imports no op's public module.
     from . import kernel_check
 
     if operand not in CHECK_DTYPES or not _checks_enabled():
         return True  # unsupported dtypes raise in the kernels themselves
-    key = _key(family, device, operand)
+    if storage not in CHECK_DTYPES:
+        storage = None  # (float64 W has no Triton path: it raises in the kernels)
+    key = _key(family, device, operand, storage)
     with _lock:
         result = _results.get(key)
         if result is None and device.type == "cuda" and _capturing():
@@ -240,7 +260,8 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
                 f"Run one step before capturing, or set {SKIP_ENV}=1 once verified."
             )
         if result is None:
-            result = kernel_check.run_kernel_check(family, device, operand)
+            extra = () if storage is None else (storage,)
+            result = kernel_check.run_kernel_check(family, device, operand, *extra)
             _results[key] = result
         first_warning = not result.passed and key not in _warned and not raise_
         if first_warning:

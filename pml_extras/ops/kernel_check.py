@@ -24,7 +24,8 @@ Families (:data:`~pml_extras.ops.dispatch.FAMILIES`):
   127, 128, 132; one row equal to a non-target proxy (cos = +1), one equal to minus a
   proxy (cos = -1), one equal to its own target proxy (cos_y = 1), a target of -1 (the
   sharded losses' "not on this rank"), and a zero proxy column. Outputs: lse, cos_y,
-  grad_x, grad_W of a weighted sum of lse and cos_y.
+  grad_x, grad_W of a weighted sum of lse and cos_y. W is stored in the dtype the
+  check is keyed by (float32 by default; bf16-stored proxies get their own check).
 * ``"pair_circle"``: :func:`~pml_extras.ops.pair_circle.all_pairs_circle_loss` at
   gamma = 256, the self-comparison (B = 133: crosses the 128-row forward and 64-row
   backward tiles) and a reference set of N = 71 rows, with the dense-mined mask form
@@ -32,6 +33,16 @@ Families (:data:`~pml_extras.ops.dispatch.FAMILIES`):
   ``path="dense"``). Same-label rows straddle the tile edges 31/32, 63/64, 127/128;
   a positive pair at s = +1, a negative at s = +1 and one at s = -1, a zero row.
   Outputs: the losses and the embeddings' gradients.
+
+Each family also runs a problem shaped like training's launches
+(:func:`production_shapes`), so that the binaries compared are the ones training runs:
+Triton compiles a kernel per specialisation (a size divisible by 16 gives aligned,
+vectorised loads; an integer argument equal to 1 becomes a constant, which would skip
+the in-kernel online logsumexp across tiles), and a check at odd sizes only would
+compare other binaries. There: D = 512 on a GPU (64 under the interpreter), B and C
+multiples of 16, several class splits of more than one tile each, the same for the
+pair forward's column tiles, each transform's forward and backward (``NEED_U``) and
+its no-grad forward (``NEED_U=False``, evaluation), and W in the keyed storage dtype.
 
 Errors are ``max |triton - torch| / max |torch|`` per output (infinities must match,
 NaN fails). Tolerances (``TOLERANCES``) are ``pml_extras.ops.tolerances.KERNEL``, the
@@ -49,10 +60,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import platform
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +122,14 @@ class KernelCheck:
     device_name: str = ""
     versions: str = ""
     errors: Dict[str, float] = dataclasses.field(default_factory=dict)  # per output
+    storage: str = ""  # the dtype W was stored in (class family)
 
     def describe(self) -> str:
         """What happened, with everything a bug report needs."""
         where = (
             f"the fused Triton kernels of family {self.family!r} on {self.device} "
             f"[{self.device_name}] with {self.dtype} operands"
+            + (f" (W stored as {self.storage})" if self.storage else "")
         )
         if self.error:
             what = f"{where} failed to compile or run: {self.error}"
@@ -157,7 +171,7 @@ _SEED = 1234
 _ZERO_COLUMN = 7
 
 
-def _class_inputs(device: torch.device, dtype: torch.dtype):
+def _class_inputs(device: torch.device, dtype: torch.dtype, storage: torch.dtype):
     B, D, C = 67, 261, 133
     g = torch.Generator().manual_seed(_SEED)
     W = torch.randn(D, C, generator=g) * (0.2 + 2.0 * torch.rand(C, generator=g))
@@ -178,10 +192,50 @@ def _class_inputs(device: torch.device, dtype: torch.dtype):
     target[20] = -1  # no target column among these classes
     row_param = torch.rand(B, generator=g) - 0.5
     weights = (torch.randn(B, generator=g), torch.randn(B, generator=g))
-    # bf16/fp16 operands: the embeddings in that dtype and W kept in float32, as in
-    # training with float32 proxies (autocast rounds the same way).
+    # bf16/fp16 operands: the embeddings in that dtype and W stored in ``storage``
+    # (float32 proxies as under autocast, or proxies kept in bf16 / fp16).
     x = x.to(device=device, dtype=dtype)
-    W = W.to(device=device)
+    W = W.to(device=device, dtype=storage)
+    return x, W, target.to(device), row_param.to(device), [w.to(device) for w in weights]
+
+
+def production_shapes(device: torch.device) -> Dict[str, Tuple[int, ...]]:
+    """The problems shaped like training's launches on ``device``: {"class": (B, D, C),
+    "pair": (B, D)}.
+
+    What Triton specialises on is matched, not the sizes: D = 512 (a multiple of 16, one
+    bf16 D group, two float32 ones) on a GPU, 64 under the interpreter (small shapes on
+    CPU; the same code); B a multiple of 16 with a partial second row block; C a
+    multiple of 16 with 4 x (SMs x blocks per SM) + 3 class tiles, more tiles than the
+    forward ever splits into (it takes at most 4 waves of splits for 2 row blocks), so
+    that there are several splits of more than one tile each (``tiles_per_split > 1``),
+    with or without u (``NEED_U``); the pair batch has ``R`` 128-row blocks with R^2 > the
+    SM count, so that the forward's column tiles outnumber its splits there too."""
+    from ._triton_common import sm_count
+
+    slots = sm_count(device)
+    d = 512 if device.type == "cuda" else 64
+    class_rows = 96  # two 64-row blocks, the second one partial
+    num_classes = 32 * (4 * slots + 3)
+    row_blocks = math.isqrt(slots) + 1
+    return {"class": (class_rows, d, num_classes), "pair": (128 * row_blocks, d)}
+
+
+def _class_production(device, dtype, storage):
+    B, D, C = production_shapes(device)["class"]
+    g = torch.Generator().manual_seed(_SEED + 2)
+    W = torch.randn(D, C, generator=g) * (0.5 + torch.rand(C, generator=g))
+    x = torch.randn(B, D, generator=g)
+    target = torch.randint(0, C, (B,), generator=g)
+    target[:4] = torch.tensor([0, C - 1, 32, 33])  # first / last class, a tile edge
+    x[5] = 1.5 * W[:, target[5]]  # cos_y = +1
+    # CurricularFace's threshold cos(theta_y + m) as in training from random proxies
+    # (theta_y ~ pi/2, m ~ 0.5): clear of the bulk of the cosines, so that the two
+    # paths' roundings do not flip hard-example masks (the edge problem covers those).
+    row_param = -0.45 - 0.1 * torch.rand(B, generator=g)
+    weights = (torch.randn(B, generator=g), torch.randn(B, generator=g))
+    x = x.to(device=device, dtype=dtype)
+    W = W.to(device=device, dtype=storage)
     return x, W, target.to(device), row_param.to(device), [w.to(device) for w in weights]
 
 
@@ -192,10 +246,47 @@ _CLASS_KINDS = {
 }
 
 
-def _class_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
+def _class_run(
+    impl: str, device: torch.device, dtype: torch.dtype, storage: torch.dtype
+) -> Dict[str, Tensor]:
+    out = _class_edges(impl, device, dtype, storage)
+    out.update(_class_training(impl, device, dtype, storage))
+    return out
+
+
+def _class_training(impl, device, dtype, storage) -> Dict[str, Tensor]:
+    """The production-shaped problem, each transform: forward and backward (``NEED_U``),
+    and the no-grad forward (``NEED_U=False``, what evaluation launches)."""
     from .class_lse_autograd import apply_class_lse, default_chunk_size
 
-    x0, W0, target, row_param, (g_lse, g_cos) = _class_inputs(device, dtype)
+    x0, W0, target, row_param, (g_lse, g_cos) = _class_production(device, dtype, storage)
+    chunk = default_chunk_size(x0.shape[0], W0.shape[1])
+    out = {}
+    for kind, (p0, p1, tensor_p1) in _CLASS_KINDS.items():
+        p1_arg = torch.tensor(p1, device=device) if tensor_p1 else p1
+        args = (target, kind, p0, p1_arg, row_param, chunk, impl, dtype)
+        x = x0.clone().requires_grad_()
+        W = W0.clone().requires_grad_()
+        lse, cos_y = apply_class_lse(x, W, *args)
+        ((lse * g_lse).sum() + (cos_y * g_cos).sum()).backward()
+        plain_lse, plain_cos = apply_class_lse(x0, W0, *args)  # no input needs a gradient
+        out.update(
+            {
+                f"training.{kind}.lse": lse.detach(),
+                f"training.{kind}.cos_y": cos_y.detach(),
+                f"training.{kind}.grad_x": x.grad,
+                f"training.{kind}.grad_W": W.grad,
+                f"training.{kind}.no_grad.lse": plain_lse,
+                f"training.{kind}.no_grad.cos_y": plain_cos,
+            }
+        )
+    return out
+
+
+def _class_edges(impl, device, dtype, storage) -> Dict[str, Tensor]:
+    from .class_lse_autograd import apply_class_lse, default_chunk_size
+
+    x0, W0, target, row_param, (g_lse, g_cos) = _class_inputs(device, dtype, storage)
     out = {}
     for kind, (p0, p1, tensor_p1) in _CLASS_KINDS.items():
         x = x0.clone().requires_grad_()
@@ -250,7 +341,37 @@ def _pair_inputs(device: torch.device):
     return (*move(x, y, labels, ref_labels, weights), move(a1, p, a2, n))
 
 
-def _pair_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
+def _pair_training(impl, device, dtype) -> Dict[str, Tensor]:
+    """The production-shaped self-comparison (see :func:`production_shapes`), forward and
+    backward, and its no-grad forward."""
+    from .pair_circle_autograd import LabelMasks, blockwise_circle
+
+    B, D = production_shapes(device)["pair"]
+    g = torch.Generator().manual_seed(_SEED + 3)
+    x0 = F.normalize(torch.randn(B, D, generator=g), dim=1)
+    # Rounded to the operand dtype first, so that both paths see the same values and
+    # only the kernels' arithmetic is compared (the PyTorch path multiplies in float32).
+    x0 = x0.to(dtype).to(torch.float32).to(device)
+    labels = torch.randint(0, max(2, B // 8), (B,), generator=g).to(device)
+    weights = torch.randn(B, generator=g).to(device)
+    operand = dtype if impl == "triton" else None
+    masks = LabelMasks(labels, labels, True)
+    x = x0.clone().requires_grad_()
+    loss = blockwise_circle(x, x, masks, 0.25, 256.0, None, True, operand)
+    (loss * weights).sum().backward()
+    plain = blockwise_circle(x0, x0, masks, 0.25, 256.0, None, True, operand)
+    return {"training.loss": loss.detach(), "training.grad_x": x.grad, "training.no_grad": plain}
+
+
+def _pair_run(
+    impl: str, device: torch.device, dtype: torch.dtype, storage: torch.dtype
+) -> Dict[str, Tensor]:
+    out = _pair_edges(impl, device, dtype)
+    out.update(_pair_training(impl, device, dtype))
+    return out
+
+
+def _pair_edges(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
     from .pair_circle_autograd import LabelMasks, PairMasks, blockwise_circle
 
     x0, y0, labels, ref_labels, weights, mined = _pair_inputs(device)
@@ -285,7 +406,7 @@ def _dense_masks(mined, rows: int):
     return pos, neg
 
 
-_RUNNERS: Dict[str, Callable[[str, torch.device, torch.dtype], Dict[str, Tensor]]] = {
+_RUNNERS: Dict[str, Callable[..., Dict[str, Tensor]]] = {
     "class_lse": _class_run,
     "pair_circle": _pair_run,
 }
@@ -298,13 +419,18 @@ def _compare(got: Dict[str, Tensor], want: Dict[str, Tensor]) -> Tuple[float, st
     return errors[worst], worst, errors
 
 
-def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
+def run_kernel_check(
+    family: str, device, dtype: torch.dtype, storage: Optional[torch.dtype] = None
+) -> KernelCheck:
     """Run ``family``'s self-check on ``device`` for ``dtype`` operands now, uncached.
+
+    ``storage``: the dtype W is stored in (class family; default float32). The pair
+    kernels take float32 unit rows whatever the embeddings' dtype, so it is ignored there.
 
     Never raises for a kernel that fails: the :class:`KernelCheck` says what happened
     (``passed``, ``max_rel_err``, ``output``, ``error``). :mod:`~pml_extras.ops.dispatch`
-    caches its outcome per (family, device, dtype); call this one directly to re-check
-    (``benchmarks/selfcheck.py`` does).
+    caches its outcome per (family, device, dtype, TF32, storage); call this one
+    directly to re-check (``benchmarks/selfcheck.py`` does).
 
     Example::
 
@@ -321,10 +447,14 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
         device = torch.device("cuda", torch.cuda.current_device())
     tf32 = dtype == torch.float32 and tf32_enabled()
     tol = tolerance(family, dtype, tf32)
+    storage = torch.float32 if storage is None or family != "class_lse" else storage
+    if storage not in CHECK_DTYPES:
+        raise TypeError(f"W stored as {storage} has no Triton path; expected one of {CHECK_DTYPES}")
     info = dict(
         family=family,
         device=str(device),
         dtype=dtype_label(dtype, tf32),
+        storage=dtype_label(storage) if family == "class_lse" else "",
         tolerance=tol,
         device_name=device_description(device),
         versions=versions(),
@@ -338,7 +468,7 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
         with _on_device(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                got = run("triton", device, dtype)
+                got = run("triton", device, dtype, storage)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # launch errors surface here
             except Exception as exc:
@@ -348,7 +478,7 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
                 return KernelCheck(
                     passed=False, max_rel_err=nan, output="", seconds=seconds, error=err, **info
                 )
-            want = run("torch", device, dtype)
+            want = run("torch", device, dtype, storage)
     worst, output, errors = _compare(got, want)
     seconds = time.perf_counter() - start
     passed = worst <= tol  # nan compares False
