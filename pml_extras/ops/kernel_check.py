@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import platform
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
@@ -70,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _env
 from .precision import TRITON_DTYPES as CHECK_DTYPES
 from .precision import dtype_label, tf32_enabled
 from .tolerances import KERNEL, kernel_tolerance
@@ -86,24 +86,12 @@ def tolerance(family: str, dtype: torch.dtype, tf32: bool = False) -> float:
 
 def device_description(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3 (sm_90)', or the CPU for the interpreter."""
-    if device.type == "cuda":
-        try:
-            major, minor = torch.cuda.get_device_capability(device)
-            return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-        except Exception as exc:  # a broken driver still gets its report
-            return f"CUDA device {device} (name unavailable: {exc})"
-    return f"{platform.processor() or platform.machine() or 'CPU'} (Triton interpreter)"
+    return _env.device_description(device)
 
 
 def versions() -> str:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as exc:
-        triton_version = f"not importable ({type(exc).__name__})"
-    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
-    return f"triton {triton_version}, torch {torch.__version__}{cuda}"
+    """'triton 3.9.0, torch 2.13.0, CUDA 12.8' (from :mod:`pml_extras._env`)."""
+    return _env.versions_line()
 
 
 @dataclasses.dataclass
