@@ -125,13 +125,13 @@ if [[ -f $selfcheck ]]; then
     if step selfcheck python3 "$selfcheck" --device "$dev" --out "$out/selfcheck.json" \
         "${selfcheck_args[@]}"; then
         grep "^SELF-CHECK" "$out/selfcheck.log"
+        tail_if_failed selfcheck 15 # the failing check's detail follows its line
+        verdict selfcheck "$out/selfcheck.log" "$rc"
         if [[ " ${selfcheck_args[*]} " == *" --dtype bfloat16 "* ]]; then
             echo "SKIP selfcheck float32,float16 operands: - ? 0 failures (outside the quick" \
                 "budget; the CUDA tests cover them; python benchmarks/selfcheck.py checks all)" \
                 | tee -a "$verdicts"
         fi
-        tail_if_failed selfcheck 15 # the failing check's detail follows its line
-        verdict selfcheck "$out/selfcheck.log" "$rc"
     fi
 elif [[ $steps == *" selfcheck "* ]]; then
     echo "SKIP selfcheck $selfcheck: - ? 0 failures (not in this tree)" | tee -a "$verdicts"
