@@ -1,4 +1,4 @@
-"""Run the fused kernels' self-check (pml_extras.ops.selfcheck) on this machine's device.
+"""Run the fused kernels' self-check (pml_extras.ops.kernel_check) on this machine's device.
 
 For each kernel family and operand dtype, the check impl="auto" runs once per process
 before it trusts the Triton kernels: a small fixed problem, forward and backward, Triton
@@ -14,6 +14,7 @@ of a process finds the kernels in Triton's on-disk cache).
     python benchmarks/selfcheck.py                      # CUDA if present, else CPU
     TRITON_INTERPRET=1 python benchmarks/selfcheck.py --device cpu --family class_lse
     python benchmarks/selfcheck.py --out benchmarks/results/selfcheck/cuda.json
+    python benchmarks/selfcheck.py --dtype bfloat16 --storage float32,same  # bf16 W too
 
 On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here when
 unset: it must be set before the kernel modules are imported).
@@ -34,16 +35,26 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def parse_args(argv=None):
-    from pml_extras.ops.selfcheck import FAMILIES
+    from pml_extras.ops.dispatch import FAMILIES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
     p.add_argument("--family", default=",".join(FAMILIES), help=f"comma list of {FAMILIES}")
     p.add_argument("--dtype", default=",".join(DTYPES), help=f"comma list of {tuple(DTYPES)}")
+    p.add_argument(
+        "--storage",
+        default="float32",
+        help="comma list of W's storage for the class family: float32 (as under autocast) "
+        "and/or same (W stored in the operand dtype, e.g. bf16 proxies)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     args.family = [f for f in args.family.split(",") if f]
     args.dtype = [d for d in args.dtype.split(",") if d]
+    args.storage = [s for s in args.storage.split(",") if s]
+    for s in args.storage:
+        if s not in ("float32", "same"):
+            p.error(f"unknown storage {s!r}; expected float32 or same")
     for f in args.family:
         if f not in FAMILIES:
             p.error(f"unknown family {f!r}; expected one of {FAMILIES}")
@@ -58,7 +69,9 @@ def parse_args(argv=None):
 def line(result) -> str:
     verdict = "PASS" if result.passed else "FAIL"
     return (
-        f"SELF-CHECK family={result.family} device={result.device} dtype={result.dtype}: "
+        f"SELF-CHECK family={result.family} device={result.device} dtype={result.dtype}"
+        + (f" W={result.storage}" if result.storage and result.storage != "float32" else "")
+        + ": "
         f"{verdict} max_rel_err={result.max_rel_err:.2e} time={result.seconds:.2f}s"
     )
 
@@ -74,17 +87,22 @@ def main(argv=None) -> int:
     elif device.type == "cuda" and not torch.cuda.is_available():
         print(f"--device {args.device}: no CUDA device here", file=sys.stderr)
         return 2
-    from pml_extras.ops import selfcheck
+    from pml_extras.ops import kernel_check as selfcheck
 
     results, failed = [], 0
     for family in args.family:
         for name in args.dtype:
-            result = selfcheck.run_kernel_check(family, device, DTYPES[name])
-            print(line(result), flush=True)
-            if not result.passed:
-                failed += 1
-                print(f"  {result.describe()}", flush=True)
-            results.append(result)
+            dtype = DTYPES[name]
+            storages = {torch.float32 if s == "float32" else dtype for s in args.storage}
+            if family != "class_lse":
+                storages = {None}  # the pair kernels have no W
+            for storage in sorted(storages, key=str):
+                result = selfcheck.run_kernel_check(family, device, dtype, storage)
+                print(line(result), flush=True)
+                if not result.passed:
+                    failed += 1
+                    print(f"  {result.describe()}", flush=True)
+                results.append(result)
     print(f"device: {selfcheck.device_description(device)}; {selfcheck.versions()}")
     print(f"self-check: {len(results) - failed} PASS, {failed} FAIL")
     if args.out:

@@ -23,6 +23,7 @@ from pytorch_metric_learning.distances import (
 
 from pml_extras.functional import center_loss, center_update, standalone_center_loss
 from pml_extras.losses import CenterLoss, StandaloneCenterLoss
+from pml_extras.ops.tolerances import REFERENCE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -341,12 +342,7 @@ def test_ref_emb_replaces_the_batch_in_the_inter_term(form):
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # The losses are computed in float32 (float64 for float64) from the rounded inputs; only
 # the gradients are rounded back to the embedding dtype.
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-5, 1e-4),
-    torch.bfloat16: (1e-4, 2e-2),
-    torch.float16: (1e-4, 4e-3),
-}
+TOL = REFERENCE["center"]  # pml_extras/ops/tolerances.py, the one table
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -23,6 +23,7 @@ from pytorch_metric_learning import reducers as pml_reducers
 
 from pml_extras.functional import class_circle_loss, sparse_circle_loss
 from pml_extras.losses import SparseCircleLoss
+from pml_extras.ops.tolerances import REFERENCE
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -279,12 +280,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # Relative tolerances for (loss, gradients), as multiples of the dtype's unit roundoff
 # applied to gamma-scaled logits: inputs are rounded to the dtype, the reference then
 # works in float64 on the rounded values, so only the kernel's arithmetic is measured.
-TOL = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 2e-4),
-    torch.bfloat16: (2e-2, 8e-2),
-    torch.float16: (4e-3, 2e-2),
-}
+TOL = REFERENCE["class_circle"]  # pml_extras/ops/tolerances.py, the one table
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -38,7 +38,8 @@ from _sm90 import compile_for_sm90, nvidia_backend_or_skip  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from pml_extras.ops import class_lse  # noqa: E402
+from pml_extras.ops import class_lse, precision  # noqa: E402
+from pml_extras.ops.tolerances import CLASS_KERNEL, CLASS_MODULE_HALF  # noqa: E402
 
 try:
     import triton  # noqa: E402, F401
@@ -161,7 +162,7 @@ def rel_err(a, b):
 # bf16: both implementations multiply the same bf16 operands with float32 sums, so the
 # logits agree to float32; the gradient matmuls round their second operand (G, the
 # softmax weights) to bf16 at different points (2^-9 each).
-TOL = {torch.float32: dict(oracle=1e-4, torch=1e-4), torch.bfloat16: dict(oracle=2e-2, torch=1e-2)}
+TOL = CLASS_KERNEL
 
 
 def check_all(
@@ -438,7 +439,7 @@ class TestInterpretedAutograd:
                 loss = loss_fn(e, labels)
                 loss.backward()
             out[impl] = (loss.detach(), e.grad, loss_fn.W.grad)
-        tol = 1e-4 if dtype == torch.float32 else 6e-2
+        tol = CLASS_KERNEL[torch.float32]["torch"] if dtype == torch.float32 else CLASS_MODULE_HALF
         for ours, ref in zip(out["triton"], out["torch"]):
             assert rel_err(ours, ref) < tol
 
@@ -678,12 +679,12 @@ def test_tf32_setting_is_read_through_either_api(monkeypatch):
     assert matmul.fp32_precision == "none"  # restored
     assert tc.operand_types(torch.bfloat16, True, "x")[2] is None
     legacy = _LegacyMatmul()
-    monkeypatch.setattr(tc, "_matmul_backend", lambda: legacy)
+    monkeypatch.setattr(precision, "_matmul_backend", lambda: legacy)
     assert not tc.tf32_enabled()
     with fp32_matmul_precision("tf32"):
         assert legacy.allow_tf32 and tc.tf32_enabled()
     assert legacy.allow_tf32 is False
-    monkeypatch.setattr(tc, "_matmul_backend", lambda: _MixedMatmul())
+    monkeypatch.setattr(precision, "_matmul_backend", lambda: _MixedMatmul())
     assert not tc.tf32_enabled()  # IEEE, PyTorch's default, instead of raising
     with pytest.raises(ValueError, match="precision"):
         with fp32_matmul_precision("fp16"):

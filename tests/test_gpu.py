@@ -32,6 +32,8 @@ import reference as ref
 import torch
 import torch.nn.functional as F
 
+from pml_extras.ops.tolerances import GPU_GRAD
+
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -60,7 +62,7 @@ SHAPES = (
 )
 PARAMS = {"circle": (256.0, 0.25), "curricular": (64.0, 0.3), "scaled": (64.0, 0.0)}
 # Gradients come back rounded to the input dtype (8 bits of mantissa for bf16).
-GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 2e-3}
+GRAD_TOL = GPU_GRAD
 
 
 def rel_err(a, b) -> float:

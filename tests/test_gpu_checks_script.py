@@ -167,7 +167,9 @@ def test_cpu_rehearsal_prints_parseable_verdicts_and_a_deliberate_fail(tmp_path)
     (spec,) = by_target["kernel-specialisations"]
     assert spec["status"] == "FAIL" and spec["op"] == ">"
     assert int(spec["measure"].split()[0]) == result["specialisations"]["count"] > 1
-    assert [p["status"] for p in by_target["selfcheck"]] == ["PASS"]
+    # The check's verdict, and what quick leaves out of its budget, said as a SKIP.
+    assert [p["status"] for p in by_target["selfcheck"]] == ["PASS", "SKIP"]
+    assert "outside the quick budget" in by_target["selfcheck"][1]["detail"]
     assert [p["status"] for p in by_target["cuda-tests"]] == ["PASS"]
     assert [p["status"] for p in by_target["memcheck"]] == ["SKIP"]  # no sanitizer on CPU
     assert "SELF-CHECK class_lse: PASS" in stdout
@@ -180,7 +182,8 @@ def test_cpu_rehearsal_prints_parseable_verdicts_and_a_deliberate_fail(tmp_path)
     )
     assert proc.returncode == fails, stdout
     summary = stdout.strip().splitlines()[-1]
-    assert summary.startswith("targets: ") and f"{fails} FAIL" in summary and "1 SKIP" in summary
+    # SKIPs: memcheck (no sanitizer on CPU) and the self-check's dtypes outside quick.
+    assert summary.startswith("targets: ") and f"{fails} FAIL" in summary and "2 SKIP" in summary
 
 
 # ------------------------------------------------------ verdicts on synthetic input
@@ -326,3 +329,76 @@ def test_cpu_rehearsal_of_the_full_steps(tmp_path):
     assert {r["provider"] for r in rows} == {"floor", "sparse_circle_torch", "pml_circle"}
     assert all(r["status"] == "ok" and r["time_ratio"] > 0 for r in rows)
     assert "eval:" in (tmp_path / "nccl_one_rank.log").read_text()
+
+
+def test_memcheck_covers_bf16_class_and_pair_kernels_without_the_caching_allocator():
+    """Issue 21: memcheck sanitizes a class loss and the pair kernels in bf16 (the wgmma
+    code), not only float32, and without the caching allocator (whose blocks would hide
+    an out-of-bounds access)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + _selection("memcheck_sel"),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    bf16 = [i for i in ids if "bfloat16" in i]
+    assert any("sparse_circle" in i for i in bf16) and any("pair_circle" in i for i in bf16), ids
+    text = open(SCRIPT).read().replace("\\\n", " ")
+    memcheck = [ln for ln in text.splitlines() if ln.strip().startswith("if step memcheck")]
+    assert memcheck and "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in memcheck[0], memcheck
+
+
+@pytest.mark.parametrize(
+    "budget, skipped",
+    [({"PML_EXTRAS_SPECIALISATION_BUDGET": "0"}, True), ({}, False)],
+    ids=["budget-0", "no-budget"],
+)
+def test_pytest_plugin_skips_what_does_not_fit_the_budget(budget, skipped):
+    """The specialisation budget of the CUDA-test step: past it, tests are skipped with a
+    "budget:" reason and named on one summary line; without a budget they run."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "benchmarks")]))
+    env.pop("PML_EXTRAS_SPECIALISATION_BUDGET", None)
+    env.pop("PML_EXTRAS_TEST_SECONDS_BUDGET", None)
+    env.update(budget)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd += ["-p", "speed_bench.pytest_plugin", "tests/test_import_graph.py", "-k", "detectors"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Triton kernel specialisations launched by the tests: " in out, out[-3000:]
+    if skipped:
+        assert "1 skipped" in out and "budget: 0 kernel specialisations launched" in out, out
+        assert "Skipped to fit the budget: 1 tests (tests/test_import_graph.py::" in out, out
+    else:
+        assert "1 passed" in out and "Skipped to fit the budget" not in out, out
+
+
+def test_device_wheels_cover_what_the_checks_import():
+    """benchmarks/device_wheels.sh's list holds every distribution that importing the
+    package, its losses, the CUDA tests' modules and the speed benchmark pulls in,
+    except torch (on the device already) and what torch brings along (its own
+    dependencies and triton). Read from a fresh interpreter's sys.modules: no download."""
+    code = (
+        "import sys, importlib.metadata as md\n"
+        "sys.path[:0] = ['tests', 'benchmarks']\n"
+        "import pml_extras, pml_extras.losses, pml_extras.distributed, conftest, reference\n"
+        "import speed, selfcheck, hypothesis, pytest\n"
+        "dists = md.packages_distributions()\n"
+        "names = {d for m in list(sys.modules) for d in dists.get(m.split('.')[0], [])}\n"
+        "print('\\n'.join(sorted(names)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {n.lower().replace("_", "-") for n in proc.stdout.split()}
+    torch_side = {"torch", "triton", "typing-extensions", "sympy", "mpmath", "networkx"}
+    torch_side |= {"jinja2", "markupsafe", "filelock", "fsspec", "setuptools"}
+    text = open(os.path.join(ROOT, "benchmarks", "device_wheels.sh")).read()
+    listed = {w.split("==")[0].lower() for w in re.findall(r"[\w.-]+==[\w.]+", text)}
+    # Imported when present, inside try/except ImportError: colorama (tqdm,
+    # torch._inductor), charset-normalizer (numpy.f2py).
+    optional = {"colorama", "charset-normalizer"}
+    missing = imported - torch_side - optional - listed - {"pml-extras"}
+    assert not missing, f"imported on the device but not in device_wheels.sh: {missing}"
+    assert {"pytorch-metric-learning", "numpy", "scipy", "pytest", "hypothesis"} <= listed

@@ -38,6 +38,7 @@ from pytorch_metric_learning.distances import (  # noqa: E402
 
 from pml_extras.functional import arcface_loss, cosface_loss  # noqa: E402
 from pml_extras.losses import ArcFaceLoss, CosFaceLoss  # noqa: E402
+from pml_extras.ops.tolerances import REFERENCE  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -191,12 +192,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (loss, gradient) relative tolerances against float64 math on the same rounded inputs.
 # The losses are computed in float32 (float64) whatever the input dtype, so only the
 # gradients, returned in the input dtype, carry its rounding.
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-5, 1e-4),
-    torch.bfloat16: (2e-5, 1e-2),
-    torch.float16: (2e-5, 2e-3),
-}
+TOL = REFERENCE["margin"]  # pml_extras/ops/tolerances.py, the one table
 
 
 def module_losses_and_grads(kind, x, W, y, **kwargs):

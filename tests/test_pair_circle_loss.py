@@ -68,7 +68,7 @@ def compare_with_pml(
     """Check per-element losses, reduced loss and their gradients against PML's CircleLoss.
 
     ``pml_emb`` / ``pml_ref_emb`` let PML run on a float32 copy of half-precision inputs;
-    ``mined_path`` forces the dense or sparse evaluation of mined pairs.
+    ``mined_path`` forces the dense or gather evaluation of mined pairs.
     """
     pml_emb = emb if pml_emb is None else pml_emb
     pml_ref_emb = ref_emb if pml_ref_emb is None else pml_ref_emb
@@ -219,9 +219,9 @@ def test_mined_all_pairs_equals_blockwise_all_pairs():
 
 
 # ---------------------------------------------------------------------------------------------
-# Dense and sparse evaluation of mined pairs: both equal to PML, whichever the heuristic picks
+# Dense and gather evaluation of mined pairs: both equal to PML, whichever the heuristic picks
 
-MINED_PATHS = ["dense", "sparse"]
+MINED_PATHS = ["dense", "gather"]
 
 
 def random_subset_miner(density, seed, duplicates=True):
@@ -324,7 +324,7 @@ def test_choose_mined_path_threshold():
     rows, cols = 37, 23
     edge = math.ceil(DENSE_PAIR_FRACTION * rows * cols)
     assert choose_mined_path(edge, rows, cols) == "dense"
-    assert choose_mined_path(edge - 1, rows, cols) == "sparse"
+    assert choose_mined_path(edge - 1, rows, cols) == "gather"
     assert choose_mined_path(0, 0, 5) == "dense"  # empty batch: either is fine
 
 
@@ -334,7 +334,7 @@ def test_auto_path_choice_does_not_change_numbers(density, monkeypatch):
     indices = random_subset_miner(density, seed=36, duplicates=False)(emb, labels)
     num_pairs = len(indices[0]) + len(indices[2])
     expected = choose_mined_path(num_pairs, 33, 33)
-    assert expected == ("dense" if density > DENSE_PAIR_FRACTION else "sparse")
+    assert expected == ("dense" if density > DENSE_PAIR_FRACTION else "gather")
     calls = []
     dense = pair_circle._dense_pair_masks
     monkeypatch.setattr(pair_circle, "_dense_pair_masks", lambda *a: calls.append(1) or dense(*a))
@@ -347,7 +347,7 @@ def test_auto_path_choice_does_not_change_numbers(density, monkeypatch):
             assert len(calls) == (expected == "dense")
     for a, b in zip(out["auto"], out[expected]):
         assert torch.equal(a, b)
-    for a, b in zip(out["dense"], out["sparse"]):
+    for a, b in zip(out["dense"], out["gather"]):
         assert_close(a, b, 1e-10)
 
 
@@ -700,7 +700,7 @@ def test_gradcheck_blockwise_and_mined():
 
     assert torch.autograd.gradcheck(ref_pairs, (x, y))
     assert torch.autograd.gradcheck(self_pairs, (x,))
-    assert torch.autograd.gradcheck(mined("sparse"), (x, y))
+    assert torch.autograd.gradcheck(mined("gather"), (x, y))
     assert torch.autograd.gradcheck(mined("dense", (2, 4)), (x, y))
     assert torch.autograd.gradcheck(lambda a: mined("dense", 3)(a, a), (y,))
 
@@ -986,3 +986,17 @@ def test_mined_loss_never_materialises_pairs_by_dim(same, path):
     bound = max(num_pairs, batch * batch, batch * dim, chunk * dim)
     assert num_pairs * dim > 4 * bound  # the bound separates O(P) from O(P * D)
     assert mode.largest <= bound
+
+
+def test_deprecated_sparse_path_is_the_gather_path():
+    """path="sparse" (the gather path's old name) still works, warns, and gives the
+    gather path's numbers bit for bit; "sparse" now names only the class-level loss."""
+    emb, labels = make_batch(17, 8, 3, seed=41)
+    a1, p, a2, n = random_subset_miner(0.05, seed=42, duplicates=True)(emb, labels)
+    x = torch.nn.functional.normalize(emb, dim=1)
+    new = mined_pairs_circle_loss(x, x, a1, p, a2, n, m=0.25, gamma=64.0, path="gather")
+    with pytest.warns(DeprecationWarning, match="path='gather'"):
+        old = mined_pairs_circle_loss(x, x, a1, p, a2, n, m=0.25, gamma=64.0, path="sparse")
+    assert torch.equal(old, new) and (new > 0).any()
+    with pytest.raises(ValueError, match="'blockwise'"):
+        mined_pairs_circle_loss(x, x, a1, p, a2, n, path="blockwise")

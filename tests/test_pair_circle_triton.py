@@ -28,6 +28,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pml_extras.ops import pair_circle  # noqa: E402
+from pml_extras.ops.tolerances import PAIR_AUTOCAST_LOSS, PAIR_KERNEL  # noqa: E402
 
 try:
     import triton  # noqa: E402, F401
@@ -36,6 +37,7 @@ try:
 except ImportError:  # pragma: no cover - triton is a test dependency on Linux
     pct = None
 
+F64 = torch.float64
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(pct is None, reason="triton is not installed")
@@ -55,7 +57,7 @@ SHAPES = {
     "one_row": (1, 5, 3, 2, SMALL),
 }
 # Per operand dtype: (loss rtol, gradient tolerance relative to the largest entry)
-TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2e-2), torch.float16: (1e-5, 4e-3)}
+TOL = PAIR_KERNEL
 
 
 def make_case(B, N, D, classes, seed=0):
@@ -209,6 +211,39 @@ class TestInterpretedPairCircle:
         assert_close_grads(got[2], want[2], 1e-5)
         assert (want[0] > 0).any()
 
+    def test_module_under_cpu_autocast_has_bf16_operands(self, monkeypatch):
+        """Issue 21: fp32 embeddings under torch.autocast(bfloat16) reach the kernels as
+        bf16 operands (as the class losses' do), and the loss still matches float64 math:
+        within the float32-accumulation tolerance on the bf16-rounded unit rows, and
+        within the bf16 tolerance on the unrounded ones."""
+        from pml_extras.losses import CircleLoss
+
+        seen = []
+        real = pct.forward
+        monkeypatch.setattr(pct, "forward", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+        gen = torch.Generator().manual_seed(8)
+        emb = torch.randn(20, 16, generator=gen)
+        labels = torch.randint(0, 4, (20,), generator=gen)
+        loss_fn = CircleLoss(m=0.25, gamma=64, impl="triton")
+        with pct.block_config(**SMALL), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = loss_fn.compute_loss(emb, labels, None, emb, labels)["loss"]["losses"]
+        assert seen == [torch.bfloat16]
+        x = F.normalize(emb.double(), dim=1)
+        off = ~torch.eye(20, dtype=torch.bool)  # self-pairs are neither positive nor negative
+        positive = (labels[:, None] == labels[None, :])[off].view(20, 19)
+        xb = x.float().bfloat16().double()
+        rounded = reference.circle_from_similarities(
+            (xb @ xb.T)[off].view(20, 19), positive, 0.25, 64.0
+        )
+        exact = reference.circle_from_similarities(
+            (x @ x.T)[off].view(20, 19), positive, 0.25, 64.0
+        )
+        err = lambda a, b: float((a.double() - b).abs().max() / b.abs().max())  # noqa: E731
+        # bf16 operands, float32 accumulation: the float64 loss of the bf16-rounded rows,
+        # to the float32 bound (float32 operands would be 9e-4 away, as from the exact loss).
+        assert err(losses, rounded) <= PAIR_KERNEL[torch.float32][1]
+        assert err(losses, exact) <= PAIR_AUTOCAST_LOSS
+
     def test_module_matches_pml(self):
         from pytorch_metric_learning import losses as pml_losses
         from pytorch_metric_learning import miners
@@ -264,6 +299,45 @@ def test_impl_resolution_and_errors():
             pair_circle.resolve_operand_dtype("triton", x.double(), x.double(), None, True)
         with pytest.raises(ValueError, match="detach_weights"):
             pair_circle.resolve_operand_dtype("triton", x, x, None, False)
+
+
+def test_pair_operand_policy_is_the_class_one(monkeypatch):
+    """Issue 21: one operand policy for both families. Outside autocast the pair kernels'
+    dtype is what the two embedding sets promote to (as before); under
+    torch.autocast(bfloat16) fp32 embeddings give bf16 operands, as the class losses'
+    do, and the CircleLoss module hands that dtype to the op (it took the promoted
+    embedding dtype, float32, before)."""
+    from pml_extras.losses import CircleLoss
+    from pml_extras.losses import circle_loss as module
+    from pml_extras.ops import class_lse
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    x, W = torch.randn(6, 8), torch.randn(8, 5)
+    pod = pair_circle.pair_operand_dtype
+    for a, b in [(f32, f32), (bf16, bf16), (f16, f16), (bf16, f32), (bf16, f16), (f32, F64)]:
+        assert pod(x.to(a), x.to(b)) == torch.promote_types(a, b)
+    for autocast in (bf16, f16):
+        with torch.autocast("cpu", dtype=autocast):
+            for dt in (f32, bf16, f16):
+                assert pod(x.to(dt), x.to(dt)) == autocast == class_lse.operand_dtype(x.to(dt), W)
+            assert pod(x.double(), x.double()) == F64 == class_lse.operand_dtype(x.double(), W)
+    seen = []
+    for name in ("all_pairs_circle_loss", "mined_pairs_circle_loss"):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(kwargs["operand_dtype"])
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    emb = torch.randn(12, 8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(12) % 3
+    pairs = (torch.tensor([0, 1]), torch.tensor([3, 4]), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with torch.autocast("cpu", dtype=bf16):
+        CircleLoss(impl="torch")(emb, labels)
+        CircleLoss(impl="torch")(emb, labels, pairs)
+    CircleLoss(impl="torch")(emb, labels)
+    assert seen == [bf16, bf16, f32]
 
 
 def test_circle_loss_rejects_unknown_impl():

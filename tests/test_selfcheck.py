@@ -1,4 +1,4 @@
-"""The fused kernels' self-check (pml_extras/ops/selfcheck.py) and impl dispatch
+"""The fused kernels' self-check (pml_extras/ops/kernel_check.py) and impl dispatch
 (pml_extras/ops/dispatch.py): verify once per (family, device, dtype), then trust;
 fall back with one warning under impl="auto", raise under impl="triton".
 
@@ -33,7 +33,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from pml_extras.ops import class_lse, dispatch, pair_circle, selfcheck  # noqa: E402
+from pml_extras.ops import class_lse, dispatch, pair_circle  # noqa: E402
+from pml_extras.ops import kernel_check as selfcheck  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 try:
@@ -72,8 +73,8 @@ class FakeCheck:
     def __init__(self, failing=()):
         self.calls, self.failing = [], set(failing)
 
-    def __call__(self, family, device, dtype):
-        self.calls.append((family, str(device), dtype))
+    def __call__(self, family, device, dtype, storage=None):
+        self.calls.append((family, str(device), dtype) + ((storage,) if storage else ()))
         bad = (family, dtype) in self.failing
         return selfcheck.KernelCheck(
             family=family,
@@ -94,7 +95,7 @@ class FakeCheck:
 def fake_gpu(monkeypatch):
     """CUDA devices where Triton imports (no device needed: only dispatch is exercised)."""
     monkeypatch.setattr(dispatch, "_import_error", lambda device, family=None: None)
-    monkeypatch.setattr(selfcheck, "tf32_enabled", lambda: False)
+    monkeypatch.setattr(dispatch, "tf32_enabled", lambda: False)
 
     def install(failing=()):
         fake = FakeCheck(failing)
@@ -107,19 +108,36 @@ def fake_gpu(monkeypatch):
 def test_check_runs_once_per_family_device_dtype(fake_gpu, monkeypatch):
     fake = fake_gpu()
     for _ in range(3):
-        for fam in selfcheck.FAMILIES:
+        for fam in dispatch.FAMILIES:
             for dev in (CUDA0, CUDA1):
                 for dt in (torch.float32, torch.bfloat16):
                     assert dispatch.resolve_impl("auto", dev, dt, family=fam) == "triton"
                     assert dispatch.resolve_impl("triton", dev, dt, family=fam) == "triton"
     assert len(fake.calls) == len(set(fake.calls)) == 2 * 2 * 2
     # TF32 on is another float32 specialisation: checked once more, then cached too.
-    monkeypatch.setattr(selfcheck, "tf32_enabled", lambda: True)
+    monkeypatch.setattr(dispatch, "tf32_enabled", lambda: True)
     for _ in range(2):
         dispatch.resolve_impl("auto", CUDA0, torch.float32, family="class_lse")
     assert len(fake.calls) == 9
     keys = dispatch.kernel_check_results()
-    assert ("class_lse", "cuda:0", torch.float32, True) in keys and len(keys) == 9
+    assert ("class_lse", "cuda:0", torch.float32, True, None) in keys and len(keys) == 9
+
+
+def test_w_storage_dtype_is_in_the_key(fake_gpu):
+    """Issue 21: bf16-stored W is another specialisation than float32 W under the same
+    bf16 operands: checked once each, and the class op passes W's dtype."""
+    fake = fake_gpu()
+    for storage in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        dispatch.resolve_impl("auto", CUDA0, torch.bfloat16, family="class_lse", storage=storage)
+    assert fake.calls == [
+        ("class_lse", "cuda:0", torch.bfloat16, torch.float32),
+        ("class_lse", "cuda:0", torch.bfloat16, torch.bfloat16),
+    ]
+    keys = set(dispatch.kernel_check_results())
+    assert {k.storage for k in keys} == {torch.float32, torch.bfloat16}
+    # float64 W has no Triton path: no check of its own (the kernels raise for it).
+    dispatch.resolve_impl("auto", CUDA0, torch.bfloat16, family="class_lse", storage=torch.float64)
+    assert len(fake.calls) == 3 and fake.calls[-1] == ("class_lse", "cuda:0", torch.bfloat16)
 
 
 def test_operand_dtype_is_the_key(fake_gpu):
@@ -193,7 +211,7 @@ def test_opt_outs_skip_the_check(fake_gpu, monkeypatch):
 
 
 def test_torch_float64_and_no_family_never_check(fake_gpu):
-    fake = fake_gpu(failing=[(f, d) for f in selfcheck.FAMILIES for d in selfcheck.CHECK_DTYPES])
+    fake = fake_gpu(failing=[(f, d) for f in dispatch.FAMILIES for d in dispatch.CHECK_DTYPES])
     assert dispatch.resolve_impl("torch", CUDA0, torch.float32, family="class_lse") == "torch"
     assert dispatch.resolve_impl("auto", CUDA0, torch.float64, family="class_lse") == "torch"
     assert dispatch.resolve_impl("auto", CUDA0, torch.float32) == "triton"  # no family
@@ -227,12 +245,12 @@ def test_class_lse_keeps_its_names():
     assert class_lse.triton_available is dispatch.triton_available
 
 
-@pytest.mark.parametrize("family", selfcheck.FAMILIES)
+@pytest.mark.parametrize("family", dispatch.FAMILIES)
 def test_auto_warns_once_when_triton_does_not_import_on_cuda(monkeypatch, family):
     import pml_extras.ops as ops
 
     monkeypatch.setitem(sys.modules, "triton", None)  # "import triton" raises ImportError
-    for mod in selfcheck.KERNEL_MODULES.values():
+    for mod in dispatch.KERNEL_MODULES.values():
         monkeypatch.delitem(sys.modules, mod, raising=False)
         monkeypatch.delattr(ops, mod.rsplit(".", 1)[1], raising=False)
     monkeypatch.setattr(selfcheck, "run_kernel_check", FakeCheck())
@@ -240,7 +258,7 @@ def test_auto_warns_once_when_triton_does_not_import_on_cuda(monkeypatch, family
         assert dispatch.resolve_impl("auto", CUDA0, torch.float32, family=family) == "torch"
     text = str(record[0].message)
     assert record[0].filename == __file__
-    assert selfcheck.KERNEL_MODULES[family] in text and "'triton'" in text, text
+    assert dispatch.KERNEL_MODULES[family] in text and "'triton'" in text, text
     assert re.search(r"(ModuleNotFound|Import)Error", text) and "impl='torch'" in text
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -363,6 +381,40 @@ def _one_kind(monkeypatch):
     monkeypatch.setattr(selfcheck, "_CLASS_KINDS", {"scaled": selfcheck._CLASS_KINDS["scaled"]})
 
 
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("sms", [4, 108, 132, 144])
+def test_training_problem_has_the_production_specialisations(monkeypatch, sms):
+    """Issue 21: the check's training-shaped problem compiles what training runs: D, B, C
+    multiples of 16 (D = 512 on a GPU), several class splits of more than one tile each
+    in the forward with u (bf16 and fp32 W) and without (NEED_U=False), and more than
+    one column tile per split in the pair forward; for the interpreter's 4 "SMs" and
+    A100 / H100 / H200-like counts (the split arithmetic is the launchers' own)."""
+    import triton
+
+    from pml_extras.ops import _triton_common as tc
+    from pml_extras.ops import class_lse_triton as clt
+    from pml_extras.ops import pair_circle_triton as pct
+
+    for module in (tc, clt, pct):
+        monkeypatch.setattr(module, "sm_count", lambda device: sms)
+    device = torch.device("cpu") if sms == 4 else torch.device("cuda", 0)
+    shapes = selfcheck.production_shapes(device)
+    B, D, C = shapes["class"]
+    assert B % 16 == D % 16 == C % 16 == 0 and (D == 512) == (device.type == "cuda")
+    cfg = clt._configs.current
+    for need_u, itemsize in [(True, 2), (True, 4), (False, 2), (False, 4)]:
+        _, _, n_groups = clt._d_layout(D, cfg, itemsize == 4)
+        n_groups = n_groups if need_u else 1
+        splits, per_split = clt._n_splits(B, C, n_groups, need_u, itemsize, device, cfg)
+        assert splits > 1 and per_split > 1, (need_u, itemsize, splits, per_split)
+    rows, d = shapes["pair"]
+    assert rows % 16 == d % 16 == 0
+    pcfg = pct._configs.current
+    n_rows, n_tiles = triton.cdiv(rows, pcfg.fwd_block_m), triton.cdiv(rows, pcfg.fwd_block_n)
+    splits, per_split = pct._splits(n_rows, n_tiles, False, device, pcfg)
+    assert splits > 1 and per_split > 1, (splits, per_split)
+
+
 @interpreted
 class TestInterpretedCheck:
     def test_correct_class_kernels_pass_and_are_used(self, hook, monkeypatch):
@@ -384,10 +436,12 @@ class TestInterpretedCheck:
         (result,) = dispatch.kernel_check_results().values()
         assert result.passed and result.family == "class_lse" and result.dtype == "float32"
         assert 0 < result.max_rel_err <= result.tolerance == 1e-4
-        assert len(result.errors) == 3 * 5  # every kind: lse, cos_y, grad_x, grad_W (2 parts)
+        # Every kind: the edge problem's lse, cos_y, grad_x, grad_W (2 parts), the training
+        # problem's lse, cos_y, grad_x, grad_W and its no-grad lse and cos_y.
+        assert len(result.errors) == 3 * 5 + 3 * 6
         assert torch.equal(torch.get_rng_state(), rng)  # the user's RNG is untouched
-        used = fwd.calls  # the check's 3 kinds x 1 forward, then the user's call
-        assert used == 4
+        used = fwd.calls  # the check's 3 kinds x (1 + 2) forwards, then the user's call
+        assert used == 10
         for _ in range(3):  # trusted from now on: no further check
             _class_loss(x, W, t).backward()
         assert hook.calls == 1 and fwd.calls == used + 3
@@ -408,11 +462,11 @@ class TestInterpretedCheck:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             got = pair_circle.all_pairs_circle_loss(e, e, labels, labels, **opts)
-        assert hook.calls == 1 and fwd.calls == 4  # the check's three, then ours
+        assert hook.calls == 1 and fwd.calls == 6  # the check's 3 + 2 (training), then ours
         (result,) = dispatch.kernel_check_results().values()
         assert result.passed and (result.family, result.dtype) == ("pair_circle", "float16")
         pair_circle.all_pairs_circle_loss(e, e, labels, labels, **opts)
-        assert hook.calls == 1 and fwd.calls == 5
+        assert hook.calls == 1 and fwd.calls == 7
         want = pair_circle.all_pairs_circle_loss(e, e, labels, labels, **opts, impl="torch")
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
@@ -428,7 +482,8 @@ class TestInterpretedCheck:
             _class_loss(x, W, t, impl="triton")
         msg = str(err.value)
         # The perturbed lse, and through it the gradients (the backward reuses lse).
-        assert re.search(r"max relative error \d\.\d\de-0\d in scaled\.", msg), msg
+        # (the worst output may be the edge problem's or the training-shaped one's)
+        assert re.search(r"max relative error \d\.\d\de-0\d in (training\.)?scaled\.", msg), msg
         assert "scaled.lse 1.00e-03" in msg and "tolerance 1e-04" in msg, msg
         assert "(Triton interpreter)" in msg and f"torch {torch.__version__}" in msg
         assert "triton " in msg and "report" in msg
@@ -457,12 +512,17 @@ class TestInterpretedCheck:
         with pytest.warns(dispatch.KernelCheckWarning) as record:
             assert (
                 dispatch.resolve_impl(
-                    "auto", x.device, torch.float32, family="class_lse", operand=torch.bfloat16
+                    "auto",
+                    x.device,
+                    torch.float32,
+                    family="class_lse",
+                    operand=torch.bfloat16,
+                    storage=W.dtype,  # as class_logsumexp passes it: the same key
                 )
                 == "torch"
             )
         msg = str(record[0].message)
-        assert "in scaled.grad_W " in msg and "bfloat16" in msg, msg
+        assert re.search(r"in (training\.)?scaled\.grad_W ", msg) and "bfloat16" in msg, msg
         with pytest.raises(dispatch.KernelCheckError, match="scaled.grad_W"):
             _class_loss(x, W, t, impl="triton")
         # float32 operands are another key: checked (and failed) on their own.
@@ -528,8 +588,45 @@ class TestInterpretedCheck:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             lse, _ = class_lse.class_logsumexp(x.detach(), W.detach(), t, "scaled", 16.0)
         assert hook.calls == 1 and lse.dtype == torch.float32
-        (((_, _, dtype, _), result),) = dispatch.kernel_check_results().items()
+        (((_, _, dtype, _, storage), result),) = dispatch.kernel_check_results().items()
+        assert storage == torch.float32  # W's dtype is in the key
         assert dtype == torch.bfloat16 and result.passed, result.describe()
+
+    def test_check_runs_the_training_specialisations(self, monkeypatch):
+        """The launches the check makes: bf16-stored W, D a multiple of 16, the forward
+        with and without u (NEED_U=False), each over several splits of more than one
+        tile; the pair forward likewise."""
+        from pml_extras.ops import class_lse_triton as clt
+        from pml_extras.ops import pair_circle_triton as pct
+
+        _one_kind(monkeypatch)
+        seen, splits = [], []
+        real_fwd, real_n, real_s = clt._forward_impl, clt._n_splits, pct._splits
+
+        def forward_impl(*args):
+            seen.append((args[2].dtype, args[9], args[0].shape[1]))
+            return real_fwd(*args)
+
+        def n_splits(*args):
+            splits.append(("class", args[3], *real_n(*args)))
+            return tuple(splits[-1][2:])
+
+        def pair_splits(*args):
+            splits.append(("pair", not args[2], *real_s(*args)))
+            return tuple(splits[-1][2:])
+
+        monkeypatch.setattr(clt, "_forward_impl", forward_impl)
+        monkeypatch.setattr(clt, "_n_splits", n_splits)
+        monkeypatch.setattr(pct, "_splits", pair_splits)
+        result = selfcheck.run_kernel_check("class_lse", "cpu", torch.bfloat16, torch.bfloat16)
+        assert result.passed and result.storage == "bfloat16", result.describe()
+        assert "W stored as bfloat16" in result.describe()
+        assert {(torch.bfloat16, True, 64), (torch.bfloat16, False, 64)} <= set(seen)
+        for need_u in (True, False):
+            assert any(s[:2] == ("class", need_u) and min(s[2:]) > 1 for s in splits), splits
+        result = selfcheck.run_kernel_check("pair_circle", "cpu", torch.bfloat16)
+        assert result.passed, result.describe()
+        assert any(s[:2] == ("pair", True) and min(s[2:]) > 1 for s in splits), splits
 
     def test_script_runs_the_real_check(self, capsys):
         # The script's own code on the real kernels, in this (interpreter) process: a

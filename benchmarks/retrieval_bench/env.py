@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import platform
 import random
 import subprocess
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+
+from pml_extras import _env
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
 
@@ -46,17 +47,10 @@ def resolve_device(name: str) -> torch.device:
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"cpu: {cpu} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cpus)"
+        return _env.device_name(device)
+    return (
+        f"cpu: {_env.cpu_model()} ({torch.get_num_threads()} torch threads, {os.cpu_count()} cpus)"
+    )
 
 
 def _try_import_faiss():
@@ -69,20 +63,11 @@ def _try_import_faiss():
 
 
 def versions() -> Dict[str, str]:
-    import pytorch_metric_learning
-
-    v = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import pml_extras
-
-        v["pml_extras"] = getattr(pml_extras, "__version__", "unknown")
-    except Exception as e:  # the package may be mid-edit; record why
-        v["pml_extras"] = f"unavailable ({type(e).__name__}: {e})"
+    # The shared part from pml_extras._env, the one home of version strings.
+    shared = _env.versions()
+    keys = ("python", "torch", "pytorch_metric_learning", "numpy")
+    v = {k: shared[k] for k in keys}
+    v["pml_extras"] = shared["pml_extras"] or "unknown"
     faiss = _try_import_faiss()
     if faiss is not None:
         v["faiss"] = getattr(faiss, "__version__", "unknown")

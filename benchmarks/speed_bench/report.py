@@ -6,10 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from pml_extras import _env
 
 from .setups import FLOOR, MB
 
@@ -123,23 +124,10 @@ def comparison_lines(rows: List[dict]) -> List[str]:
 
 
 def versions() -> dict:
-    from importlib import metadata
-
-    import pytorch_metric_learning
-
-    import pml_extras
-
-    try:  # the installed version, without importing triton (slow)
-        triton_version = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton_version = None
-    return {
-        "torch": torch.__version__,
-        "pytorch_metric_learning": pytorch_metric_learning.__version__,
-        "pml_extras": getattr(pml_extras, "__version__", None),
-        "triton": triton_version,
-        "python": platform.python_version(),
-    }
+    """Versions for results files (from :mod:`pml_extras._env`, the one home)."""
+    v = _env.versions()
+    keys = ("torch", "pytorch_metric_learning", "pml_extras", "triton", "python")
+    return {k: v[k] for k in keys}
 
 
 def loadavg() -> Optional[List[float]]:
@@ -150,16 +138,7 @@ def loadavg() -> Optional[List[float]]:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _env.device_name(device)
 
 
 CSV_FIELDS = [

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from pml_extras import _env
+
 from .providers import Case, Inputs, providers_for
 from .setups import Setup
 
@@ -95,17 +97,14 @@ def cuda_extra_memory(case: Case, mode: str, device: torch.device) -> int:
     before = torch.cuda.memory_allocated(device)
     case.step(mode)
     torch.cuda.synchronize(device)
-    extra = torch.cuda.max_memory_allocated(device) - before
+    extra = _env.cuda_peak_extra_bytes(device, before)
     case.reset()
     return int(extra)
 
 
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
+# Peak-memory primitives: one home, pml_extras._env (shared with the retrieval benchmark).
+_proc_status_kb = _env.proc_status_kb
+_reset_hwm = _env.reset_peak_rss
 
 
 def _pin_malloc() -> None:
@@ -123,15 +122,6 @@ def _malloc_trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _memory_child(conn, spec: dict) -> None:

@@ -15,6 +15,7 @@ from ..ops.pair_circle import (
     accumulate_dtype,
     all_pairs_circle_loss,
     mined_pairs_circle_loss,
+    pair_operand_dtype,
     resolve_block_size,
 )
 
@@ -145,7 +146,7 @@ class CircleLoss(BaseMetricLossFunction):
                 self_compare=self_compare,
                 block_size=self.block_size,
                 impl=self.impl,
-                operand_dtype=torch.promote_types(embeddings.dtype, ref_emb.dtype),
+                operand_dtype=pair_operand_dtype(embeddings, ref_emb),
             )
         else:
             a1, p, a2, n = lmu.convert_to_pairs(indices_tuple, labels, ref_labels)
@@ -166,7 +167,7 @@ class CircleLoss(BaseMetricLossFunction):
                 block_size=self.block_size,
                 path=self._mined_path,
                 impl=self.impl,
-                operand_dtype=torch.promote_types(embeddings.dtype, ref_emb.dtype),
+                operand_dtype=pair_operand_dtype(embeddings, ref_emb),
             )
         return {
             "loss": {

@@ -14,6 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+# torch's TF32 setting lives with the operand policy; re-exported for the launchers.
+from .precision import fp32_matmul_precision, tf32_enabled  # noqa: F401
+
 try:  # triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except ImportError:  # pragma: no cover
@@ -104,52 +107,6 @@ def launch_device(t: torch.Tensor):
     interpreter) the index is -1, which ``torch.cuda.device`` treats as "no change"
     without initialising CUDA: the same line runs in CI."""
     return torch.cuda.device(t.device.index if t.device.type == "cuda" else -1)
-
-
-def _matmul_backend():
-    """torch.backends.cuda.matmul (a function, so that tests can stand in either API)."""
-    return torch.backends.cuda.matmul
-
-
-def tf32_enabled() -> bool:
-    """Whether torch's float32 matmuls may use TF32, read without raising.
-
-    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` ("tf32", "ieee", or
-    "none": inherit ``torch.backends.fp32_precision``, which its getter already resolves).
-    After a user sets it, reading the legacy ``allow_tf32`` raises ``RuntimeError`` (torch
-    2.13: "mix of the legacy and new APIs"), so the new switch is read first and the
-    legacy one only where the new one says nothing."""
-    matmul = _matmul_backend()
-    precision = getattr(matmul, "fp32_precision", None)
-    if precision in ("tf32", "ieee"):
-        return precision == "tf32"
-    try:
-        return bool(matmul.allow_tf32)
-    except RuntimeError:  # a mixed state torch cannot resolve: PyTorch's default, IEEE
-        return False
-
-
-@contextlib.contextmanager
-def fp32_matmul_precision(precision: str):
-    """Set torch's float32 matmul precision ("ieee" or "tf32") inside a ``with`` block and
-    restore the previous setting after, through whichever API this torch offers."""
-    if precision not in ("ieee", "tf32"):
-        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
-    matmul = _matmul_backend()
-    if hasattr(matmul, "fp32_precision"):
-        old = matmul.fp32_precision
-        matmul.fp32_precision = precision
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = old
-    else:  # torch < 2.9: only the legacy switch
-        old = matmul.allow_tf32
-        matmul.allow_tf32 = precision == "tf32"
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = old
 
 
 def operand_types(dtype: torch.dtype, interpreted: bool, what: str):

@@ -1,7 +1,7 @@
 """Fused Triton kernels for :func:`pml_extras.ops.class_lse.class_logsumexp`.
 
-Same contract as ``_forward_torch`` / ``_backward_torch`` in ``class_lse.py`` (that
-module's docstring defines the transforms): ``lse`` (B,) is the logsumexp over the
+Same contract as ``_forward_torch`` / ``_backward_torch`` in ``class_lse_autograd.py`` (the
+``class_lse`` docstring defines the transforms): ``lse`` (B,) is the logsumexp over the
 non-target columns of z_ij = g(c_ij), c_ij = clamp(<x_i, w_j> / ||w_j||, -1, 1), and
 ``cos_y`` (B,) the target cosine. No B x C tensor and no normalised copy of W is ever
 built; every logit tile lives in registers only.
@@ -19,10 +19,11 @@ Kernels
     With ``NEED_U`` (training: x needs a gradient) it also accumulates, flash-attention
     style with the same online rescaling,
 
-        u_i = sum_j softmax_ij * g'(c_ij) * [|raw_ij| <= 1] * w_hat_j      (B, D)
+        u_i = sum_j softmax_ij * g'(c_ij) * w_hat_j                        (B, D)
 
-    i.e. d lse_i / d x_i. Since grad_lse_i only scales row i, the backward's
-    grad_x is just ``grad_lse[:, None] * u``: the logits are recomputed once in the
+    i.e. d lse_i / d x_hat_i (the clamp to [-1, 1] bounds the value only: no gradient
+    mask, as in ``class_common.add_target_grad``). Since grad_lse_i only scales row i,
+    the backward's grad_x is just ``grad_lse[:, None] * u``: the logits are recomputed once in the
     backward instead of twice. Cost: forward 2 matmuls (x W, P W^T), backward 2 matmuls
     (x W again, x^T G), so fwd+bwd = 4 matmuls against the floor of 3 (x W, dC W^T,
     x^T dC) plus the cheap elementwise work. Recomputing instead (``state=None`` in
@@ -30,7 +31,7 @@ Kernels
 
 ``_bwd_w_kernel``     grid (class blocks, D groups). Each program holds its class tile of
     W and loops over all row blocks: recompute the logits, G = exp(z - lse) * g'(c) *
-    grad_lse * [|raw| <= 1] (target column masked), accumulate x^T G in registers
+    grad_lse (target column masked; no mask at the clamp), accumulate x^T G in registers
     (D_GROUP x BLOCK_C float32) and the radial term r_j = sum_i G_ij raw_ij
     (= <grad_w_hat_j, w_hat_j>, so it needs no full-D accumulator), then writes
     grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once: no atomics, no second pass.
@@ -44,10 +45,12 @@ of D (one extra logits matmul per additional slice: the price of bounded registe
 The target column's own gradient (grad_cos) is added in PyTorch afterwards, exactly as in
 ``_backward_torch``.
 
-Precision: accumulation is float32. The matmul operands are the inputs' promoted dtype;
-for 16-bit inputs the second-stage operands (the softmax weights P and G) are rounded to
+Precision: accumulation is float32. The matmul operands follow the operand policy
+(:func:`pml_extras.ops.precision.operand_dtype`: autocast's dtype, else bf16/fp16
+embeddings' dtype, else float32), W rounded to it tile by tile; for 16-bit operands the
+second-stage operands (the softmax weights P and G) are rounded to
 that dtype too, as flash attention does. Float32 inputs use IEEE float32 dots unless
-``torch.backends.cuda.matmul.allow_tf32`` is set (then TF32), mirroring what PyTorch's
+torch's float32 matmul precision says TF32 (``precision.tf32_enabled``), mirroring what PyTorch's
 own matmuls would do, so the torch path is a like-for-like oracle. Float64 is not
 supported (``impl="auto"`` never picks Triton for it).
 
@@ -77,14 +80,14 @@ from ._triton_common import (
     sm_count,
     wave_splits,
 )
-from .class_lse import (
-    _EPS,
+from .class_common import (
     KINDS,
-    _add_target_grad,
-    _project_rows,
-    _unit_target_cosine,
+    add_target_grad,
     operands,
+    project_rows,
+    unit_target_cosine,
 )
+from .precision import EPS as _EPS
 
 _KIND_IDS = {"circle": 0, "curricular": 1, "scaled": 2}  # the KIND branches of _transform
 assert set(_KIND_IDS) == set(KINDS)
@@ -301,7 +304,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(e, axis=1)
         if NEED_U:
             # Softmax weight times dz/dc, at most ~2 * p0: safe in fp16. The clamp bounds
-            # the value only (no gradient mask: see class_lse._add_target_grad). 1/||w||
+            # the value only (no gradient mask: see class_common.add_target_grad). 1/||w||
             # goes on the W side, so w_hat's entries lie in [-1, 1]: a near-zero proxy's
             # huge 1/||w|| never meets a 16-bit operand.
             pw = e * dz
@@ -623,7 +626,7 @@ def forward(
         lse, u = _forward_impl(
             x_op, inv_x.contiguous(), weight, inv, target, row_param, kind, p0, p1, need_state, cfg
         )
-    cos_y = _unit_target_cosine(x_hat, weight, target, op)
+    cos_y = unit_target_cosine(x_hat, weight, target, op)
     if need_state:
         return lse, cos_y, (u, inv)
     return lse, cos_y
@@ -695,10 +698,10 @@ def backward(
                 cfg,
             )
     if batch:
-        _add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op)
+        add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op)
     if grad_hat is None:
         return None, grad_w
-    return _project_rows(grad_hat, x_hat, inv_x).to(x.dtype), grad_w
+    return project_rows(grad_hat, x_hat, inv_x).to(x.dtype), grad_w
 
 
 def _bwd_w_impl(

@@ -1,11 +1,13 @@
 """Which implementation runs an op (``impl="auto" | "torch" | "triton"``), and the
 once-per-process self-check that decides whether ``"auto"`` may trust the fused kernels.
 
-``resolve_impl`` is the one place every op asks. With a kernel ``family``
-(:data:`~pml_extras.ops.selfcheck.FAMILIES`), the first time a family would run its Triton
-kernels on a (device, operand dtype) in this process, :func:`~pml_extras.ops.selfcheck.
-run_kernel_check` compares it with the PyTorch path on that device (a small fixed problem,
-forward and backward; see :mod:`~pml_extras.ops.selfcheck`). The outcome is cached:
+``resolve_impl`` is the one place every op asks; this module alone owns the names of the
+implementations (:data:`IMPLS`) and of the kernel families (:data:`FAMILIES`, with the
+Triton module of each in :data:`KERNEL_MODULES`). With a kernel ``family``
+(:data:`FAMILIES`), the first time a family would run its Triton kernels on a (device,
+operand dtype) in this process, :func:`~pml_extras.ops.kernel_check.run_kernel_check`
+compares it with the PyTorch path on that device (small fixed problems, forward and
+backward; see :mod:`~pml_extras.ops.kernel_check`). The outcome is cached:
 
 * ``impl="auto"``: agreement -> Triton from then on at no further cost; disagreement, or a
   compile / launch failure -> the PyTorch path for that (family, device, dtype), with one
@@ -42,13 +44,22 @@ import os
 import sys
 import threading
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from .. import _validation
+from .precision import TRITON_DTYPES, tf32_enabled
 
 IMPLS = ("auto", "torch", "triton")
+FAMILIES = ("class_lse", "pair_circle")
+# The Triton module each family launches (what a failed import names).
+KERNEL_MODULES = {
+    "class_lse": "pml_extras.ops.class_lse_triton",
+    "pair_circle": "pml_extras.ops.pair_circle_triton",
+}
+# The operand dtypes a self-check exists for (those the kernels take).
+CHECK_DTYPES = TRITON_DTYPES
 SKIP_ENV = "PML_EXTRAS_SKIP_KERNEL_CHECK"
 # Module-level switch of the self-check (the environment variable also turns it off).
 check_kernels = True
@@ -56,11 +67,22 @@ check_kernels = True
 _interpreter_as_device = False
 
 _LEGACY_MODULE = "pml_extras.ops.class_lse_triton"  # what triton_available(device) imports
-_Key = Tuple[str, str, torch.dtype, bool]
-_results: Dict[_Key, object] = {}  # key -> selfcheck.KernelCheck
+
+
+class CheckKey(NamedTuple):
+    """What one self-check vouches for: a kernel specialisation family on a device."""
+
+    family: str
+    device: str  # "cuda:0"
+    operand: torch.dtype  # the matmul operand dtype
+    tf32: bool  # float32 operands with TF32 dots
+    storage: Optional[torch.dtype] = None  # W's dtype (class family), None for pair
+
+
+_Key = CheckKey
+_results: Dict[_Key, object] = {}  # key -> kernel_check.KernelCheck
 _warned: set = set()  # keys (and import failures) already warned about
 _lock = threading.RLock()
-_active = threading.local()  # keys whose check is running on this thread (no recursion)
 
 
 class KernelCheckError(RuntimeError):
@@ -82,8 +104,6 @@ def _interpreting() -> bool:
 def _kernel_module(family: Optional[str]) -> str:
     if family is None:
         return _LEGACY_MODULE
-    from .selfcheck import KERNEL_MODULES
-
     return KERNEL_MODULES[family]
 
 
@@ -125,6 +145,7 @@ def resolve_impl(
     *,
     family: Optional[str] = None,
     operand: Optional[torch.dtype] = None,
+    storage: Optional[torch.dtype] = None,
 ) -> str:
     """ "torch" or "triton" for ``impl`` on ``device``.
 
@@ -136,6 +157,8 @@ def resolve_impl(
             Triton is self-checked once per (family, device, operand dtype) before use
             (see the module docstring); without it, no check.
         operand: the kernels' matmul operand dtype (default ``dtype``), the check's key.
+        storage: the dtype the class proxies W are stored in (bf16-stored W is another
+            specialisation, checked on its own); None for families without W.
 
     Raises:
         ValueError: unknown ``impl``.
@@ -152,7 +175,9 @@ def resolve_impl(
             return "torch"
         if not _auto_can_import(device, family):
             return "torch"
-        if family is not None and not _kernels_trusted(family, device, operand, raise_=False):
+        if family is not None and not _kernels_trusted(
+            family, device, operand, storage, raise_=False
+        ):
             return "torch"
         return "triton"
     if not triton_available(device, family):
@@ -162,7 +187,7 @@ def resolve_impl(
         )
     # On CPU the interpreter is a developer's tool: checked only through the test hook.
     if family is not None and _triton_device(device):
-        _kernels_trusted(family, device, operand, raise_=True)
+        _kernels_trusted(family, device, operand, storage, raise_=True)
     return "triton"
 
 
@@ -205,27 +230,25 @@ def _capturing() -> bool:
         return False
 
 
-def _key(family: str, device: torch.device, operand: torch.dtype) -> _Key:
-    from .selfcheck import tf32_enabled
-
+def _key(family, device: torch.device, operand: torch.dtype, storage=None) -> CheckKey:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return family, str(device), operand, operand == torch.float32 and tf32_enabled()
+    tf32 = operand == torch.float32 and tf32_enabled()
+    return CheckKey(family, str(device), operand, tf32, storage)
 
 
 # The check launches kernels and synchronises the device: never part of a graph.
 @_validation._compile_opt_out("pml_extras self-checks its Triton kernels once, eagerly")
-def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -> bool:
-    from .selfcheck import CHECK_DTYPES, run_kernel_check
+def _kernels_trusted(family, device: torch.device, operand, storage, raise_: bool) -> bool:
+    # The check runs the ops' autograd Functions with impl="triton" fixed, never
+    # resolve_impl: no re-entry here, and kernel_check imports no op's public module.
+    from . import kernel_check
 
     if operand not in CHECK_DTYPES or not _checks_enabled():
         return True  # unsupported dtypes raise in the kernels themselves
-    key = _key(family, device, operand)
-    active = getattr(_active, "keys", None)
-    if active is None:
-        active = _active.keys = set()
-    if key in active:  # the check's own impl="triton" calls
-        return True
+    if storage not in CHECK_DTYPES:
+        storage = None  # (float64 W has no Triton path: it raises in the kernels)
+    key = _key(family, device, operand, storage)
     with _lock:
         result = _results.get(key)
         if result is None and device.type == "cuda" and _capturing():
@@ -237,11 +260,8 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
                 f"Run one step before capturing, or set {SKIP_ENV}=1 once verified."
             )
         if result is None:
-            active.add(key)
-            try:
-                result = run_kernel_check(family, device, operand)
-            finally:
-                active.discard(key)
+            extra = () if storage is None else (storage,)
+            result = kernel_check.run_kernel_check(family, device, operand, *extra)
             _results[key] = result
         first_warning = not result.passed and key not in _warned and not raise_
         if first_warning:
@@ -268,7 +288,7 @@ def _kernels_trusted(family: str, device: torch.device, operand, raise_: bool) -
 
 def kernel_check_results() -> Dict[_Key, object]:
     """The self-checks run so far in this process: (family, device, dtype, tf32) ->
-    :class:`~pml_extras.ops.selfcheck.KernelCheck`."""
+    :class:`~pml_extras.ops.kernel_check.KernelCheck`."""
     with _lock:
         return dict(_results)
 
@@ -281,7 +301,10 @@ def _reset() -> None:
 
 
 __all__ = [
+    "CHECK_DTYPES",
+    "FAMILIES",
     "IMPLS",
+    "KERNEL_MODULES",
     "SKIP_ENV",
     "KernelCheckError",
     "KernelCheckWarning",

@@ -5,11 +5,17 @@ A kernel that compiles but computes a wrong number on some GPU (TF32 where IEEE 
 meant, an approximate ``sqrt`` at the clamp edge, a tile mask the interpreter did not
 mirror, an architecture nobody here ran) would silently train a wrong model. So the
 first time a family is about to run on a (device, operand dtype) in a process,
-:mod:`pml_extras.ops.dispatch` calls :func:`run_kernel_check`: one small fixed problem,
-forward and backward, through the family's public entry point with ``impl="triton"``
-and with ``impl="torch"`` on the same device, compared output by output.
+:mod:`pml_extras.ops.dispatch` calls :func:`run_kernel_check`: small fixed problems,
+forward and backward, through the family's autograd Function with the implementation
+fixed (Triton, then PyTorch, on the same device), compared output by output. The check
+never goes through ``resolve_impl`` (nothing to re-enter) and imports no op's public
+module, only the Functions' (:mod:`~pml_extras.ops.class_lse_autograd`,
+:mod:`~pml_extras.ops.pair_circle_autograd`).
 
-Families (``FAMILIES``):
+(This module was ``pml_extras.ops.selfcheck``; that name still works, with a
+DeprecationWarning. The command-line check is ``python benchmarks/selfcheck.py``.)
+
+Families (:data:`~pml_extras.ops.dispatch.FAMILIES`):
 
 * ``"class_lse"``: :func:`~pml_extras.ops.class_lse.class_logsumexp`, each of its three
   transforms (circle, curricular, scaled). B = 67, D = 261, C = 133: two 64-row blocks,
@@ -18,7 +24,8 @@ Families (``FAMILIES``):
   127, 128, 132; one row equal to a non-target proxy (cos = +1), one equal to minus a
   proxy (cos = -1), one equal to its own target proxy (cos_y = 1), a target of -1 (the
   sharded losses' "not on this rank"), and a zero proxy column. Outputs: lse, cos_y,
-  grad_x, grad_W of a weighted sum of lse and cos_y.
+  grad_x, grad_W of a weighted sum of lse and cos_y. W is stored in the dtype the
+  check is keyed by (float32 by default; bf16-stored proxies get their own check).
 * ``"pair_circle"``: :func:`~pml_extras.ops.pair_circle.all_pairs_circle_loss` at
   gamma = 256, the self-comparison (B = 133: crosses the 128-row forward and 64-row
   backward tiles) and a reference set of N = 71 rows, with the dense-mined mask form
@@ -27,16 +34,20 @@ Families (``FAMILIES``):
   a positive pair at s = +1, a negative at s = +1 and one at s = -1, a zero row.
   Outputs: the losses and the embeddings' gradients.
 
+Each family also runs a problem shaped like training's launches
+(:func:`production_shapes`), so that the binaries compared are the ones training runs:
+Triton compiles a kernel per specialisation (a size divisible by 16 gives aligned,
+vectorised loads; an integer argument equal to 1 becomes a constant, which would skip
+the in-kernel online logsumexp across tiles), and a check at odd sizes only would
+compare other binaries. There: D = 512 on a GPU (64 under the interpreter), B and C
+multiples of 16, several class splits of more than one tile each, the same for the
+pair forward's column tiles, each transform's forward and backward (``NEED_U``) and
+its no-grad forward (``NEED_U=False``, evaluation), and W in the keyed storage dtype.
+
 Errors are ``max |triton - torch| / max |torch|`` per output (infinities must match,
-NaN fails). Tolerances (``TOLERANCES``) are the ones the interpreter tests use against
-the same PyTorch path: tests/test_pair_circle_triton.py ``TOL`` (gradients) for the pair
-family; for the class family tests/test_class_lse_triton.py ``TOL["torch"]`` (float32,
-and float16, which that file checks at the bfloat16 entry) and, for bfloat16, the 6e-2 of
-its loss-module comparison (``TestInterpretedAutograd``): through the public entry point
-at D = 261 and gamma = 256 the two paths' different rounding points of the bf16 softmax
-weights already differ by 1.2e-2, the kernel-level 1e-2 with no margin. Float32 under
-TF32 (torch's float32 matmul setting, which both paths follow) gets the bfloat16 ones,
-TF32's 10-bit mantissa being finer than bfloat16's 7. Measured errors of correct kernels
+NaN fails). Tolerances (``TOLERANCES``) are ``pml_extras.ops.tolerances.KERNEL``, the
+table the interpreter tests read too (see that module for where each entry comes from);
+float32 under TF32 gets the bfloat16 entry. Measured errors of correct kernels
 under the interpreter are 2.4e-6 / 1.2e-2 / 7.2e-4 (class, fp32 / bf16 / fp16) and
 2.3e-6 / 8.2e-3 / 9.6e-4 (pair), from 2.4x (pair bf16) to 40x under the tolerances.
 
@@ -49,71 +60,38 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import platform
+import math
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-FAMILIES = ("class_lse", "pair_circle")
-CHECK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The Triton module each family launches (what a failed import names).
-KERNEL_MODULES = {
-    "class_lse": "pml_extras.ops.class_lse_triton",
-    "pair_circle": "pml_extras.ops.pair_circle_triton",
-}
+from .. import _env
+from .precision import TRITON_DTYPES as CHECK_DTYPES
+from .precision import dtype_label, tf32_enabled
+from .tolerances import KERNEL, kernel_tolerance
 
-# Largest error relative to the largest entry, per family and operand dtype.
-TOLERANCES: Dict[str, Dict[torch.dtype, float]] = {
-    "class_lse": {torch.float32: 1e-4, torch.bfloat16: 6e-2, torch.float16: 1e-2},
-    "pair_circle": {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3},
-}
+# Largest error relative to the largest entry, per family and operand dtype: the tests'
+# own bounds, from the one table (pml_extras.ops.tolerances).
+TOLERANCES = KERNEL
 
 
 def tolerance(family: str, dtype: torch.dtype, tf32: bool = False) -> float:
     """The check's tolerance for ``family`` with ``dtype`` operands (TF32: bf16's)."""
-    if dtype == torch.float32 and tf32:
-        return TOLERANCES[family][torch.bfloat16]
-    return TOLERANCES[family][dtype]
-
-
-def tf32_enabled() -> bool:
-    """torch's float32 matmul setting, read as the kernels read it (never raising)."""
-    try:
-        from ._triton_common import tf32_enabled as read
-    except Exception:  # no triton: nothing will launch a kernel anyway
-        return False
-    return read()
-
-
-def dtype_label(dtype: torch.dtype, tf32: bool = False) -> str:
-    name = str(dtype).replace("torch.", "")
-    return f"{name}+tf32" if dtype == torch.float32 and tf32 else name
+    return kernel_tolerance(family, dtype, tf32)
 
 
 def device_description(device: torch.device) -> str:
     """'NVIDIA H100 80GB HBM3 (sm_90)', or the CPU for the interpreter."""
-    if device.type == "cuda":
-        try:
-            major, minor = torch.cuda.get_device_capability(device)
-            return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor})"
-        except Exception as exc:  # a broken driver still gets its report
-            return f"CUDA device {device} (name unavailable: {exc})"
-    return f"{platform.processor() or platform.machine() or 'CPU'} (Triton interpreter)"
+    return _env.device_description(device)
 
 
 def versions() -> str:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception as exc:
-        triton_version = f"not importable ({type(exc).__name__})"
-    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
-    return f"triton {triton_version}, torch {torch.__version__}{cuda}"
+    """'triton 3.9.0, torch 2.13.0, CUDA 12.8' (from :mod:`pml_extras._env`)."""
+    return _env.versions_line()
 
 
 @dataclasses.dataclass
@@ -132,12 +110,14 @@ class KernelCheck:
     device_name: str = ""
     versions: str = ""
     errors: Dict[str, float] = dataclasses.field(default_factory=dict)  # per output
+    storage: str = ""  # the dtype W was stored in (class family)
 
     def describe(self) -> str:
         """What happened, with everything a bug report needs."""
         where = (
             f"the fused Triton kernels of family {self.family!r} on {self.device} "
             f"[{self.device_name}] with {self.dtype} operands"
+            + (f" (W stored as {self.storage})" if self.storage else "")
         )
         if self.error:
             what = f"{where} failed to compile or run: {self.error}"
@@ -179,7 +159,7 @@ _SEED = 1234
 _ZERO_COLUMN = 7
 
 
-def _class_inputs(device: torch.device, dtype: torch.dtype):
+def _class_inputs(device: torch.device, dtype: torch.dtype, storage: torch.dtype):
     B, D, C = 67, 261, 133
     g = torch.Generator().manual_seed(_SEED)
     W = torch.randn(D, C, generator=g) * (0.2 + 2.0 * torch.rand(C, generator=g))
@@ -200,10 +180,50 @@ def _class_inputs(device: torch.device, dtype: torch.dtype):
     target[20] = -1  # no target column among these classes
     row_param = torch.rand(B, generator=g) - 0.5
     weights = (torch.randn(B, generator=g), torch.randn(B, generator=g))
-    # bf16/fp16 operands: the embeddings in that dtype and W kept in float32, as in
-    # training with float32 proxies (autocast rounds the same way).
+    # bf16/fp16 operands: the embeddings in that dtype and W stored in ``storage``
+    # (float32 proxies as under autocast, or proxies kept in bf16 / fp16).
     x = x.to(device=device, dtype=dtype)
-    W = W.to(device=device)
+    W = W.to(device=device, dtype=storage)
+    return x, W, target.to(device), row_param.to(device), [w.to(device) for w in weights]
+
+
+def production_shapes(device: torch.device) -> Dict[str, Tuple[int, ...]]:
+    """The problems shaped like training's launches on ``device``: {"class": (B, D, C),
+    "pair": (B, D)}.
+
+    What Triton specialises on is matched, not the sizes: D = 512 (a multiple of 16, one
+    bf16 D group, two float32 ones) on a GPU, 64 under the interpreter (small shapes on
+    CPU; the same code); B a multiple of 16 with a partial second row block; C a
+    multiple of 16 with 4 x (SMs x blocks per SM) + 3 class tiles, more tiles than the
+    forward ever splits into (it takes at most 4 waves of splits for 2 row blocks), so
+    that there are several splits of more than one tile each (``tiles_per_split > 1``),
+    with or without u (``NEED_U``); the pair batch has ``R`` 128-row blocks with R^2 > the
+    SM count, so that the forward's column tiles outnumber its splits there too."""
+    from ._triton_common import sm_count
+
+    slots = sm_count(device)
+    d = 512 if device.type == "cuda" else 64
+    class_rows = 96  # two 64-row blocks, the second one partial
+    num_classes = 32 * (4 * slots + 3)
+    row_blocks = math.isqrt(slots) + 1
+    return {"class": (class_rows, d, num_classes), "pair": (128 * row_blocks, d)}
+
+
+def _class_production(device, dtype, storage):
+    B, D, C = production_shapes(device)["class"]
+    g = torch.Generator().manual_seed(_SEED + 2)
+    W = torch.randn(D, C, generator=g) * (0.5 + torch.rand(C, generator=g))
+    x = torch.randn(B, D, generator=g)
+    target = torch.randint(0, C, (B,), generator=g)
+    target[:4] = torch.tensor([0, C - 1, 32, 33])  # first / last class, a tile edge
+    x[5] = 1.5 * W[:, target[5]]  # cos_y = +1
+    # CurricularFace's threshold cos(theta_y + m) as in training from random proxies
+    # (theta_y ~ pi/2, m ~ 0.5): clear of the bulk of the cosines, so that the two
+    # paths' roundings do not flip hard-example masks (the edge problem covers those).
+    row_param = -0.45 - 0.1 * torch.rand(B, generator=g)
+    weights = (torch.randn(B, generator=g), torch.randn(B, generator=g))
+    x = x.to(device=device, dtype=dtype)
+    W = W.to(device=device, dtype=storage)
     return x, W, target.to(device), row_param.to(device), [w.to(device) for w in weights]
 
 
@@ -214,16 +234,54 @@ _CLASS_KINDS = {
 }
 
 
-def _class_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
-    from .class_lse import class_logsumexp
+def _class_run(
+    impl: str, device: torch.device, dtype: torch.dtype, storage: torch.dtype
+) -> Dict[str, Tensor]:
+    out = _class_edges(impl, device, dtype, storage)
+    out.update(_class_training(impl, device, dtype, storage))
+    return out
 
-    x0, W0, target, row_param, (g_lse, g_cos) = _class_inputs(device, dtype)
+
+def _class_training(impl, device, dtype, storage) -> Dict[str, Tensor]:
+    """The production-shaped problem, each transform: forward and backward (``NEED_U``),
+    and the no-grad forward (``NEED_U=False``, what evaluation launches)."""
+    from .class_lse_autograd import apply_class_lse, default_chunk_size
+
+    x0, W0, target, row_param, (g_lse, g_cos) = _class_production(device, dtype, storage)
+    chunk = default_chunk_size(x0.shape[0], W0.shape[1])
+    out = {}
+    for kind, (p0, p1, tensor_p1) in _CLASS_KINDS.items():
+        p1_arg = torch.tensor(p1, device=device) if tensor_p1 else p1
+        args = (target, kind, p0, p1_arg, row_param, chunk, impl, dtype)
+        x = x0.clone().requires_grad_()
+        W = W0.clone().requires_grad_()
+        lse, cos_y = apply_class_lse(x, W, *args)
+        ((lse * g_lse).sum() + (cos_y * g_cos).sum()).backward()
+        plain_lse, plain_cos = apply_class_lse(x0, W0, *args)  # no input needs a gradient
+        out.update(
+            {
+                f"training.{kind}.lse": lse.detach(),
+                f"training.{kind}.cos_y": cos_y.detach(),
+                f"training.{kind}.grad_x": x.grad,
+                f"training.{kind}.grad_W": W.grad,
+                f"training.{kind}.no_grad.lse": plain_lse,
+                f"training.{kind}.no_grad.cos_y": plain_cos,
+            }
+        )
+    return out
+
+
+def _class_edges(impl, device, dtype, storage) -> Dict[str, Tensor]:
+    from .class_lse_autograd import apply_class_lse, default_chunk_size
+
+    x0, W0, target, row_param, (g_lse, g_cos) = _class_inputs(device, dtype, storage)
     out = {}
     for kind, (p0, p1, tensor_p1) in _CLASS_KINDS.items():
         x = x0.clone().requires_grad_()
         W = W0.clone().requires_grad_()
         p1_arg = torch.tensor(p1, device=device) if tensor_p1 else p1
-        lse, cos_y = class_logsumexp(x, W, target, kind, p0, p1_arg, row_param=row_param, impl=impl)
+        chunk = default_chunk_size(x.shape[0], W.shape[1])
+        lse, cos_y = apply_class_lse(x, W, target, kind, p0, p1_arg, row_param, chunk, impl, dtype)
         finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         ((finite * g_lse).sum() + (cos_y * g_cos).sum()).backward()
         # The zero column's gradient is scaled by its inverse norm (1e6, the norm floor):
@@ -271,16 +329,50 @@ def _pair_inputs(device: torch.device):
     return (*move(x, y, labels, ref_labels, weights), move(a1, p, a2, n))
 
 
-def _pair_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
-    from .pair_circle import all_pairs_circle_loss, mined_pairs_circle_loss
+def _pair_training(impl, device, dtype) -> Dict[str, Tensor]:
+    """The production-shaped self-comparison (see :func:`production_shapes`), forward and
+    backward, and its no-grad forward."""
+    from .pair_circle_autograd import LabelMasks, blockwise_circle
+
+    B, D = production_shapes(device)["pair"]
+    g = torch.Generator().manual_seed(_SEED + 3)
+    x0 = F.normalize(torch.randn(B, D, generator=g), dim=1)
+    # Rounded to the operand dtype first, so that both paths see the same values and
+    # only the kernels' arithmetic is compared (the PyTorch path multiplies in float32).
+    x0 = x0.to(dtype).to(torch.float32).to(device)
+    labels = torch.randint(0, max(2, B // 8), (B,), generator=g).to(device)
+    weights = torch.randn(B, generator=g).to(device)
+    operand = dtype if impl == "triton" else None
+    masks = LabelMasks(labels, labels, True)
+    x = x0.clone().requires_grad_()
+    loss = blockwise_circle(x, x, masks, 0.25, 256.0, None, True, operand)
+    (loss * weights).sum().backward()
+    plain = blockwise_circle(x0, x0, masks, 0.25, 256.0, None, True, operand)
+    return {"training.loss": loss.detach(), "training.grad_x": x.grad, "training.no_grad": plain}
+
+
+def _pair_run(
+    impl: str, device: torch.device, dtype: torch.dtype, storage: torch.dtype
+) -> Dict[str, Tensor]:
+    out = _pair_edges(impl, device, dtype)
+    out.update(_pair_training(impl, device, dtype))
+    return out
+
+
+def _pair_edges(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Tensor]:
+    from .pair_circle_autograd import LabelMasks, PairMasks, blockwise_circle
 
     x0, y0, labels, ref_labels, weights, mined = _pair_inputs(device)
-    opts = dict(m=0.25, gamma=64.0, impl=impl, operand_dtype=dtype)
+    operand = dtype if impl == "triton" else None
+
+    def run(a, b, masks):
+        return blockwise_circle(a, b, masks, 0.25, 64.0, None, True, operand)
+
     x = x0.clone().requires_grad_()
     y = y0.clone().requires_grad_()
-    self_loss = all_pairs_circle_loss(x, x, labels, labels, self_compare=True, **opts)
-    ref_loss = all_pairs_circle_loss(x, y, labels, ref_labels, **opts)
-    mined_loss = mined_pairs_circle_loss(x, x, *mined, path="dense", **opts)
+    self_loss = run(x, x, LabelMasks(labels, labels, True))
+    ref_loss = run(x, y, LabelMasks(labels, ref_labels, False))
+    mined_loss = run(x, x, PairMasks(*_dense_masks(mined, x.shape[0])))
     total = (self_loss * weights[0]).sum() + (ref_loss * weights[1]).sum()
     (total + (mined_loss * weights[2]).sum()).backward()
     return {
@@ -292,7 +384,17 @@ def _pair_run(impl: str, device: torch.device, dtype: torch.dtype) -> Dict[str, 
     }
 
 
-_RUNNERS: Dict[str, Callable[[str, torch.device, torch.dtype], Dict[str, Tensor]]] = {
+def _dense_masks(mined, rows: int):
+    """(B, B) boolean positive / negative masks of the mined index pairs."""
+    a1, p, a2, n = mined
+    pos = torch.zeros(rows, rows, dtype=torch.bool, device=a1.device)
+    neg = torch.zeros_like(pos)
+    pos[a1, p] = True
+    neg[a2, n] = True
+    return pos, neg
+
+
+_RUNNERS: Dict[str, Callable[..., Dict[str, Tensor]]] = {
     "class_lse": _class_run,
     "pair_circle": _pair_run,
 }
@@ -305,13 +407,18 @@ def _compare(got: Dict[str, Tensor], want: Dict[str, Tensor]) -> Tuple[float, st
     return errors[worst], worst, errors
 
 
-def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
+def run_kernel_check(
+    family: str, device, dtype: torch.dtype, storage: Optional[torch.dtype] = None
+) -> KernelCheck:
     """Run ``family``'s self-check on ``device`` for ``dtype`` operands now, uncached.
+
+    ``storage``: the dtype W is stored in (class family; default float32). The pair
+    kernels take float32 unit rows whatever the embeddings' dtype, so it is ignored there.
 
     Never raises for a kernel that fails: the :class:`KernelCheck` says what happened
     (``passed``, ``max_rel_err``, ``output``, ``error``). :mod:`~pml_extras.ops.dispatch`
-    caches its outcome per (family, device, dtype); call this one directly to re-check
-    (``benchmarks/selfcheck.py`` does).
+    caches its outcome per (family, device, dtype, TF32, storage); call this one
+    directly to re-check (``benchmarks/selfcheck.py`` does).
 
     Example::
 
@@ -320,7 +427,7 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
         (True, 0.0021, 3.8)
     """
     if family not in _RUNNERS:
-        raise ValueError(f"unknown kernel family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown kernel family {family!r}; expected one of {tuple(_RUNNERS)}")
     if dtype not in CHECK_DTYPES:
         raise TypeError(f"the Triton kernels take {CHECK_DTYPES} operands, got {dtype}")
     device = torch.device(device)
@@ -328,10 +435,14 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
         device = torch.device("cuda", torch.cuda.current_device())
     tf32 = dtype == torch.float32 and tf32_enabled()
     tol = tolerance(family, dtype, tf32)
+    storage = torch.float32 if storage is None or family != "class_lse" else storage
+    if storage not in CHECK_DTYPES:
+        raise TypeError(f"W stored as {storage} has no Triton path; expected one of {CHECK_DTYPES}")
     info = dict(
         family=family,
         device=str(device),
         dtype=dtype_label(dtype, tf32),
+        storage=dtype_label(storage) if family == "class_lse" else "",
         tolerance=tol,
         device_name=device_description(device),
         versions=versions(),
@@ -345,7 +456,7 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
         with _on_device(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                got = run("triton", device, dtype)
+                got = run("triton", device, dtype, storage)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # launch errors surface here
             except Exception as exc:
@@ -355,7 +466,7 @@ def run_kernel_check(family: str, device, dtype: torch.dtype) -> KernelCheck:
                 return KernelCheck(
                     passed=False, max_rel_err=nan, output="", seconds=seconds, error=err, **info
                 )
-            want = run("torch", device, dtype)
+            want = run("torch", device, dtype, storage)
     worst, output, errors = _compare(got, want)
     seconds = time.perf_counter() - start
     passed = worst <= tol  # nan compares False
@@ -384,8 +495,6 @@ def _on_device(device: torch.device):
 
 __all__ = [
     "CHECK_DTYPES",
-    "FAMILIES",
-    "KERNEL_MODULES",
     "TOLERANCES",
     "KernelCheck",
     "rel_err",
