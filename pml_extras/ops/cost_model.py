@@ -1,0 +1,513 @@
+"""A roofline cost model of the fused Triton kernels (class logsumexp, pair Circle).
+
+Every time this module returns is a PREDICTION from published peak figures and the
+assumptions below, not a measurement. It exists so that a kernel design can be judged
+before a GPU is available, and so that a benchmark run can print the prediction beside
+the measured time and the matmul floor.
+
+A leaf module: it imports nothing from the package (the block sizes are passed in, and
+``class_design`` / ``pair_design`` hold today's defaults as plain numbers).
+
+The model
+---------
+Each kernel launch is described by a :class:`KernelCost`: its grid, the threads, registers
+and shared memory of one program (registers and spills from ptxas, see
+:data:`PTXAS_SM90`), and totals over the launch of
+
+* ``flops``: tensor-core FLOPs (2 per multiply-add) of its ``tl.dot`` calls;
+* ``hbm``: bytes that must come from / go to DRAM (each operand once per pass, the
+  outputs and partial sums): concurrent programs walk the same class / column tiles, so a
+  tile read by several row blocks is fetched from DRAM once and then hit in L2;
+* ``l2``: bytes the programs load from (or store to) global memory, i.e. through L2;
+* ``smem``: bytes through shared memory: tiles staged there by the loads (written once)
+  plus the operand reads of every wgmma instruction (see :func:`mma_smem_bytes`);
+* ``alu`` / ``sfu``: float32 CUDA-core instructions and exp2 (MUFU) calls of the
+  elementwise work on the logit tiles (per-element counts: ``ALU_PER_*`` below).
+
+On a :class:`Hardware`, :func:`predict` turns these into times:
+
+* compute: ``t_tensor = flops / tensor peak``, ``t_cuda = max(alu / fp32 rate, sfu /
+  MUFU rate)``; ``t_compute = max(t_tensor, t_cuda) + (1 - overlap) * min(t_tensor,
+  t_cuda)``. ``overlap`` is the explicit assumption of how much of the softmax work hides
+  under the matmuls: 0 for a kernel that waits for each wgmma (``wait_group 0``) before
+  its softmax, as today's do; FA3-style ping-pong scheduling would approach 1.
+* memory: ``t_smem``, ``t_l2``, ``t_hbm`` = bytes / bandwidth of that level; the
+  per-SM levels (tensor, CUDA cores, shared memory) are divided by the wave efficiency
+  (a last wave that is only partly full leaves SMs idle).
+* kernel time = ``max(t_compute, t_smem, t_l2, t_hbm)`` (loads are asynchronous and
+  pipelined, ``num_stages >= 2``, so memory overlaps compute fully) + a launch overhead.
+
+The matmul floor (:func:`class_floor`, :func:`pair_floor`) is the matmuls fwd+bwd cannot
+avoid, each at ``max(FLOPs / tensor peak, its unavoidable DRAM bytes / HBM bandwidth)``:
+3 B*C*D matmuls for the class loss (x W, G W^T, x^T G), 3 B*N*D for the pair loss. A
+design's ratio to it is what the targets are stated in (class <= 1.5x, pair <= 3x).
+
+Hardware figures (:data:`H100_SXM`, :data:`H200`)
+-------------------------------------------------
+From NVIDIA's H100 Tensor Core GPU datasheet and H200 product brief (SXM forms):
+989.4 dense bf16/fp16 tensor TFLOP/s (1979 with sparsity), 494.7 TF32, 66.9 FP32
+(FMA) TFLOP/s; HBM3 3.35 TB/s (H100 SXM), HBM3e 4.8 TB/s (H200); 50 MB L2 (both: the
+same GH100 die, 132 SMs enabled). From the Hopper tuning guide / CUDA programming guide
+(compute capability 9.0): 228 KB shared memory per SM (227 KB per block), 65536 32-bit
+registers per SM, at most 255 per thread, 2048 threads and 32 blocks per SM. The clock
+1.83 GHz is the one the tensor peak implies (132 SMs x 4096 dense bf16 FLOP/clk).
+Shared memory: 128 bytes/clock/SM (32 banks x 4 bytes). L2 bandwidth is not published;
+microbenchmarks of H100 put it at about 5.5-7 TB/s for data spread over both partitions
+(Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023); 7.0 TB/s is
+used, and :func:`predict` takes another value for a sensitivity check. CUDA cores: 128
+fp32 lanes per SM per clock; MUFU (exp2): 16 per SM per clock. Launch overhead: 4 us per
+kernel (host-side launch of a Triton kernel with its Python launcher).
+
+Least certain inputs, in order: L2 bandwidth (+-30 %), the shared-memory term (whether
+every wgmma re-reads both operands from shared memory at 128 B/clk), and ``overlap``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Tuple
+
+GB = 1e9
+KB = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Peak figures of one GPU (sources in the module docstring)."""
+
+    name: str
+    sms: int
+    clock_ghz: float
+    tensor_tflops: Dict[str, float]  # dense, by operand dtype
+    hbm_tbps: float
+    l2_tbps: float  # an estimate (not published)
+    l2_bytes: int
+    smem_per_sm: int
+    smem_per_block: int
+    regs_per_sm: int
+    max_regs_per_thread: int
+    max_threads_per_sm: int
+    max_blocks_per_sm: int
+    smem_bytes_per_clk: int  # per SM
+    fp32_lanes: int  # per SM per clock
+    sfu_per_clk: int  # per SM per clock (exp2)
+    launch_us: float
+
+    def rate(self, per_sm_per_clk: float) -> float:
+        """Whole-GPU rate (per second) of a per-SM, per-clock throughput."""
+        return per_sm_per_clk * self.sms * self.clock_ghz * 1e9
+
+
+_TENSOR = {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}
+H100_SXM = Hardware(
+    name="H100 SXM",
+    sms=132,
+    clock_ghz=1.83,
+    tensor_tflops=_TENSOR,
+    hbm_tbps=3.35,
+    l2_tbps=7.0,
+    l2_bytes=50 * 1024 * KB,
+    smem_per_sm=228 * KB,
+    smem_per_block=227 * KB,
+    regs_per_sm=65536,
+    max_regs_per_thread=255,
+    max_threads_per_sm=2048,
+    max_blocks_per_sm=32,
+    smem_bytes_per_clk=128,
+    fp32_lanes=128,
+    sfu_per_clk=16,
+    launch_us=4.0,
+)
+H200 = dataclasses.replace(H100_SXM, name="H200", hbm_tbps=4.8)
+GPUS = {"h100": H100_SXM, "h200": H200}
+
+# Elementwise instructions per logit (a hand count of the kernel bodies; one fp32
+# instruction each for: scaling by 1/||x|| and 1/||w|| (2), clamp (2), the transform
+# (circle: add, max, mul, sub, mul: 5), target / padding mask (compare x2, and, select: 4),
+# row max (1), subtract the max and scale by log2 e (2), row sum (1), times dz (1),
+# rounding to the operand dtype (1) -> 19 forward; the backward adds x grad_lse, the
+# radial term's multiply-add and sum, x 1/||x|| (4) and drops the row max -> 22.
+ALU_PER_LOGIT_CLASS_FWD = 19
+ALU_PER_LOGIT_CLASS_BWD = 22
+# Pair: similarity to u (select), weight (add, max, mul), z (sub, mul), two masks from
+# labels (compare x2, and x2), two sets' max / select / subtract / sum (8) -> 17, plus the
+# backward's two set weights (select, mul dz, cvt: 3) -> 20; one exp per set per pair
+# in the forward, one per pair in the backward.
+ALU_PER_PAIR_FWD = 17
+ALU_PER_PAIR_BWD = 20
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
+
+
+# ------------------------------------------------------------------ kernel description
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCost:
+    """Totals of one kernel launch (see the module docstring for each field)."""
+
+    name: str
+    programs: int
+    num_warps: int
+    regs_per_thread: int
+    smem_per_program: int
+    flops: float
+    dot_dtype: str
+    hbm: float
+    l2: float
+    smem: float
+    alu: float
+    sfu: float
+    overlap: float = 0.0
+    launches: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Predicted time of one kernel (seconds) and its terms."""
+
+    kernel: KernelCost
+    hardware: str
+    blocks_per_sm: int
+    wave_efficiency: float
+    t_tensor: float
+    t_cuda: float
+    t_compute: float
+    t_smem: float
+    t_l2: float
+    t_hbm: float
+    t_launch: float
+    time: float
+    bound: str
+
+
+def blocks_per_sm(k: KernelCost, hw: Hardware) -> int:
+    """Occupancy: concurrent programs per SM from registers, shared memory and threads."""
+    threads = 32 * k.num_warps
+    # Registers are allocated per warp in units of 256 (8 per thread).
+    regs = 8 * math.ceil(max(k.regs_per_thread, 1) / 8) * threads
+    by_regs = hw.regs_per_sm // regs
+    by_smem = hw.smem_per_sm // max(k.smem_per_program, 1) if k.smem_per_program else 99
+    by_threads = hw.max_threads_per_sm // threads
+    n = min(by_regs, by_smem, by_threads, hw.max_blocks_per_sm)
+    if n < 1 or k.smem_per_program > hw.smem_per_block:
+        raise ValueError(f"{k.name}: one program does not fit an SM of the {hw.name}")
+    return n
+
+
+def predict(k: KernelCost, hw: Hardware, l2_tbps: Optional[float] = None) -> Prediction:
+    """The roofline time of ``k`` on ``hw`` (see the module docstring)."""
+    per_sm = blocks_per_sm(k, hw)
+    slots = per_sm * hw.sms
+    waves = max(1, math.ceil(k.programs / slots))
+    eff = k.programs / (waves * slots)
+    t_tensor = k.flops / (hw.tensor_tflops[k.dot_dtype] * 1e12) / eff
+    t_alu = k.alu / hw.rate(hw.fp32_lanes) / eff
+    t_sfu = k.sfu / hw.rate(hw.sfu_per_clk) / eff
+    t_cuda = max(t_alu, t_sfu)
+    t_compute = max(t_tensor, t_cuda) + (1.0 - k.overlap) * min(t_tensor, t_cuda)
+    t_smem = k.smem / hw.rate(hw.smem_bytes_per_clk) / eff
+    t_l2 = k.l2 / ((l2_tbps or hw.l2_tbps) * 1e12)
+    t_hbm = k.hbm / (hw.hbm_tbps * 1e12)
+    terms = {"compute": t_compute, "smem": t_smem, "l2": t_l2, "hbm": t_hbm}
+    bound = max(terms, key=terms.get)
+    t_launch = k.launches * hw.launch_us * 1e-6
+    return Prediction(
+        k, hw.name, per_sm, eff, t_tensor, t_cuda, t_compute, t_smem, t_l2, t_hbm,
+        t_launch, terms[bound] + t_launch, bound,
+    )  # fmt: skip
+
+
+def mma_smem_bytes(
+    m: int, n: int, k: int, elem: int, num_warps: int, a_in_registers: bool = False
+) -> int:
+    """Shared-memory bytes the wgmma instructions of one (m x k) @ (k x n) ``tl.dot`` read.
+
+    Triton puts warpgroups (4 warps) along M first, one per 64 rows, and the rest along N
+    (a 64-row tile with 8 warps: two warpgroups of n/2 columns each). Every
+    m64 x n_wg x k16 instruction reads its A slice (64 x 16) and its B slice (16 x n_wg)
+    from shared memory (A from registers when ``a_in_registers``)."""
+    groups = max(1, num_warps // 4)
+    along_m = max(1, min(groups, m // 64))
+    along_n = max(1, groups // along_m)
+    m_wg, n_wg = max(m // along_m, 64), max(n // along_n, 8)
+    per_instruction = (0 if a_in_registers else 64 * 16 * elem) + 16 * n_wg * elem
+    instructions = (m_wg // 64) * math.ceil(k / 16)
+    return groups * instructions * per_instruction
+
+
+# ------------------------------------------------------------------ ptxas figures
+
+# Registers per thread, spill bytes (stores + loads) and Triton's shared memory per
+# program, from ptxas 13.4 -v for sm_90a (triton 3.9, compiled on CPU, no GPU:
+# ``python -m pml_extras.ops.cost_model --ptxas`` reruns tests/test_sm90_spills.py's
+# machinery and prints them). Keys: (kernel, design, operand dtype, W dtype).
+PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
+    # design "v1": today's kernels at d00838b (64 x 32 tiles, 8 warps, 2 stages, D = 512)
+    ("class_fwd", "v1", "bf16", "bf16"): (255, 0, 131072),
+    ("class_bwd", "v1", "bf16", "bf16"): (255, 68, 69632),
+}
+
+
+def ptxas(kernel: str, design: str, op: str, w: str) -> Tuple[int, int, int]:
+    """(registers, spill bytes, shared memory) of a kernel variant; unknown variants
+    are assumed to use 255 registers and the shared memory their tiles need."""
+    return PTXAS_SM90.get((kernel, design, op, w), (255, 0, 0))
+
+
+# ------------------------------------------------------------------ the class kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassDesign:
+    """Tile sizes and loading scheme of the class logsumexp kernels (see class_lse_triton).
+
+    ``resident``: False (design "v1"): the logits K-loop reloads the x block for every
+    class tile and the forward reads the W tile a second time for u; the backward loads x
+    twice per row block and reloads its W tile for every row block. True ("v2"): the x
+    block (forward) / W tile (backward) is loaded once per program and every tile once
+    per use of both dots."""
+
+    name: str = "v1"
+    block_m: int = 64
+    block_c: int = 32
+    bwd_block_m: int = 64
+    bwd_block_c: int = 32
+    num_warps: int = 8
+    resident: bool = False
+    overlap: float = 0.0
+
+
+V1 = ClassDesign()
+
+
+def _splits(n_row_blocks: int, n_tiles: int, hw: Hardware) -> int:
+    """Class splits of the forward: about 4 waves at one program per SM (as
+    ``class_lse_triton._n_splits`` without its memory cap)."""
+    return max(1, min(n_tiles, 4 * math.ceil(hw.sms / n_row_blocks)))
+
+
+def class_kernels(
+    batch: int,
+    classes: int,
+    dim: int,
+    op: str = "bf16",
+    w_dtype: Optional[str] = None,
+    design: ClassDesign = V1,
+    hw: Hardware = H100_SXM,
+) -> List[KernelCost]:
+    """The launches of one training step (forward with u, backward for W) of
+    :func:`pml_extras.ops.class_lse.class_logsumexp` on the Triton path."""
+    w_dtype = w_dtype or op
+    e, ew = DTYPE_BYTES[op], DTYPE_BYTES[w_dtype]
+    bm, bc, nw = design.block_m, design.block_c, design.num_warps
+    rb = math.ceil(batch / bm)
+    tiles = math.ceil(classes / bc)
+    pairs = rb * tiles  # (row block, class tile) steps of the forward
+    logits = batch * classes
+    x_bytes, w_bytes = batch * dim * e, classes * dim * ew
+    splits = _splits(rb, tiles, hw)
+    # Forward ---------------------------------------------------------------------------
+    if design.resident:
+        fwd_l2 = rb * splits * bm * dim * e + pairs * bc * (dim * ew + 4)
+        staged = rb * splits * bm * dim * e + pairs * bc * dim * ew
+    else:
+        fwd_l2 = pairs * (bm * dim * e + 2 * bc * dim * ew + 4 * bc)
+        staged = pairs * (bm * dim * e + 2 * bc * dim * ew)
+    partials = splits * batch * (dim + 2) * 4  # u and (max, sum) partials, float32
+    fwd_mma = mma_smem_bytes(bm, bc, dim, e, nw) + mma_smem_bytes(bm, dim, bc, e, nw, True)
+    regs, _, smem = ptxas("class_fwd", design.name, op, w_dtype)
+    fwd = KernelCost(
+        name="class forward (logsumexp + u)",
+        programs=rb * splits,
+        num_warps=nw,
+        regs_per_thread=regs,
+        smem_per_program=smem,
+        flops=2 * 2.0 * logits * dim,
+        dot_dtype=op,
+        hbm=w_bytes + x_bytes + classes * 4 + partials,
+        l2=fwd_l2 + partials,
+        smem=staged + pairs * fwd_mma,
+        alu=logits * ALU_PER_LOGIT_CLASS_FWD,
+        sfu=logits,
+        overlap=design.overlap,
+    )
+    # Backward (grad W; grad x = grad_lse * u needs no kernel) ---------------------------
+    bbm, bbc = design.bwd_block_m, design.bwd_block_c
+    brb, btiles = math.ceil(batch / bbm), math.ceil(classes / bbc)
+    steps = brb * btiles
+    if design.resident:
+        bwd_l2 = btiles * bbc * dim * ew + steps * bbm * dim * e
+        staged = btiles * bbc * dim * ew + steps * bbm * dim * e
+    else:
+        bwd_l2 = btiles * bbc * dim * ew + steps * (2 * bbm * dim * e + bbc * dim * ew)
+        staged = btiles * bbc * dim * ew + steps * (2 * bbm * dim * e + bbc * dim * ew)
+    bwd_l2 += classes * dim * ew  # grad W written once
+    bwd_mma = mma_smem_bytes(bbm, bbc, dim, e, nw) + mma_smem_bytes(dim, bbc, bbm, e, nw)
+    g_tile = bbm * bbc * e  # G stored to shared memory as the B operand of x^T G
+    regs, _, smem = ptxas("class_bwd", design.name, op, w_dtype)
+    bwd = KernelCost(
+        name="class backward (grad W)",
+        programs=btiles,
+        num_warps=nw,
+        regs_per_thread=regs,
+        smem_per_program=smem,
+        flops=2 * 2.0 * logits * dim,
+        dot_dtype=op,
+        hbm=2 * w_bytes + x_bytes,
+        l2=bwd_l2,
+        smem=staged + steps * (bwd_mma + g_tile),
+        alu=logits * ALU_PER_LOGIT_CLASS_BWD,
+        sfu=logits,
+        overlap=design.overlap,
+    )
+    # 1/||w|| (a C-sized pass over W, forward and backward share it); the split combine
+    # and the target column's gradient are small PyTorch ops: counted as launches.
+    norms = KernelCost(
+        name="inverse norms of W",
+        programs=math.ceil(classes / 256),
+        num_warps=4,
+        regs_per_thread=64,
+        smem_per_program=0,
+        flops=0.0,
+        dot_dtype=op,
+        hbm=w_bytes + classes * 4,
+        l2=w_bytes + classes * 4,
+        smem=0.0,
+        alu=2.0 * classes * dim,
+        sfu=0.0,
+        launches=12,  # + ~11 small PyTorch launches (combine, target column, projection)
+    )
+    return [norms, fwd, bwd]
+
+
+def class_floor(batch, classes, dim, op="bf16", w_dtype=None, hw=H100_SXM) -> float:
+    """Seconds of the 3 B*C*D matmuls fwd+bwd cannot avoid (x W, G W^T, x^T G), each at
+    max(FLOPs / tensor peak, its operands' DRAM bytes / HBM bandwidth)."""
+    ew = DTYPE_BYTES[w_dtype or op]
+    flops = 2.0 * batch * classes * dim / (hw.tensor_tflops[op] * 1e12)
+    w_io = classes * dim * ew / (hw.hbm_tbps * 1e12)  # W read, or grad W written
+    return 3 * max(flops, w_io)
+
+
+# ------------------------------------------------------------------ the pair kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class PairDesign:
+    """Tiles of the pair Circle kernels (see pair_circle_triton); ``resident`` as in
+    :class:`ClassDesign` (the row block stays loaded while column tiles stream by, and a
+    column tile is loaded once for both of a backward step's dots)."""
+
+    name: str = "v1"
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    block_m: int = 64
+    block_n: int = 32
+    num_warps: int = 8
+    resident: bool = False
+    overlap: float = 0.0
+
+
+PAIR_V1 = PairDesign()
+
+
+def pair_kernels(
+    batch: int, dim: int, op: str = "bf16", design: PairDesign = PAIR_V1, hw=H100_SXM
+) -> List[KernelCost]:
+    """The launches of one all-pairs training step (self-comparison, N = B): forward,
+    row-side and column-side backward."""
+    e, nw = DTYPE_BYTES[op], design.num_warps
+    n = batch
+    pairs = batch * n
+    x_bytes = batch * dim * e
+    out = []
+    bm, bn = design.fwd_block_m, design.fwd_block_n
+    rb, ct = math.ceil(batch / bm), math.ceil(n / bn)
+    if design.resident:
+        l2 = rb * bm * dim * e + rb * ct * bn * dim * e
+    else:
+        l2 = rb * ct * (bm + bn) * dim * e
+    regs, _, smem = ptxas("pair_fwd", design.name, op, op)
+    out.append(
+        KernelCost(
+            name="pair forward",
+            programs=max(rb, 2 * hw.sms),
+            num_warps=nw,
+            regs_per_thread=regs,
+            smem_per_program=smem,
+            flops=2.0 * pairs * dim,
+            dot_dtype=op,
+            hbm=x_bytes,
+            l2=l2 + 8 * pairs / bn,  # + labels
+            smem=l2 + rb * ct * mma_smem_bytes(bm, bn, dim, e, nw),
+            alu=pairs * ALU_PER_PAIR_FWD,
+            sfu=2.0 * pairs,
+            overlap=design.overlap,
+        )
+    )
+    bm, bn = design.block_m, design.block_n
+    for side in ("row", "column"):
+        outer, inner = (batch, bm) if side == "row" else (n, bn)
+        other = bn if side == "row" else bm
+        n_outer, n_inner = math.ceil(outer / inner), math.ceil(n / other)
+        steps = n_outer * n_inner
+        if design.resident:
+            l2 = n_outer * inner * dim * e + steps * other * dim * e
+        else:  # the logits reload both tiles; the second dot loads the streamed tile again
+            l2 = steps * (bm + bn + other) * dim * e
+        splits = 4
+        partial = splits * batch * dim * 4
+        mma = mma_smem_bytes(bm, bn, dim, e, nw)
+        mma += (
+            mma_smem_bytes(bm, dim, bn, e, nw, True)
+            if side == "row"
+            else mma_smem_bytes(dim, bn, bm, e, nw)
+        )
+        regs, _, smem = ptxas(f"pair_bwd_{side}", design.name, op, op)
+        out.append(
+            KernelCost(
+                name=f"pair backward ({side} side)",
+                programs=n_outer * splits,
+                num_warps=nw,
+                regs_per_thread=regs,
+                smem_per_program=smem,
+                flops=2 * 2.0 * pairs * dim,
+                dot_dtype=op,
+                hbm=x_bytes + 2 * partial,
+                l2=l2 + 2 * partial,
+                smem=l2 + steps * (mma + bm * bn * e),
+                alu=pairs * ALU_PER_PAIR_BWD,
+                sfu=float(pairs),
+                overlap=design.overlap,
+            )
+        )
+    return out
+
+
+def pair_floor(batch: int, dim: int, op: str = "bf16", hw=H100_SXM) -> float:
+    """Seconds of the 3 B*B*D matmuls of the all-pairs loss fwd+bwd (x x^T, G x, G^T x)."""
+    return 3 * 2.0 * batch * batch * dim / (hw.tensor_tflops[op] * 1e12)
+
+
+# ------------------------------------------------------------------ summaries
+
+
+def total(kernels: List[KernelCost], hw: Hardware, l2_tbps: Optional[float] = None) -> float:
+    """Predicted seconds of a sequence of launches (they run one after another)."""
+    return sum(predict(k, hw, l2_tbps).time for k in kernels)
+
+
+def describe(kernels: List[KernelCost], hw: Hardware) -> str:
+    """One line per kernel: predicted time, its terms, what bounds it."""
+    lines = []
+    for k in kernels:
+        p = predict(k, hw)
+        lines.append(
+            f"  {k.name:<32} {p.time * 1e3:8.3f} ms  (tensor {p.t_tensor * 1e3:.3f}, "
+            f"cuda {p.t_cuda * 1e3:.3f}, smem {p.t_smem * 1e3:.3f}, L2 {p.t_l2 * 1e3:.3f} "
+            f"[{k.l2 / GB:.1f} GB], HBM {p.t_hbm * 1e3:.3f} [{k.hbm / GB:.2f} GB]; "
+            f"{p.bound}-bound, {p.blocks_per_sm}/SM, waves {p.wave_efficiency:.2f})"
+        )
+    return "\n".join(lines)
