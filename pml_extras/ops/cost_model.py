@@ -56,7 +56,7 @@ microbenchmarks of H100 put it at about 5.5-7 TB/s for data spread over both par
 (Chips and Cheese, "Nvidia's H100: Funny L2, and Tons of Bandwidth", 2023); 7.0 TB/s is
 used, and :func:`predict` takes another value for a sensitivity check. CUDA cores: 128
 fp32 lanes per SM per clock; MUFU (exp2): 16 per SM per clock. Launch overhead: 4 us per
-kernel (host-side launch of a Triton kernel with its Python launcher).
+kernel (the gap between dependent kernels on one stream, the host keeping ahead).
 
 Least certain inputs, in order: L2 bandwidth (+-30 %), the shared-memory term (whether
 every wgmma re-reads both operands from shared memory at 128 B/clk), and ``overlap``.
@@ -65,6 +65,7 @@ every wgmma re-reads both operands from shared memory at 128 B/clk), and ``overl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -117,7 +118,7 @@ H100_SXM = Hardware(
     smem_bytes_per_clk=128,
     fp32_lanes=128,
     sfu_per_clk=16,
-    launch_us=4.0,
+    launch_us=3.0,
 )
 H200 = dataclasses.replace(H100_SXM, name="H200", hbm_tbps=4.8)
 GPUS = {"h100": H100_SXM, "h200": H200}
@@ -138,6 +139,10 @@ ALU_PER_PAIR_FWD = 17
 ALU_PER_PAIR_BWD = 20
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
+# A dot whose tile has fewer than 64 rows cannot use wgmma (m64 per warpgroup): Triton
+# emits Ampere-style mma.sync, whose throughput on Hopper is taken as 60 % of the wgmma
+# peak (an assumption; not measured here).
+MMA_SYNC_FRACTION = 0.6
 
 
 # ------------------------------------------------------------------ kernel description
@@ -152,7 +157,7 @@ class KernelCost:
     num_warps: int
     regs_per_thread: int
     smem_per_program: int
-    flops: float
+    flops: float  # on wgmma
     dot_dtype: str
     hbm: float
     l2: float
@@ -161,6 +166,7 @@ class KernelCost:
     sfu: float
     overlap: float = 0.0
     launches: int = 1
+    flops_mma_sync: float = 0.0  # dots under 64 rows: mma.sync at MMA_SYNC_FRACTION
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +208,8 @@ def predict(k: KernelCost, hw: Hardware, l2_tbps: Optional[float] = None) -> Pre
     slots = per_sm * hw.sms
     waves = max(1, math.ceil(k.programs / slots))
     eff = k.programs / (waves * slots)
-    t_tensor = k.flops / (hw.tensor_tflops[k.dot_dtype] * 1e12) / eff
+    peak = hw.tensor_tflops[k.dot_dtype] * 1e12
+    t_tensor = (k.flops + k.flops_mma_sync / MMA_SYNC_FRACTION) / peak / eff
     t_alu = k.alu / hw.rate(hw.fp32_lanes) / eff
     t_sfu = k.sfu / hw.rate(hw.sfu_per_clk) / eff
     t_cuda = max(t_alu, t_sfu)
@@ -227,7 +234,15 @@ def mma_smem_bytes(
     Triton puts warpgroups (4 warps) along M first, one per 64 rows, and the rest along N
     (a 64-row tile with 8 warps: two warpgroups of n/2 columns each). Every
     m64 x n_wg x k16 instruction reads its A slice (64 x 16) and its B slice (16 x n_wg)
-    from shared memory (A from registers when ``a_in_registers``)."""
+    from shared memory (A from registers when ``a_in_registers``). Under 64 rows the dot
+    runs as mma.sync (see the code)."""
+    if m < 64:
+        # mma.sync: every warp loads its own A (rows x k) and B (k x cols) fragments with
+        # ldmatrix; warps go along M first (16 rows each), the rest along N.
+        warps_m = max(1, min(num_warps, m // 16))
+        warps_n = max(1, num_warps // warps_m)
+        a = 0 if a_in_registers else m * k * elem * warps_n
+        return a + k * n * elem * warps_m
     groups = max(1, num_warps // 4)
     along_m = max(1, min(groups, m // 64))
     along_n = max(1, groups // along_m)
@@ -244,9 +259,16 @@ def mma_smem_bytes(
 # ``python -m pml_extras.ops.cost_model --ptxas`` reruns tests/test_sm90_spills.py's
 # machinery and prints them). Keys: (kernel, design, operand dtype, W dtype).
 PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
-    # design "v1": today's kernels at d00838b (64 x 32 tiles, 8 warps, 2 stages, D = 512)
+    # v1: the kernels at d00838b (64 x 32 tiles, 8 warps, 2 stages, D = 512, circle)
     ("class_fwd", "v1", "bf16", "bf16"): (255, 0, 131072),
     ("class_bwd", "v1", "bf16", "bf16"): (255, 68, 69632),
+    # v2: backward 32 x 32 with its W tile resident
+    ("class_fwd", "v2", "bf16", "bf16"): (255, 0, 131072),
+    ("class_bwd", "v2", "bf16", "bf16"): (183, 0, 68224),
+    ("class_bwd", "v2", "bf16", "fp32"): (254, 0, 68224),
+    # v2-full: the forward with its x block resident spills
+    ("class_fwd", "v2-full", "bf16", "bf16"): (255, 816, 131328),
+    ("class_bwd", "v2-full", "bf16", "bf16"): (183, 0, 68224),
 }
 
 
@@ -263,11 +285,12 @@ def ptxas(kernel: str, design: str, op: str, w: str) -> Tuple[int, int, int]:
 class ClassDesign:
     """Tile sizes and loading scheme of the class logsumexp kernels (see class_lse_triton).
 
-    ``resident``: False (design "v1"): the logits K-loop reloads the x block for every
-    class tile and the forward reads the W tile a second time for u; the backward loads x
-    twice per row block and reloads its W tile for every row block. True ("v2"): the x
-    block (forward) / W tile (backward) is loaded once per program and every tile once
-    per use of both dots."""
+    ``fwd_resident`` False: the forward's logits K-loop reloads the x block (BLOCK_D
+    columns at a time) for every class tile and u's dot reads the W tile a second time.
+    True: the x block is loaded once per program and each W tile once for both dots.
+    ``bwd_resident`` False: the backward's logits K-loop reloads its W tile for every row
+    block and the x block is loaded twice (logits, x^T G). True: the W tile is loaded
+    once per program and each x block once for both dots."""
 
     name: str = "v1"
     block_m: int = 64
@@ -275,17 +298,67 @@ class ClassDesign:
     bwd_block_m: int = 64
     bwd_block_c: int = 32
     num_warps: int = 8
-    resident: bool = False
+    fwd_resident: bool = False
+    bwd_resident: bool = False
     overlap: float = 0.0
+    # 1/||w|| applied to the softmax weights instead of the W tile, so the tile goes from
+    # global memory straight to shared memory, staged once (no register copy).
+    p_side_scale: bool = False
+    # 1/||w|| computed from the W tile the forward holds (no separate pass over W).
+    fused_norms: bool = False
 
 
+# Today's kernels at d00838b (main).
 V1 = ClassDesign()
+# This branch: the backward keeps its W tile and loads each 32-row x block once.
+V2 = ClassDesign(name="v2", bwd_block_m=32, bwd_resident=True)
+# Both sides resident (spills in Triton 3.9 at D = 512: 816 bytes stored + loaded in the
+# forward, see
+# PTXAS_SM90): what the model says the loading scheme alone would buy.
+V2_FULL = ClassDesign(name="v2-full", bwd_block_m=32, fwd_resident=True, bwd_resident=True)
+# Not built: what the model says a fused design needs for the 1.5x target. 128-class
+# forward tiles (its W tile, 128 KB, single-buffered in shared memory next to the 64 KB
+# x block), 64 x 64 backward steps, 1/||w|| on the P side, and half the softmax hidden
+# under the matmuls (warp specialisation / ping-pong, beyond what Triton 3.9 schedules).
+V3 = ClassDesign(
+    name="v3 (hypothetical)",
+    block_c=128,
+    bwd_block_c=64,
+    fwd_resident=True,
+    bwd_resident=True,
+    overlap=0.5,
+    p_side_scale=True,
+    fused_norms=True,
+)
+# The design the kernels in class_lse_triton implement now (tests/test_cost_model.py
+# checks its tiles against class_lse_triton.BlockConfig).
+CURRENT_CLASS = V2
 
 
-def _splits(n_row_blocks: int, n_tiles: int, hw: Hardware) -> int:
-    """Class splits of the forward: about 4 waves at one program per SM (as
-    ``class_lse_triton._n_splits`` without its memory cap)."""
-    return max(1, min(n_tiles, 4 * math.ceil(hw.sms / n_row_blocks)))
+def wave_splits(per_split: int, n_tiles: int, slots: int, most: int) -> Tuple[int, int]:
+    """(splits, tiles per split) filling whole waves, as ``_triton_common.wave_splits``:
+    the fewest splits whose waves are >= 95 % full, else the fullest."""
+    per_split, slots = max(1, per_split), max(1, slots)
+    best = (-1.0, 1, max(1, n_tiles))
+    for want in range(1, max(1, min(most, n_tiles)) + 1):
+        tiles = math.ceil(n_tiles / want)
+        splits = math.ceil(n_tiles / tiles)
+        programs = per_split * splits
+        fill = programs / (math.ceil(programs / slots) * slots)
+        if fill >= 0.95:
+            return splits, tiles
+        if fill > best[0]:
+            best = (fill, splits, tiles)
+    return best[1], best[2]
+
+
+def _splits(batch: int, classes: int, bm: int, bc: int, w_bytes: int, hw: Hardware) -> int:
+    """Class splits of the forward, as ``class_lse_triton._n_splits`` (one program per
+    SM, up to 4 waves, u's partials no larger than W)."""
+    rb, tiles = math.ceil(batch / bm), math.ceil(classes / bc)
+    most = 4 * math.ceil(hw.sms / rb)
+    most = min(most, max(1, (classes * w_bytes) // (batch * 4)))
+    return wave_splits(rb, tiles, hw.sms, most)[0]
 
 
 def class_kernels(
@@ -305,13 +378,16 @@ def class_kernels(
     rb = math.ceil(batch / bm)
     tiles = math.ceil(classes / bc)
     pairs = rb * tiles  # (row block, class tile) steps of the forward
-    logits = batch * classes
+    # Work on padded tiles: masked rows and columns still go through the tensor cores
+    # and the CUDA cores (bytes are not padded: masked lanes load nothing).
+    logits = rb * bm * tiles * bc
     x_bytes, w_bytes = batch * dim * e, classes * dim * ew
-    splits = _splits(rb, tiles, hw)
+    splits = _splits(batch, classes, bm, bc, ew, hw)
     # Forward ---------------------------------------------------------------------------
-    if design.resident:
+    if design.fwd_resident:
         fwd_l2 = rb * splits * bm * dim * e + pairs * bc * (dim * ew + 4)
-        staged = rb * splits * bm * dim * e + pairs * bc * dim * ew
+        w_staged = 1 if design.p_side_scale else 2
+        staged = rb * splits * bm * dim * e + pairs * w_staged * bc * dim * ew
     else:
         fwd_l2 = pairs * (bm * dim * e + 2 * bc * dim * ew + 4 * bc)
         staged = pairs * (bm * dim * e + 2 * bc * dim * ew)
@@ -337,7 +413,7 @@ def class_kernels(
     bbm, bbc = design.bwd_block_m, design.bwd_block_c
     brb, btiles = math.ceil(batch / bbm), math.ceil(classes / bbc)
     steps = brb * btiles
-    if design.resident:
+    if design.bwd_resident:
         bwd_l2 = btiles * bbc * dim * ew + steps * bbm * dim * e
         staged = btiles * bbc * dim * ew + steps * bbm * dim * e
     else:
@@ -345,6 +421,9 @@ def class_kernels(
         staged = btiles * bbc * dim * ew + steps * (2 * bbm * dim * e + bbc * dim * ew)
     bwd_l2 += classes * dim * ew  # grad W written once
     bwd_mma = mma_smem_bytes(bbm, bbc, dim, e, nw) + mma_smem_bytes(dim, bbc, bbm, e, nw)
+    # The logits dot of a tile under 64 rows runs as mma.sync (x^T G has D rows: wgmma).
+    logits = brb * bbm * btiles * bbc
+    bwd_sync = 2.0 * logits * dim if bbm < 64 else 0.0
     g_tile = bbm * bbc * e  # G stored to shared memory as the B operand of x^T G
     regs, _, smem = ptxas("class_bwd", design.name, op, w_dtype)
     bwd = KernelCost(
@@ -353,7 +432,8 @@ def class_kernels(
         num_warps=nw,
         regs_per_thread=regs,
         smem_per_program=smem,
-        flops=2 * 2.0 * logits * dim,
+        flops=2 * 2.0 * logits * dim - bwd_sync,
+        flops_mma_sync=bwd_sync,
         dot_dtype=op,
         hbm=2 * w_bytes + x_bytes,
         l2=bwd_l2,
@@ -375,10 +455,16 @@ def class_kernels(
         hbm=w_bytes + classes * 4,
         l2=w_bytes + classes * 4,
         smem=0.0,
-        alu=2.0 * classes * dim,
+        alu=2.0 * math.ceil(classes / 256) * 256 * dim,
         sfu=0.0,
         launches=12,  # + ~11 small PyTorch launches (combine, target column, projection)
     )
+    if design.fused_norms:  # each forward program squares its W tiles (ALU only)
+        fwd = dataclasses.replace(fwd, alu=fwd.alu + 2.0 * rb * classes * dim)
+        small = dataclasses.replace(
+            norms, name="small PyTorch ops", launches=11, hbm=0.0, l2=0.0, alu=0.0
+        )
+        return [small, fwd, bwd]
     return [norms, fwd, bwd]
 
 
@@ -411,6 +497,18 @@ class PairDesign:
 
 
 PAIR_V1 = PairDesign()
+# Not built: every tile loaded once per use (the row block resident while column tiles
+# stream by; a streamed tile loaded once for both of a backward step's dots), 64 x 64
+# backward tiles, half the softmax hidden under the matmuls.
+PAIR_V2 = PairDesign(name="v2 (hypothetical)", block_n=64, resident=True, overlap=0.5)
+CURRENT_PAIR = PAIR_V1  # what pair_circle_triton implements now
+
+
+def _pair_splits(n_outer: int, n_inner: int, programs: int) -> int:
+    """Splits of the inner loop, as ``pair_circle_triton._splits``: about ``programs``
+    programs in all (two per SM; the backward at most 4 splits), whole tiles per split."""
+    want = max(1, min(math.ceil(programs / max(n_outer, 1)), n_inner))
+    return math.ceil(n_inner / math.ceil(n_inner / want))
 
 
 def pair_kernels(
@@ -430,20 +528,21 @@ def pair_kernels(
     else:
         l2 = rb * ct * (bm + bn) * dim * e
     regs, _, smem = ptxas("pair_fwd", design.name, op, op)
+    padded = rb * bm * ct * bn  # pairs on padded tiles (see class_kernels)
     out.append(
         KernelCost(
             name="pair forward",
-            programs=max(rb, 2 * hw.sms),
+            programs=rb * _pair_splits(rb, ct, 2 * hw.sms),
             num_warps=nw,
             regs_per_thread=regs,
             smem_per_program=smem,
-            flops=2.0 * pairs * dim,
+            flops=2.0 * padded * dim,
             dot_dtype=op,
             hbm=x_bytes,
             l2=l2 + 8 * pairs / bn,  # + labels
             smem=l2 + rb * ct * mma_smem_bytes(bm, bn, dim, e, nw),
-            alu=pairs * ALU_PER_PAIR_FWD,
-            sfu=2.0 * pairs,
+            alu=padded * ALU_PER_PAIR_FWD,
+            sfu=2.0 * padded,
             overlap=design.overlap,
         )
     )
@@ -457,8 +556,9 @@ def pair_kernels(
             l2 = n_outer * inner * dim * e + steps * other * dim * e
         else:  # the logits reload both tiles; the second dot loads the streamed tile again
             l2 = steps * (bm + bn + other) * dim * e
-        splits = 4
+        splits = _pair_splits(n_outer, n_inner, min(4 * n_outer, 2 * hw.sms))
         partial = splits * batch * dim * 4
+        padded = n_outer * inner * n_inner * other
         mma = mma_smem_bytes(bm, bn, dim, e, nw)
         mma += (
             mma_smem_bytes(bm, dim, bn, e, nw, True)
@@ -473,13 +573,13 @@ def pair_kernels(
                 num_warps=nw,
                 regs_per_thread=regs,
                 smem_per_program=smem,
-                flops=2 * 2.0 * pairs * dim,
+                flops=2 * 2.0 * padded * dim,
                 dot_dtype=op,
                 hbm=x_bytes + 2 * partial,
                 l2=l2 + 2 * partial,
                 smem=l2 + steps * (mma + bm * bn * e),
-                alu=pairs * ALU_PER_PAIR_BWD,
-                sfu=float(pairs),
+                alu=padded * ALU_PER_PAIR_BWD,
+                sfu=float(padded),
                 overlap=design.overlap,
             )
         )
@@ -511,3 +611,70 @@ def describe(kernels: List[KernelCost], hw: Hardware) -> str:
             f"{p.bound}-bound, {p.blocks_per_sm}/SM, waves {p.wave_efficiency:.2f})"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the table
+
+# The issue's targets: (label, batch, classes, dim, operand dtype, W dtype).
+CLASS_CASES = (
+    ("B=1024 D=512 C=100k bf16", 1024, 100_000, 512, "bf16", "bf16"),
+    ("B=1024 D=512 C=1M bf16", 1024, 1_000_000, 512, "bf16", "bf16"),
+    ("B=1024 D=512 C=100k autocast (fp32 W)", 1024, 100_000, 512, "bf16", "fp32"),
+    ("B=1024 D=512 C=1M autocast (fp32 W)", 1024, 1_000_000, 512, "bf16", "fp32"),
+)
+PAIR_CASES = (("B=16384 D=512 bf16", 16384, 512, "bf16"),)
+CLASS_DESIGNS = (V1, V2, V2_FULL, V3)
+PAIR_DESIGNS = (PAIR_V1, PAIR_V2)
+
+
+def table() -> str:
+    """Markdown table of the predictions (fwd+bwd) for the target cases: H100 / H200 time,
+    floor and ratio, and the H100 ratio if shared memory did not limit (the least certain
+    term). ``python -m pml_extras.ops.cost_model`` prints it; docs/kernels/cost_model.md
+    holds a copy (tests/test_cost_model.py checks that they agree)."""
+    no_smem = dataclasses.replace(H100_SXM, smem_bytes_per_clk=1 << 30)
+    rows = [
+        "| kernels | design | case | H100 ms | H200 ms | floor H100 / H200 ms "
+        "| ratio H100 | ratio H200 | H100 ratio, smem not limiting |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(kind, design, label, kernels_on, floor_on):
+        t = [total(kernels_on(hw=hw), hw) for hw in (H100_SXM, H200)]
+        f = [floor_on(hw=hw) for hw in (H100_SXM, H200)]
+        free = total(kernels_on(hw=no_smem), no_smem) / f[0]
+        rows.append(
+            f"| {kind} | {design.name} | {label} | {t[0] * 1e3:.2f} | {t[1] * 1e3:.2f} "
+            f"| {f[0] * 1e3:.2f} / {f[1] * 1e3:.2f} | {t[0] / f[0]:.2f} | {t[1] / f[1]:.2f} "
+            f"| {free:.2f} |"
+        )
+
+    for design in CLASS_DESIGNS:
+        for label, b, c, d, op, w in CLASS_CASES:
+            row(
+                "class fwd+bwd",
+                design,
+                label,
+                functools.partial(class_kernels, b, c, d, op, w, design),
+                functools.partial(class_floor, b, c, d, op, w),
+            )
+    for design in PAIR_DESIGNS:
+        for label, b, d, op in PAIR_CASES:
+            row(
+                "pair fwd+bwd",
+                design,
+                label,
+                functools.partial(pair_kernels, b, d, op, design),
+                functools.partial(pair_floor, b, d, op),
+            )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - exercised by tests/test_cost_model.py
+    print(table())
+    for design in CLASS_DESIGNS:
+        print(f"\nclass, design {design.name}, B=1024 D=512 C=1M bf16 on the H100 SXM:")
+        print(describe(class_kernels(1024, 1_000_000, 512, "bf16", "bf16", design), H100_SXM))
+    for design in PAIR_DESIGNS:
+        print(f"\npair, design {design.name}, B=16384 D=512 bf16 on the H100 SXM:")
+        print(describe(pair_kernels(16384, 512, "bf16", design), H100_SXM))
