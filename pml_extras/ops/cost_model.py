@@ -477,6 +477,50 @@ def class_floor(batch, classes, dim, op="bf16", w_dtype=None, hw=H100_SXM) -> fl
     return 3 * max(flops, w_io)
 
 
+# ------------------------------------------------------------------ the hybrid (model only)
+
+# cuBLAS reaches about this fraction of the tensor peak on these shapes (an assumption,
+# not measured here: K = D = 512 is short for a GEMM).
+CUBLAS_FRACTION = 0.8
+
+
+def hybrid_class_kernels(
+    batch: int,
+    classes: int,
+    dim: int,
+    op: str = "bf16",
+    w_dtype: Optional[str] = None,
+    chunk: int = 8192,
+    hw: Hardware = H100_SXM,
+) -> List[KernelCost]:
+    """The alternative the issue names: per chunk of ``chunk`` classes, cuBLAS matmuls
+    (float32 logits S = x W_c, in L2 when B * chunk * 4 bytes fits: 32 MB at B = 1024)
+    and one fused Triton epilogue per pass over S. Forward: S, epilogue (max, sum-exp).
+    Backward: S again, epilogue (G, rounded to the operand dtype, and the radial term),
+    grad W_c = x^T G, grad x += G W_c^T. Not built: the model ranks it below a fused
+    design (the logits and G cross L2 as float32 / 16-bit tensors, and each chunk costs
+    six launches)."""
+    w_dtype = w_dtype or op
+    e, ew = DTYPE_BYTES[op], DTYPE_BYTES[w_dtype]
+    n = math.ceil(classes / chunk)
+    bc = batch * classes
+    mm = 2.0 * bc * dim / CUBLAS_FRACTION
+    w_bytes = classes * dim * ew
+
+    def k(name, flops=0.0, l2=0.0, hbm=0.0, alu=0.0, sfu=0.0):
+        return KernelCost(name, 8 * hw.sms, 4, 128, 0, flops, op, hbm, l2, l2, alu, sfu,
+                          launches=n)  # fmt: skip
+
+    return [
+        k("hybrid: S = x W (fwd)", mm, 4.0 * bc + w_bytes, w_bytes),
+        k("hybrid: epilogue (fwd)", l2=4.0 * bc, alu=ALU_PER_LOGIT_CLASS_FWD * bc, sfu=bc),
+        k("hybrid: S = x W (bwd)", mm, 4.0 * bc + w_bytes, w_bytes),
+        k("hybrid: epilogue (bwd)", l2=(4.0 + e) * bc, alu=ALU_PER_LOGIT_CLASS_BWD * bc, sfu=bc),
+        k("hybrid: grad W = x^T G", mm, e * bc + w_bytes, w_bytes),
+        k("hybrid: grad x += G W^T", mm, e * bc + w_bytes, w_bytes),
+    ]
+
+
 # ------------------------------------------------------------------ the pair kernels
 
 
@@ -658,6 +702,15 @@ def table() -> str:
                 functools.partial(class_kernels, b, c, d, op, w, design),
                 functools.partial(class_floor, b, c, d, op, w),
             )
+    hybrid = ClassDesign(name="hybrid (model only)")
+    for label, b, c, d, op, w in CLASS_CASES:
+        row(
+            "class fwd+bwd",
+            hybrid,
+            label,
+            functools.partial(hybrid_class_kernels, b, c, d, op, w),
+            functools.partial(class_floor, b, c, d, op, w),
+        )
     for design in PAIR_DESIGNS:
         for label, b, d, op in PAIR_CASES:
             row(
