@@ -54,7 +54,9 @@ from .._validation import _compile_opt_out
 from .dispatch import resolve_impl, triton_available  # noqa: F401
 
 KINDS = ("circle", "curricular", "scaled")
-IMPLS = ("auto", "torch", "triton")
+# "hybrid": library matmuls per class chunk + a fused Triton epilogue (class_lse_hybrid);
+# only when asked for by name (impl="auto" does not pick it: never run on a GPU yet).
+IMPLS = ("auto", "torch", "triton", "hybrid")
 
 # Temporaries per chunk are B x chunk float32; ~16 MB keeps CPU caches and GPU
 # allocators happy while leaving the matmuls large enough to be efficient.
@@ -350,6 +352,12 @@ class _ClassLogSumExp(torch.autograd.Function):
                 )
                 lse, cos_y = out[0], out[1]
                 state = tuple(out[2]) if len(out) > 2 else ()
+            elif impl == "hybrid":
+                from . import class_lse_hybrid
+
+                lse, cos_y = class_lse_hybrid.forward(
+                    x_d, w_d, target, row_param, kind, p0, p1, op_dtype=op
+                )
             else:
                 lse, cos_y = _forward_torch(x_d, w_d, target, row_param, kind, p0, p1, chunk, op)
         ctx.save_for_backward(x_d, w_d, target, row_param, lse, *state)
@@ -382,6 +390,13 @@ class _ClassLogSumExp(torch.autograd.Function):
                     need_grad_w=ctx.needs_input_grad[1],
                     op_dtype=op,
                 )
+            elif impl == "hybrid":
+                from . import class_lse_hybrid
+
+                grad_x, grad_w = class_lse_hybrid.backward(
+                    x, weight, target, row_param, kind, p0, p1, lse, grad_lse, grad_cos,
+                    op_dtype=op,
+                )  # fmt: skip
             else:
                 grad_x, grad_w = _backward_torch(
                     x, weight, target, row_param, kind, p0, p1, chunk, lse, grad_lse, grad_cos, op
@@ -422,7 +437,8 @@ def class_logsumexp(
             which lives on the device and should not force a host sync).
         row_param: (B,) float32, needed by "curricular" (the hard-example threshold).
         chunk_size: classes per block; default keeps B x chunk around 4M elements.
-        impl: "auto" (Triton on CUDA when available, else PyTorch), "torch" or "triton".
+        impl: "auto" (Triton on CUDA when available, else PyTorch), "torch", "triton",
+            or "hybrid" (library matmuls + a fused Triton epilogue, :mod:`class_lse_hybrid`).
             Both follow the same operand policy (:func:`operand_dtype`): the matmul
             operands take the autocast dtype under ``torch.autocast``, else the
             embeddings' dtype when it is bf16/fp16, else float32 (IEEE or TF32 as torch's
@@ -452,12 +468,24 @@ def class_logsumexp(
     if row_param is None:
         row_param = torch.zeros(batch, device=x.device, dtype=torch.float32)
     op = operand_dtype(x, weight)
-    impl = resolve_impl(impl, x.device, _compute_dtype(x, weight), family="class_lse", operand=op)
+    if impl == "hybrid":
+        if not triton_available(x.device):
+            raise RuntimeError(
+                "impl='hybrid' needs the triton package and a CUDA tensor (or "
+                f"TRITON_INTERPRET=1 on CPU) for its epilogue kernel, got {x.device}; use "
+                "impl='torch' or 'auto'"
+            )
+        if _compute_dtype(x, weight) == torch.float64:
+            raise TypeError("impl='hybrid' computes in float32; float64 needs impl='torch'")
+    else:
+        impl = resolve_impl(
+            impl, x.device, _compute_dtype(x, weight), family="class_lse", operand=op
+        )
     acc = accumulate_dtype(x, weight)
     p1 = p1.detach().to(device=x.device, dtype=acc) if torch.is_tensor(p1) else float(p1)
     args = (x, weight, target.long(), row_param.detach().to(acc), kind, float(p0), p1)
     # Read here, under the caller's autocast state; the Function runs with autocast off.
     args += (int(chunk_size), impl, op)
-    if impl == "triton":
+    if impl in ("triton", "hybrid"):
         return apply_eagerly(_ClassLogSumExp, *args)
     return _ClassLogSumExp.apply(*args)
