@@ -29,7 +29,9 @@ Kernels
     :func:`backward`, used when the forward did not save u) costs 5.
 
 ``_bwd_w_kernel``     grid (class blocks, D groups). Each program holds its class tile of
-    W and loops over all row blocks: recompute the logits, G = exp(z - lse) * g'(c) *
+    W and loops over all row blocks (``bwd_block_m`` rows at a time; when all of D fits
+    one group, the W tile is loaded once and each x block once for both dots, see
+    ``cost_model`` design "v2"): recompute the logits, G = exp(z - lse) * g'(c) *
     grad_lse * [|raw| <= 1] (target column masked), accumulate x^T G in registers
     (D_GROUP x BLOCK_C float32) and the radial term r_j = sum_i G_ij raw_ij
     (= <grad_w_hat_j, w_hat_j>, so it needs no full-D accumulator), then writes
