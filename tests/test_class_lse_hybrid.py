@@ -154,8 +154,9 @@ class TestInterpretedHybrid:
         out = {}
         for impl in ("torch", "hybrid"):
             torch.manual_seed(0)
-            loss_fn = SparseCircleLoss(num_classes=300, embedding_size=24, impl=impl)
-            emb = torch.randn(17, 24, requires_grad=True)
+            # D = 64 > 4 ln(C (C - 1)): not low-dimensional, so PML's normal_ init.
+            loss_fn = SparseCircleLoss(300, 64, m=0.25, gamma=64.0, impl=impl)
+            emb = torch.randn(17, 64, requires_grad=True)
             loss = loss_fn(emb, torch.randint(0, 300, (17,)))
             loss.backward()
             out[impl] = (loss.detach(), emb.grad, loss_fn.W.grad)
