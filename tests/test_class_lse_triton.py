@@ -544,7 +544,15 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
         ptrs[name] = "*fp32"
     for kernel, constexprs in (
         (clt._fwd_kernel, dict(common, NEED_U=need_u)),
-        (clt._bwd_w_kernel, dict(common, RESCALE=dtype == "fp16")),
+        (
+            clt._bwd_w_kernel,
+            dict(
+                common,
+                RESCALE=dtype == "fp16",
+                BLOCK_M=clt._bwd_block_m(cfg),
+                RESIDENT=d_group >= d,
+            ),
+        ),
     ):
         compile_for_sm90(
             kernel,

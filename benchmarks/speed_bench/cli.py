@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from . import BENCH_DIR
+from .predicted import predicted_lines
 from .providers import (
     PAIR_PROVIDERS,
     PROVIDERS,
@@ -293,6 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     print(format_table(rows))
     for line in comparison_lines(rows):
         print(line)
+    final["predicted"] = predicted_lines(rows, device.type == "cuda")
+    print("\n" + "\n".join(final["predicted"]))
     if counter is not None:
         print(f"\nTriton kernel specialisations launched: {counter.summary()}")
     if args.check:

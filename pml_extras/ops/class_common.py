@@ -1,5 +1,6 @@
 """What both class-level paths share: the transforms' names, the embeddings' and target
-proxies' normalisation, the target column and its gradient.
+proxies' normalisation, the target column and its gradient, and the rounding of a
+gradient operand.
 
 The PyTorch path (:mod:`~pml_extras.ops.class_lse_autograd`) and the Triton launchers
 (:mod:`~pml_extras.ops.class_lse_triton`) both import these, so that they normalise alike
@@ -107,7 +108,22 @@ def add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op) -> No
         grad_w.index_add_(1, safe, g_wy.t().to(weight.dtype))
 
 
+def round_operand(t: Tensor, op: torch.dtype, dim: int):
+    """(t rounded to the operand dtype ``op``, back in t's dtype; scale or None).
+
+    float16 operands are first divided by their largest magnitude along ``dim`` (as the
+    pair kernels do), so that neither overflow nor underflow touches them; the matmul's
+    float32 result is multiplied back by the returned scale."""
+    if op == t.dtype:
+        return t, None
+    if op == torch.float16:
+        scale = t.abs().amax(dim, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return (t / scale).to(op).to(t.dtype), scale
+    return t.to(op).to(t.dtype), None
+
+
 __all__ = [
+    "round_operand",
     "KINDS",
     "Operands",
     "TargetColumns",

@@ -136,8 +136,9 @@ def class_logsumexp(
             which lives on the device and should not force a host sync).
         row_param: (B,) float32, needed by "curricular" (the hard-example threshold).
         chunk_size: classes per block; default keeps B x chunk around 4M elements.
-        impl: "auto" (Triton on CUDA when available, else PyTorch), "torch" or "triton".
-            Both follow the same operand policy (:func:`operand_dtype`): the matmul
+        impl: "auto" (Triton on CUDA when available, else PyTorch), "torch", "triton",
+            or "hybrid" (library matmuls + a fused Triton epilogue, :mod:`class_lse_hybrid`).
+            All follow the same operand policy (:func:`operand_dtype`): the matmul
             operands take the autocast dtype under ``torch.autocast``, else the
             embeddings' dtype when it is bf16/fp16, else float32 (IEEE or TF32 as torch's
             float32 matmul setting says); W keeps its dtype and is rounded tile by tile;

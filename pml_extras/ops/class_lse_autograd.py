@@ -23,6 +23,7 @@ from .class_common import (
     add_target_grad,
     operands,
     project_rows,
+    round_operand,
     unit_target_cosine,
 )
 from .precision import EPS, accumulate_dtype
@@ -51,20 +52,6 @@ def transform(kind: str, c: Tensor, row_param: Optional[Tensor], p0: float, p1: 
     if kind == "scaled":
         return c * p0, torch.full_like(c, p0)
     raise ValueError(f"unknown transform kind {kind!r}; expected one of {KINDS}")
-
-
-def _round_operand(t: Tensor, op: torch.dtype, dim: int):
-    """(t rounded to the operand dtype ``op``, back in t's dtype; scale or None).
-
-    float16 operands are first divided by their largest magnitude along ``dim`` (as the
-    pair kernels do), so that neither overflow nor underflow touches them; the matmul's
-    float32 result is multiplied back by the returned scale."""
-    if op == t.dtype:
-        return t, None
-    if op == torch.float16:
-        scale = t.abs().amax(dim, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return (t / scale).to(op).to(t.dtype), scale
-    return t.to(op).to(t.dtype), None
 
 
 def _chunk_cosines(xv, x_hat, inv_x, w, op, acc):
@@ -147,14 +134,14 @@ def _backward_torch(
         del dz, z
         # Both gradient matmuls take the operand dtype too: G and w_hat rounded to it
         # (fp16: G scaled into [-1, 1] first), float32 products and sums.
-        g_op, g_scale = _round_operand(g, op, 1)
+        g_op, g_scale = round_operand(g, op, 1)
         part = g_op @ w_hat.t().to(op).to(acc)  # |w_hat| <= 1: no scaling needed
         grad_hat += part if g_scale is None else part.mul_(g_scale)
         # grad_w_hat_j = sum_i G_ij x_hat_i = sum_i (G_ij / ||x_i||) x_i.
         if op == acc:
             grad_w_hat = x_hat.t() @ g
         else:
-            gx_op, gx_scale = _round_operand(g * inv_x[:, None], op, 0)
+            gx_op, gx_scale = round_operand(g * inv_x[:, None], op, 0)
             grad_w_hat = xv.t() @ gx_op
             if gx_scale is not None:
                 grad_w_hat.mul_(gx_scale)
@@ -192,6 +179,12 @@ class ClassLogSumExp(torch.autograd.Function):
                 )
                 lse, cos_y = out[0], out[1]
                 state = tuple(out[2]) if len(out) > 2 else ()
+            elif impl == "hybrid":
+                from . import class_lse_hybrid
+
+                lse, cos_y = class_lse_hybrid.forward(
+                    x_d, w_d, target, row_param, kind, p0, p1, op_dtype=op
+                )
             else:
                 lse, cos_y = _forward_torch(x_d, w_d, target, row_param, kind, p0, p1, chunk, op)
         ctx.save_for_backward(x_d, w_d, target, row_param, lse, *state)
@@ -224,6 +217,13 @@ class ClassLogSumExp(torch.autograd.Function):
                     need_grad_w=ctx.needs_input_grad[1],
                     op_dtype=op,
                 )
+            elif impl == "hybrid":
+                from . import class_lse_hybrid
+
+                grad_x, grad_w = class_lse_hybrid.backward(
+                    x, weight, target, row_param, kind, p0, p1, lse, grad_lse, grad_cos,
+                    op_dtype=op,
+                )  # fmt: skip
             else:
                 grad_x, grad_w = _backward_torch(
                     x, weight, target, row_param, kind, p0, p1, chunk, lse, grad_lse, grad_cos, op
@@ -235,7 +235,7 @@ class ClassLogSumExp(torch.autograd.Function):
 
 
 def apply_class_lse(x, weight, target, kind, p0, p1, row_param, chunk_size, impl, op):
-    """(lse, cos_y) through :class:`ClassLogSumExp` with ``impl`` ("torch" or "triton")
+    """(lse, cos_y) through :class:`ClassLogSumExp` with ``impl`` ("torch", "triton" or "hybrid")
     and operand dtype ``op`` fixed: no dispatch, no check. ``row_param`` None means zeros;
     ``chunk_size`` is the PyTorch path's (the kernels tile on their own)."""
     acc = accumulate_dtype(x, weight)
@@ -245,7 +245,7 @@ def apply_class_lse(x, weight, target, kind, p0, p1, row_param, chunk_size, impl
     args = (x, weight, target.long(), row_param.detach().to(acc), kind, float(p0), p1)
     # Read by the caller, under its autocast state; the Function runs with autocast off.
     args += (int(chunk_size), impl, op)
-    if impl == "triton":
+    if impl in ("triton", "hybrid"):
         return apply_eagerly(ClassLogSumExp, *args)
     return ClassLogSumExp.apply(*args)
 

@@ -30,7 +30,9 @@ Kernels
     :func:`backward`, used when the forward did not save u) costs 5.
 
 ``_bwd_w_kernel``     grid (class blocks, D groups). Each program holds its class tile of
-    W and loops over all row blocks: recompute the logits, G = exp(z - lse) * g'(c) *
+    W and loops over all row blocks (``bwd_block_m`` rows at a time; when all of D fits
+    one group, the W tile is loaded once and each x block once for both dots, see
+    ``cost_model`` design "v2"): recompute the logits, G = exp(z - lse) * g'(c) *
     grad_lse (target column masked; no mask at the clamp), accumulate x^T G in registers
     (D_GROUP x BLOCK_C float32) and the radial term r_j = sum_i G_ij raw_ij
     (= <grad_w_hat_j, w_hat_j>, so it needs no full-D accumulator), then writes
@@ -116,6 +118,10 @@ class BlockConfig:
     norm_block_d: int = 32
     num_warps: int = 8
     num_stages: int = 2
+    # Rows per step of the backward; None: min(block_m, 32). With all of D in one group
+    # the backward holds its W tile and a whole (rows x D) x block: at 64 rows that
+    # spills (228 bytes, bf16, D = 512), at 32 it fits in 183 registers (cost_model).
+    bwd_block_m: Optional[int] = None
 
 
 _configs = ConfigSlot(BlockConfig())
@@ -365,6 +371,7 @@ def _bwd_w_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     D_GROUP: tl.constexpr,
+    RESIDENT: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -378,11 +385,10 @@ def _bwd_w_kernel(
     dg = pid_g * D_GROUP + tl.arange(0, D_GROUP)
     dg_ok = dg < D
     w_cols = W + cols.to(tl.int64)[None, :] * stride_wc
-    w_group = tl.load(
-        w_cols + dg.to(tl.int64)[:, None] * stride_wd,
-        mask=dg_ok[:, None] & col_ok[None, :],
-        other=0.0,
-    )
+    w_ptrs = w_cols + dg.to(tl.int64)[:, None] * stride_wd
+    w_mask = dg_ok[:, None] & col_ok[None, :]
+    if RESIDENT:
+        w_dot = tl.load(w_ptrs, mask=w_mask, other=0.0).to(OP_DTYPE).to(DOT_DTYPE)
     acc = tl.zeros([D_GROUP, BLOCK_C], dtype=tl.float32)
     radial = tl.zeros([BLOCK_C], dtype=tl.float32)
     for r0 in range(0, B, BLOCK_M):
@@ -401,23 +407,29 @@ def _bwd_w_kernel(
             other=0.0,
         )
         x_group = x_group.to(OP_DTYPE).to(DOT_DTYPE)
-        s = _logits(
-            X,
-            w_cols,
-            rows,
-            row_ok,
-            col_ok,
-            D,
-            stride_xb,
-            stride_xd,
-            stride_wd,
-            OP_DTYPE,
-            DOT_DTYPE,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_C,
-            BLOCK_D,
-        )
+        if RESIDENT:
+            # All of D in one group: the W tile loaded once above serves every row block,
+            # and the x block is loaded once for both dots (cost_model design "v2": x
+            # through L2 once per class tile instead of twice, W once per program).
+            s = tl.dot(x_group, w_dot, input_precision=PRECISION)
+        else:
+            s = _logits(
+                X,
+                w_cols,
+                rows,
+                row_ok,
+                col_ok,
+                D,
+                stride_xb,
+                stride_xd,
+                stride_wd,
+                OP_DTYPE,
+                DOT_DTYPE,
+                PRECISION,
+                BLOCK_M,
+                BLOCK_C,
+                BLOCK_D,
+            )
         raw = s * rx[:, None] * inv[None, :]
         c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
         z, dz = _transform(c, rp, p0, p1, KIND)
@@ -439,6 +451,8 @@ def _bwd_w_kernel(
             g = g.to(OP_DTYPE).to(DOT_DTYPE)
             acc = tl.dot(tl.trans(x_group), g, acc, input_precision=PRECISION)
     # Normalisation Jacobian: (I - w_hat w_hat^T) / ||w||.
+    # W loaded again for the Jacobian rather than kept live in registers through the loop.
+    w_group = tl.load(w_ptrs, mask=w_mask, other=0.0)
     w_hat = w_group.to(OP_DTYPE).to(tl.float32) * inv[None, :]
     grad = (acc - w_hat * radial[None, :]) * inv[None, :]
     tl.store(
@@ -461,6 +475,12 @@ def _check_config(cfg: BlockConfig) -> None:
     names = [f.name for f in dataclasses.fields(cfg) if f.name.startswith(("block_", "d_group"))]
     check_tile_sizes(cfg, names, True, INTERPRETED)
     check_tile_sizes(cfg, ["norm_block_c", "norm_block_d"], False, INTERPRETED)
+    if cfg.bwd_block_m is not None:
+        check_tile_sizes(cfg, ["bwd_block_m"], True, INTERPRETED)
+
+
+def _bwd_block_m(cfg: BlockConfig) -> int:
+    return min(cfg.block_m, 32) if cfg.bwd_block_m is None else cfg.bwd_block_m
 
 
 def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
@@ -712,6 +732,7 @@ def _bwd_w_impl(
     op, dot, precision = operand_types(x_op.dtype, INTERPRETED, "class_logsumexp")
     block_d, d_group, n_groups = _d_layout(d, cfg, op == tl.float32)
     p1_ptr, p1_value, p1_is_ptr = _p1_args(p1, x_op.device)
+    block_m = _bwd_block_m(cfg)
     grid = (triton.cdiv(num_classes, cfg.block_c), n_groups)
     with launch_device(x_op):
         _bwd_w_kernel[grid](
@@ -742,10 +763,11 @@ def _bwd_w_impl(
             DOT_DTYPE=dot,
             PRECISION=precision,
             RESCALE=op == tl.float16,
-            BLOCK_M=cfg.block_m,
+            BLOCK_M=block_m,
             BLOCK_C=cfg.block_c,
             BLOCK_D=block_d,
             D_GROUP=d_group,
+            RESIDENT=d_group >= d,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

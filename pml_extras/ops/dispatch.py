@@ -51,7 +51,11 @@ import torch
 from .. import _validation
 from .precision import TRITON_DTYPES, tf32_enabled
 
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "triton", "hybrid")
+# "hybrid" (class family only): library matmuls per class chunk + one fused Triton
+# epilogue (class_lse_hybrid). Only when asked for by name: "auto" never picks it (it has
+# never run on a GPU, and the cost model predicts it slower than "triton" as built).
+HYBRID_FAMILIES = ("class_lse",)
 FAMILIES = ("class_lse", "pair_circle")
 # The Triton module each family launches (what a failed import names).
 KERNEL_MODULES = {
@@ -147,10 +151,11 @@ def resolve_impl(
     operand: Optional[torch.dtype] = None,
     storage: Optional[torch.dtype] = None,
 ) -> str:
-    """ "torch" or "triton" for ``impl`` on ``device``.
+    """ "torch", "triton" or "hybrid" for ``impl`` on ``device``.
 
     Args:
-        impl: "auto", "torch" or "triton".
+        impl: "auto", "torch", "triton" or "hybrid" (class family only, never chosen
+            by "auto").
         device: the inputs' device.
         dtype: the inputs' promoted dtype; "auto" keeps float64 on the PyTorch path.
         family: the kernel family about to launch ("class_lse", "pair_circle"). With it,
@@ -169,6 +174,8 @@ def resolve_impl(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
+    if impl == "hybrid":
+        return _resolve_hybrid(device, dtype, family)
     operand = dtype if operand is None else operand
     if impl == "auto":
         if not _triton_device(device) or dtype == torch.float64:
@@ -189,6 +196,20 @@ def resolve_impl(
     if family is not None and _triton_device(device):
         _kernels_trusted(family, device, operand, storage, raise_=True)
     return "triton"
+
+
+def _resolve_hybrid(device: torch.device, dtype: Optional[torch.dtype], family) -> str:
+    if family not in HYBRID_FAMILIES:
+        raise ValueError(f"impl='hybrid' exists for {HYBRID_FAMILIES} only, not {family!r}")
+    if not triton_available(device, family):
+        raise RuntimeError(
+            "impl='hybrid' needs the triton package and a CUDA tensor (or "
+            f"TRITON_INTERPRET=1 on CPU) for its epilogue kernel, got {device}; use "
+            "impl='torch' or 'auto'"
+        )
+    if dtype == torch.float64:
+        raise TypeError("impl='hybrid' computes in float32; float64 needs impl='torch'")
+    return "hybrid"
 
 
 @_validation._compile_opt_out("pml_extras imports its Triton kernels outside the graph")
