@@ -48,6 +48,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._compat import get_autocast_dtype, is_autocast_enabled
 from .._validation import _compile_opt_out
 
 # impl dispatch and the kernels' self-check live in dispatch.py; re-exported here.
@@ -98,29 +99,11 @@ def operand_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     if torch.float64 in (x.dtype, weight.dtype):
         return torch.float64
     device_type = x.device.type
-    if _autocast_enabled(device_type):
-        return _autocast_dtype(device_type)
+    if is_autocast_enabled(device_type):
+        return get_autocast_dtype(device_type)
     if x.dtype in (torch.bfloat16, torch.float16):
         return x.dtype
     return torch.float32
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type == "cuda" and torch.is_autocast_enabled()
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype()
-        return torch.get_autocast_gpu_dtype()
 
 
 def accumulate_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
