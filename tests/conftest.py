@@ -69,6 +69,7 @@ CORE_FILES = frozenset(
         "test_center_losses.py",
         "test_class_circle.py",
         "test_class_lse_op.py",
+        "test_compat.py",
         "test_compile.py",
         "test_curricular_face.py",
         "test_distributed.py",
