@@ -49,6 +49,17 @@ settings.register_profile("oldest", max_examples=10, derandomize=True, **_COMMON
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True)
+def _subnormals_stay_representable():
+    """torch 2.4's inductor builds its CPU kernels with -ffast-math, and loading one sets
+    the thread's flush-to-zero / denormals-are-zero bits for the rest of the process (seen
+    on 2.4.1, not on 2.13). Every later test would then run without subnormals, and
+    hypothesis refuses to draw floats at all. Restore IEEE arithmetic after such a test."""
+    yield
+    if sys.float_info.min / 2 == 0.0:
+        torch.set_flush_denormal(False)
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tiny-tensor tests on one intra-op thread.
