@@ -31,7 +31,8 @@ from .sharded import shard_ranges
 
 
 def _load(path) -> dict:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    # os.fspath: torch 2.1 rejects a pathlib.Path with mmap=True (a str works everywhere).
+    return torch.load(os.fspath(path), map_location="cpu", mmap=True, weights_only=True)
 
 
 def _slice_columns(parts: Sequence[Tensor], ranges, lo: int, hi: int) -> Tensor:

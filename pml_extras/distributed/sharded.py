@@ -78,6 +78,10 @@ def shard_ranges(
     return [(s, s + n) for s, n in zip(starts, shard_sizes)]
 
 
+# Host integer arithmetic, run eagerly under torch.compile: the sampling step is a Python
+# int that Dynamo turns into a SymInt once it changes, and older Dynamo (2.4) cannot trace
+# bitwise ops on one. The seed feeds a torch.Generator, which breaks the graph anyway.
+@torch.compiler.disable
 def _mix_seed(*values: int) -> int:
     """A well-spread 63-bit seed from a few ints (splitmix64 rounds)."""
     h = 0x9E3779B97F4A7C15

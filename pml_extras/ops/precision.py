@@ -1,7 +1,8 @@
 """The operand policy of every fused op (class-level and pair-level alike), written once.
 
-A leaf: it imports only torch, so that the PyTorch paths, the Triton launchers, the
-dispatcher and the self-check can all read one rule without importing each other.
+A leaf: it imports only torch and the version shims of :mod:`pml_extras._compat`, so that
+the PyTorch paths, the Triton launchers, the dispatcher and the self-check can all read one
+rule without importing each other.
 
 The policy (:func:`operand_dtype`), for matmul operands of embeddings (and proxies):
 
@@ -31,6 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from .. import _compat
 
 # Norm floor: rsqrt(max(sum x^2, EPS)) for embeddings and proxies, in both paths.
 EPS = 1e-12
@@ -75,21 +78,14 @@ def operand_dtype(*embeddings: Tensor, proxies: Sequence[Tensor] = ()) -> torch.
 
 
 def autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type == "cuda" and torch.is_autocast_enabled()
+    """Whether ``torch.autocast`` is on for ``device_type`` (a shim across torch releases,
+    :mod:`pml_extras._compat`)."""
+    return _compat.is_autocast_enabled(device_type)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype()
-        return torch.get_autocast_gpu_dtype()
+    """The dtype ``torch.autocast`` casts to on ``device_type``."""
+    return _compat.get_autocast_dtype(device_type)
 
 
 def _matmul_backend():
