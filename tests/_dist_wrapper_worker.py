@@ -195,11 +195,14 @@ def suite_traffic(rank, world, *_):
     makers = {
         "curricular": lambda: CurricularFaceLoss(classes, dim),
         "center_paper": lambda: CenterLoss(classes, dim, update_rule="paper"),
+        "curricular_sync_every1": lambda: CurricularFaceLoss(classes, dim),  # the old cadence
     }
     for name, make in makers.items():
         torch.manual_seed(0)
         loss = make()
-        wrapper = DistributedLossWrapper(loss)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            wrapper = DistributedLossWrapper(loss, sync_every=1 if "every1" in name else None)
         opt = torch.optim.SGD(loss.parameters(), lr=0.1) if list(loss.parameters()) else None
         steps = []
         for _ in range(3):

@@ -100,8 +100,12 @@ def test_wrapper_moves_what_ddp_moves_for_the_loss_state(results):
             center = t["wrapper_center_paper"][step]
             assert center["broadcast"] == param  # the paper-rule centers: a buffer
             assert center["all_reduce"] == gather_backward
+            # The old cadence (sync_every=1) broadcast W and t again at every step.
+            assert t["wrapper_curricular_sync_every1"][step]["broadcast"] == param + 4
         # Step 1: the initial state, once (W and t).
         assert t["wrapper_curricular"][0]["broadcast"] == param + 4
+    for name in ("wrapper_curricular", "ddp_curricular", "wrapper_curricular_sync_every1"):
+        print(name, "bytes per rank, steps 1-3:", results[0]["traffic"][name])
 
 
 def test_check_every_catches_drift_and_sync_every_is_deprecated(results):
