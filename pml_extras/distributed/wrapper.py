@@ -222,17 +222,17 @@ class DistributedLossWrapper(torch.nn.Module):
 
     Per step that is |W| all-reduced + |b| broadcast + the embeddings' all-gather (and its
     backward all-reduce) + one small all-gather of sizes and checks, i.e. what DDP itself
-    moves for a module holding the same parameters and buffers.
-    ``tests/test_distributed_sync.py::test_wrapper_traffic_is_ddps`` counts the bytes on
-    gloo. ``sync_every`` (deprecated) restores the old cadence: every ``sync_every``-th
-    training forward also broadcasts the parameters (|W| more per step; 0: nothing after
-    the first forward); :meth:`sync_state` broadcasts on demand.
+    moves for a module holding the same parameters and buffers
+    (``tests/test_distributed_wrapper.py`` counts the bytes on gloo against DDP's).
+    ``sync_every`` (deprecated, a FutureWarning) keeps the old cadence: every
+    ``sync_every``-th training forward also broadcasts the parameters (|W| more per step;
+    0: nothing at all after the first forward); :meth:`sync_state` broadcasts on demand.
 
-    Keep the wrapped loss *out of* DDP: inside DDP as well, its gradients are all-reduced
-    twice (DDP's, then the wrapper's: 2|W| per step; the result is the same, since the
-    second averages identical gradients) and its buffers broadcast twice. Miners must
-    index the same rank-ordered batch: use :class:`DistributedMinerWrapper` from this
-    module, not PML's (which puts the local samples first). The sharded losses of this
+    Keep the wrapped loss *out of* DDP: it needs nothing from DDP, and inside DDP its
+    gradients would be all-reduced twice (2|W| per step) and its buffers broadcast
+    twice. Miners must index the same rank-ordered batch: use
+    :class:`DistributedMinerWrapper` from this module, not PML's (which puts the local
+    samples first). The sharded losses of this
     package distribute themselves and must not be wrapped.
 
     Misuse raises on every rank, within the one validation all-gather each call makes
