@@ -309,20 +309,24 @@ class DistributedLossWrapper(torch.nn.Module):
         sums = []
         for _, t in named:
             t = t.detach()
-            if not (t.is_floating_point() or t.is_complex()):
+            if t.is_complex():
+                t = torch.view_as_real(t)
+            elif not t.is_floating_point():
                 t = t.to(torch.float64)
-            sums.append(torch.sum(t, dtype=torch.float64).real)
+            sums.append(torch.sum(t, dtype=torch.float64))
             sums.append(torch.linalg.vector_norm(t, dtype=torch.float64))
         local = torch.stack(sums)
         _, world = _comm.group_info(self.process_group)
         rows = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(rows, local, group=self.process_group)
-        rows = torch.stack(rows).tolist()  # one host sync, every check_every steps
+        # Exact comparison (NaN equal to NaN: a NaN in every replica is not a drift).
+        same = torch.stack(
+            [torch.isclose(row, rows[0], rtol=0.0, atol=0.0, equal_nan=True) for row in rows]
+        )
+        same = same.view(world, len(named), 2).all(2).tolist()  # one host sync
         bad = []
         for i, (name, _) in enumerate(named):
-            ranks = [
-                r for r in range(world) if rows[r][2 * i : 2 * i + 2] != rows[0][2 * i : 2 * i + 2]
-            ]
+            ranks = [r for r in range(world) if not same[r][i]]
             if ranks:
                 bad.append(f"{name} (ranks {ranks} differ from rank 0)")
         if bad:
