@@ -172,8 +172,10 @@ class _AverageLossGradsAfterBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         wrapper = ctx.wrapper
+        will_run = getattr(torch._C, "_will_engine_execute_node", None)
         nodes = [_accumulate_grad_node(p) for p in ctx.params]
-        if any(torch._C._will_engine_execute_node(node) for node in nodes):
+        # (Without the engine query, an old torch: average in every backward, as before.)
+        if will_run is None or any(will_run(node) for node in nodes):
             torch.autograd.Variable._execution_engine.queue_callback(wrapper._average_loss_grads)
         return grad, None, None
 
