@@ -42,6 +42,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from distributed_train import shutdown
+
+# Before init_process_group: importing torch._dynamo (pml_extras does) after it keeps a
+# reference to the group, and gloo's threads then outlive destroy_process_group().
+from pml_extras.distributed import ShardedSparseCircleLoss
 
 MiB = float(1 << 20)
 CHUNK_ELEMS = 1 << 22
@@ -83,8 +88,6 @@ class Peak:
 
 
 def measure(args, rank, world):
-    from pml_extras.distributed import ShardedSparseCircleLoss
-
     torch.manual_seed(0)
     B_g = args.batch * world
     g = torch.Generator().manual_seed(rank)
@@ -172,7 +175,7 @@ def main(argv=None):
             )
             with open(args.out, "w") as f:
                 json.dump(dict(meta=meta, ranks=rows, c10m_gib=big), f, indent=1)
-    dist.destroy_process_group()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -133,6 +133,43 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device, backend = setup(args.backend)
+    train(args, rank, world, device, backend)
+    # The DDP model went with train()'s frame: the group can be destroyed for good.
+    shutdown()
+
+
+def shutdown():
+    """Destroy the process group and check that no gloo thread outlives it.
+
+    A gloo worker thread still running at interpreter exit can abort the process (rc -6,
+    "terminate called without an active exception"). ``destroy_process_group()`` joins
+    gloo's threads only when it drops the last reference to the group, so whatever held
+    it (a DDP model; ``torch._dynamo`` imported after ``init_process_group``) must be gone
+    first. The check reads the thread names (Linux only).
+    """
+    import gc
+
+    dist.barrier()
+    gc.collect()  # DDP sits in reference cycles
+    dist.destroy_process_group()
+    gc.collect()
+    names = []
+    if os.path.isdir("/proc/self/task"):
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:
+                pass
+    left = [name for name in names if "gloo" in name]
+    if left:
+        raise RuntimeError(
+            f"gloo threads {left} outlive destroy_process_group(): something still holds "
+            "the process group"
+        )
+
+
+def train(args, rank, world, device, backend):
     torch.manual_seed(args.seed)  # same backbone init and data pattern on every rank
     freq = torch.rand(args.input_dim, device=device) * 2.0 + 0.05
     phase = torch.rand(args.input_dim, device=device) * 6.2832
@@ -222,8 +259,6 @@ def main(argv=None):
     if not args.memory:
         report_memory(rank, world, device, loss_params, optimizer, args.steps)
         evaluate(args, rank, world, device, model, loss_fn, freq, phase)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 @torch.no_grad()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# Imported here, before the process group exists (see _dist_common).
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
 DIM, IN_DIM, CLASSES = 6, 5, 11
 STEPS, INF_STEP = 4, 2
 
@@ -31,8 +34,6 @@ def amp_run(rank, world, scaler_kind):
     if scaler_kind == "ours":
         scaler = GlobalGradScaler("cpu", **kw)
     elif scaler_kind == "fsdp":
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         scaler = ShardedGradScaler("cpu", **kw)
     else:
         scaler = torch.amp.GradScaler("cpu", **kw)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _dist_common  # noqa: E402  (imports pml_extras before any process group exists)
 
 F64 = torch.float64
 LR = 0.5
@@ -367,13 +369,7 @@ def main():
     sizes = [int(s) for s in os.environ["PMLX_SIZES"].split(",")]
     num_classes, dim = int(os.environ["PMLX_CLASSES"]), int(os.environ["PMLX_DIM"])
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=float(os.environ.get("PMLX_TIMEOUT", "30"))),
-    )
+    _dist_common.init(world, rank, int(port), float(os.environ.get("PMLX_TIMEOUT", "30")))
     results = {}
     try:
         for name in names.split(","):
@@ -383,8 +379,7 @@ def main():
         torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
         raise
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    _dist_common.shutdown()
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world, sizes, num_classes, outdir, suites=SUITES, timeout=150.0, worker=WORKER, **env_kw):
+def spawn(world, sizes, num_classes, outdir, suites=SUITES, timeout=300.0, worker=WORKER, **env_kw):
     """Run ``world`` worker processes; return each rank's results dict.
 
     ``env_kw`` adds environment variables (e.g. ``PMLX_TIMEOUT``, the process group's

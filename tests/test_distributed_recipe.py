@@ -1,4 +1,4 @@
-"""The docs' multi-GPU recipe and ``benchmarks/distributed_train.py`` run on 2 gloo ranks.
+"""The recipe of docs/distributed.md and ``benchmarks/distributed_train.py``, on 2 gloo ranks.
 
 The recipe block (```python torchrun in docs/distributed.md) is run as written, with only its
 configuration line replaced by small sizes, through the same code path as on GPUs except
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "docs" / "distributed.md").read_text()
+DOCS = (ROOT / "docs" / "distributed.md").read_text()
 CONFIG = (
     "num_classes, dim, batch, steps, ckpt_every, ckpt_dir = "
     '1_000_000, 512, 128, 20_000, 1000, "ckpt"'
@@ -86,12 +86,23 @@ def finish(procs, timeout=300.0):
 
 
 def recipe(tmp_path, steps, ckpt_dir) -> Path:
-    block = re.search(r"```python torchrun\n(.*?)```", README, flags=re.S).group(1)
+    block = re.search(r"```python torchrun\n(.*?)```", DOCS, flags=re.S).group(1)
     assert CONFIG in block, "the recipe's configuration line changed: update CONFIG"
     small = f"num_classes, dim, batch, steps, ckpt_every, ckpt_dir = 40, 8, 6, {steps}, 2, "
     script = tmp_path / f"recipe_{steps}_{Path(ckpt_dir).name}.py"
-    script.write_text(block.replace(CONFIG, small + repr(str(ckpt_dir))))
+    script.write_text(block.replace(CONFIG, small + repr(str(ckpt_dir))) + TEARDOWN_CHECK)
     return script
+
+
+# Appended to the recipe: its teardown must leave no gloo thread behind (one that outlives
+# the group can abort the process at exit, about one run in six), checked every time.
+TEARDOWN_CHECK = """
+_names = []
+for _tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+    with open(f"/proc/self/task/{_tid}/comm") as _f:
+        _names.append(_f.read().strip())
+assert not [n for n in _names if "gloo" in n], f"gloo threads outlive the group: {_names}"
+"""
 
 
 def _equal(a, b, where=""):

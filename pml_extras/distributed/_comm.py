@@ -11,7 +11,7 @@ gathered tensor, rank ``r``'s input therefore receives ``d(sum_s L_s)/d x_r``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -226,10 +226,16 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
 @torch.no_grad()
 def broadcast_module_state(module: torch.nn.Module, group=None, src_group_rank: int = 0):
     """Copy every parameter and buffer of ``module`` from ``src_group_rank`` to all ranks."""
+    broadcast_tensors(list(module.parameters()) + list(module.buffers()), group, src_group_rank)
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors: Sequence[Tensor], group=None, src_group_rank: int = 0):
+    """Copy ``tensors`` (in place) from ``src_group_rank`` to all ranks."""
     if not is_active(group):
         return
     src = global_rank(group, src_group_rank)
-    for tensor in list(module.parameters()) + list(module.buffers()):
+    for tensor in tensors:
         data = tensor.data.contiguous()
         dist.broadcast(data, src=src, group=group)
         if data.data_ptr() != tensor.data.data_ptr():
@@ -250,6 +256,37 @@ def out_of_range_label(labels, num_classes: int) -> Optional[int]:
     return None
 
 
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+
+
+def dtype_code(x) -> int:
+    """A small int naming ``x.dtype`` (-1 for a non-tensor), for :func:`synced_validation`."""
+    if not torch.is_tensor(x):
+        return -1
+    return _DTYPES.index(x.dtype) if x.dtype in _DTYPES else len(_DTYPES)
+
+
+def describe_dtype(code: int) -> str:
+    if code < 0:
+        return "not a tensor"
+    return str(_DTYPES[code]) if code < len(_DTYPES) else "another dtype"
+
+
+def describe_bool(code: int) -> str:
+    return "yes" if code else "no"
+
+
 def synced_validation(
     check,
     owner: str,
@@ -259,6 +296,8 @@ def synced_validation(
     group=None,
     needs_grad: bool = False,
     label_range: Optional[Tensor] = None,
+    agree: Sequence[Tuple[str, int, Optional[Callable[[int], str]]]] = (),
+    num_sizes: int = 1,
 ):
     """Run ``check()`` (returns the local batch size) on every rank; fail on all if one fails.
 
@@ -269,40 +308,63 @@ def synced_validation(
     some rank): the collective that gathers the outcome also makes the ranks agree on
     whether the gathered embeddings take part in a backward collective.
 
+    ``agree``: (name, value, describe) triples, the same names in the same order on every
+    rank, each value an int computed without raising (whether labels were given, a dtype
+    code, the embedding size...). Where a value differs between ranks, which would
+    desynchronise the collectives that follow (or silently mix two objectives), *every*
+    rank raises the same ValueError naming it and each rank's value (``describe(value)``
+    if given). It is checked before the errors of ``check()``.
+
+    ``num_sizes`` > 1: ``check()`` returns that many sizes (a tuple), and so does each
+    rank's entry of the result.
+
     ``label_range`` (``lambda: (min, max)`` of the labels as device tensors, called after a
     successful ``check()``) moves the label range check into the same all-gather: one host
-    sync per step for sizes, errors and labels, instead of one more for the range.
+    sync per step for sizes, errors, agreement and labels, instead of one more for the
+    range.
     """
-    error, code, batch, bad = None, 0, -1, 0
+    error, code, batch, bad = None, 0, [-1] * num_sizes, 0
     lo_hi = None
     try:
-        batch = int(check())
+        got = check()
+        batch = [int(n) for n in got] if num_sizes > 1 else [int(got)]
         if label_range is not None:
-            lo_hi = torch.stack(label_range()) if batch > 0 else None
+            lo_hi = torch.stack(label_range()) if batch[0] > 0 else None
     except (ValueError, TypeError) as exc:
         error = exc
         label = None if num_classes is None else out_of_range_label(labels, num_classes)
         code, bad = (1, label) if label is not None else (2, 0)
     if label_range is not None and lo_hi is None:
         lo_hi = torch.zeros(2, dtype=torch.int64, device=device)
-    rows = all_gather_ints(
-        [code, batch, bad, int(bool(needs_grad))], device, group, device_values=lo_hi
-    )
+    head = [code, bad, int(bool(needs_grad))]
+    values = [int(v) for _, v, _ in agree]
+    rows = all_gather_ints(head + batch + values, device, group, device_values=lo_hi)
+    rank, _ = group_info(group)
+    first = len(head) + num_sizes
+    for i, (name, _, describe) in enumerate(agree):
+        seen = [row[first + i] for row in rows]
+        if any(v != seen[0] for v in seen):
+            show = describe or str
+            per_rank = ", ".join(f"rank {r}: {show(v)}" for r, v in enumerate(seen))
+            raise ValueError(
+                f"{owner}: the ranks disagree on {name} ({per_rank}); every rank must make "
+                "the same call"
+            )
     if error is not None:
         raise error
-    rank, _ = group_info(group)
+    end = first + len(agree)
     if label_range is not None:  # codes of out-of-range labels, found on the host now
         for row in rows:
-            lo, hi = row[4:6]
-            if row[0] == 0 and row[1] > 0 and (lo < 0 or hi >= num_classes):
-                row[0], row[2] = 1, lo if lo < 0 else hi
+            lo, hi = row[end : end + 2]
+            if row[0] == 0 and row[3] > 0 and (lo < 0 or hi >= num_classes):
+                row[0], row[1] = 1, lo if lo < 0 else hi
         if rows[rank][0] == 1:
             raise ValueError(
-                f"{owner}: label {rows[rank][2]} is out of range for num_classes={num_classes} "
+                f"{owner}: label {rows[rank][1]} is out of range for num_classes={num_classes} "
                 f"(labels must lie in [0, {num_classes}))"
             )
     for r, row in enumerate(rows):
-        c, b = row[0], row[2]
+        c, b = row[0], row[1]
         if c == 1:
             raise ValueError(
                 f"{owner}: label {b} on rank {r} is out of range for num_classes={num_classes} "
@@ -310,7 +372,8 @@ def synced_validation(
             )
         if c == 2:
             raise ValueError(f"{owner}: rank {r} got invalid inputs (see the error raised there)")
-    return [row[1] for row in rows], any(row[3] for row in rows)
+    sizes = [row[3] if num_sizes == 1 else tuple(row[3:first]) for row in rows]
+    return sizes, any(row[2] for row in rows)
 
 
 @torch.no_grad()

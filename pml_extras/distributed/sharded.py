@@ -40,7 +40,7 @@ from ..functional.circle import circle_target_logit
 from ..functional.curricular import curricular_target, update_t
 from ..losses import CurricularFaceLoss, SparseCircleLoss
 from ..losses.base_proxy_loss import BaseProxyLoss
-from ..ops.class_lse import class_logsumexp, target_cosine
+from ..ops.class_lse import IMPLS, class_logsumexp, target_cosine
 from . import _comm
 
 _MASK64 = (1 << 64) - 1
@@ -214,7 +214,9 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         group = self.process_group
-        sizes, x_all, labels, y_all = self._global_batch(embeddings, labels, ref_emb, ref_labels)
+        sizes, x_all, labels, y_all = self._global_batch(
+            embeddings, labels, ref_emb, ref_labels, indices_tuple=indices_tuple
+        )
         rank, world = _comm.group_info(group)
         w_used = _comm.scale_grad(self.W, 1.0 / world)
         loss_dict = {"loss": self.zero_loss()}
@@ -240,7 +242,14 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         return loss_dict
 
     def _global_batch(
-        self, embeddings, labels=None, ref_emb=None, ref_labels=None, *, with_labels=True
+        self,
+        embeddings,
+        labels=None,
+        ref_emb=None,
+        ref_labels=None,
+        *,
+        with_labels=True,
+        indices_tuple=None,
     ):
         """Validate the local batch on every rank, then all-gather it in rank order.
 
@@ -249,6 +258,11 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         labels); the embeddings are gathered with gradient. With ``with_labels=False`` only
         the embeddings are checked and both label entries are None. For an empty global batch
         nothing is gathered and the two global entries are None.
+
+        The same all-gather makes the ranks agree on what would otherwise desynchronise
+        their collectives or mix two objectives: whether labels and an indices_tuple were
+        given, the embeddings' and W's dtypes, and ``impl``. A difference raises the same
+        ValueError on every rank.
         """
         name = type(self).__name__
         group = self.process_group
@@ -292,6 +306,10 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             group,
             needs_grad=local_grad,
             label_range=label_range if with_labels and world > 1 else None,
+            # (one process: nothing to agree on, and nothing more for compile to trace)
+            agree=self._agreement(embeddings, labels, indices_tuple, with_labels)
+            if world > 1
+            else (),
         )
         labels = checked["labels"]
         if sum(sizes) == 0:
@@ -301,6 +319,24 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         )
         y_all = _comm.gather_rows_nograd(labels, sizes, group) if with_labels else None
         return sizes, x_all, labels, y_all
+
+    def _agreement(self, embeddings, labels, indices_tuple, with_labels):
+        """What every rank must have in common, for :func:`_comm.synced_validation`."""
+        agree = [
+            ("the embeddings' dtype", _comm.dtype_code(embeddings), _comm.describe_dtype),
+            ("W's dtype", _comm.dtype_code(self.W), _comm.describe_dtype),
+            ("impl", IMPLS.index(self.impl), lambda i: repr(IMPLS[i])),
+        ]
+        if with_labels:
+            agree += [
+                ("whether labels were given", int(labels is not None), _comm.describe_bool),
+                (
+                    "whether an indices_tuple was given",
+                    int(indices_tuple is not None),
+                    _comm.describe_bool,
+                ),
+            ]
+        return agree
 
     # ----------------------------------------------------------------- sampling
     def _columns_and_targets(self, y_all: Tensor) -> Tuple[Optional[Tensor], Tensor]:

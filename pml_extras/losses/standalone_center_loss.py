@@ -4,9 +4,11 @@ import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.reducers import MeanReducer
+from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .._validation import check_embeddings, check_labels
+from ..functional._numerics import working_dtype
 from ..functional.center import INTER_FORMS, standalone_center_loss
 from . import _common
 
@@ -68,6 +70,23 @@ class StandaloneCenterLoss(BaseMetricLossFunction):
         self.add_to_recordable_attributes(
             list_of_names=["intra_weight", "inter_weight"], is_stat=False
         )
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's forward, except that the reducer sees float32 (or wider) embeddings.
+
+        With two sub-losses PML's MultipleReducers adds them up in a tensor of the
+        embeddings' dtype, so fp16/bf16 embeddings (autocast) would round the float32
+        terms to half and return a half loss; the other losses return float32.
+        """
+        self.reset_stats()
+        c_f.check_shapes(embeddings, labels)
+        if labels is not None:
+            labels = c_f.to_device(labels, embeddings)
+        ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        wide = embeddings.to(working_dtype(embeddings))  # the cast passes the gradient on
+        return self.reducer(loss_dict, wide, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         name = type(self).__name__
