@@ -23,7 +23,7 @@
 #    D=512, C in {100k, 1M}, bf16 and autocast_bf16; pair-level CircleLoss at B=16384 <= 3x
 #    its floor; the number of Triton kernel specialisations launched (compile time) <= 24.
 #    Results in OUT_DIR/quick.{json,csv,md};
-# 3. pytest_gpu: the CUDA tests (tests/test_gpu.py, TestGPU in tests/test_class_lse_triton.py,
+# 3. pytest_gpu: the CUDA tests (tests/gpu/test_gpu.py, TestGPU in tests/ops/test_class_lse_triton.py,
 #    the retrieval benchmark's CUDA smoke test), log in OUT_DIR/pytest_gpu.log; it also
 #    counts the kernel specialisations the tests launch, and holds them to a budget
 #    (GPU_CHECKS_SPECIALISATIONS, default 60 in quick, and GPU_CHECKS_TEST_SECONDS, 150):
@@ -37,7 +37,7 @@
 # 6. nccl_one_rank (full): a one-rank NCCL run of the sharded loss's training example (one
 #    GPU cannot host two NCCL ranks; what it can and cannot show: see the step below).
 #
-# CPU rehearsal (CI runs it: tests/test_gpu_checks_script.py): GPU_CHECKS_CPU=1 runs the
+# CPU rehearsal (CI runs it: tests/gpu/test_gpu_checks_script.py): GPU_CHECKS_CPU=1 runs the
 # same steps on the CPU, the kernels under TRITON_INTERPRET=1, at tiny sizes. Only the
 # device differs: the time targets then FAIL (the interpreter is slow), tests that need a
 # CUDA device skip (a CUDA-test step in which no test ran is a FAIL), and nccl_one_rank
@@ -89,9 +89,9 @@ else
 fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
     | tee -a "$out/device.txt"
-pytest_sel=(tests/test_gpu.py tests/test_class_lse_triton.py tests/test_retrieval_benchmark.py
+pytest_sel=(tests/gpu/test_gpu.py tests/ops/test_class_lse_triton.py tests/benchmarks/test_retrieval_benchmark.py
     -k "gpu or GPU or cuda")
-memcheck_sel=(tests/test_gpu.py
+memcheck_sel=(tests/gpu/test_gpu.py
     -k "(sparse_circle_cuda and 41x401 or pair_circle_triton_matches and self) and (float32 or bfloat16)")
 extra_speed=()
 # The overrides are shell words (quotes allowed), hence eval.
@@ -183,7 +183,7 @@ fi
 # --clip-grad-norm, fp16 autocast with GlobalGradScaler and clipping). At world size 1
 # every collective of pml_extras is skipped, so it cannot show the loss's NCCL
 # collectives, cross-rank gradients, matching collectives or hangs: gloo checks those in
-# tests/test_distributed*.py; on NCCL they need a machine with 2+ GPUs.
+# tests/distributed/test_distributed*.py; on NCCL they need a machine with 2+ GPUs.
 if step nccl_one_rank python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
     benchmarks/distributed_train.py "${dist[@]}"; then
     tail -n 10 "$out/nccl_one_rank.log"

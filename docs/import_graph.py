@@ -11,7 +11,7 @@ all arrows pointing down) are orange.
 
 Drawing needs Graphviz's ``dot`` (``apt-get install graphviz``); without it the script
 stops and writes nothing, so the SVG and the PNG always come from the same run. CI does
-not need ``dot``: ``tests/test_docs.py`` compares the committed SVG's edges with
+not need ``dot``: ``tests/project/test_docs.py`` compares the committed SVG's edges with
 :func:`import_edges` of the current tree, so a stale drawing fails the tests.
 
 Module names: ``pml_extras.*`` as Python sees them; the benchmark packages as their

@@ -23,8 +23,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-# The test modules import the naive references with ``import reference``.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The test modules import the naive references (``import reference``) and the other
+# helpers of tests/helpers/ by their names.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
 _COMMON = dict(
     deadline=None,

@@ -4,7 +4,7 @@ Used only where torchvision cannot be imported (for instance PyPI's torchvision 
 build of torch it was not built for: its C extension fails to load): a state_dict saved from
 ``torchvision.models.resnet18/50`` loads into these unchanged, and the forward pass is the
 same function (He et al., CVPR 2016; the stride sits on the 3x3 conv of a bottleneck, as in
-torchvision's "ResNet v1.5"). tests/test_retrieval_models.py checks both against
+torchvision's "ResNet v1.5"). tests/benchmarks/test_retrieval_models.py checks both against
 torchvision's own module source.
 """
 

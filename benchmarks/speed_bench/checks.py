@@ -4,7 +4,7 @@ Every line has one shape, so that a log can be read by eye and parsed by a test 
 values below only illustrate the format)::
 
     PASS class-time arcface_triton class B=1024 D=512 C=100000 bf16 fwd+bwd: 1.31x <= 1.5x (...)
-    FAIL cuda-tests tests/test_gpu.py: 2 failures > 0 failures (310 passed, 2 failed)
+    FAIL cuda-tests tests/gpu/test_gpu.py: 2 failures > 0 failures (310 passed, 2 failed)
     SKIP memcheck compute-sanitizer: - ? 0 errors (compute-sanitizer not found)
 
 ``STATUS TARGET SUBJECT: MEASURE OP LIMIT (DETAIL)``: OP is ``<=`` when the measure meets

@@ -16,7 +16,7 @@ figure from elsewhere:
 
 A target applies to every row of its level, providers and mode in the run; a row that was
 skipped or failed is a FAIL (nothing verified), and a target with no row at all is a FAIL
-too. ``--limit NAME=VALUE`` overrides a limit (``tests/test_gpu_checks_script.py`` sets an
+too. ``--limit NAME=VALUE`` overrides a limit (``tests/gpu/test_gpu_checks_script.py`` sets an
 impossible one to see a FAIL).
 """
 

@@ -11,7 +11,7 @@ unscaled in an iteration (a backbone optimizer and a shard optimizer, clipped to
 
 ``torch.distributed.fsdp.sharded_grad_scaler.ShardedGradScaler`` does the same for FSDP
 (one all-reduce per device and optimizer; it also works with gloo on CPU, see
-``tests/test_distributed_sync.py``); this one issues exactly one small all-reduce per
+``tests/distributed/test_distributed_sync.py``); this one issues exactly one small all-reduce per
 ``unscale_`` whatever the devices, also on a rank whose optimizer has no gradients.
 """
 

@@ -5,8 +5,8 @@ gradient, puts the local ones first, computes the loss on the gathered batch and
 ``world_size * loss``, so that the local embeddings' gradient survives DDP's averaging.
 The factor also multiplies the gradient of the loss's own parameters (proxies W, centers),
 which are not averaged by anything: with N ranks each replica receives N times the
-single-process gradient (``tests/test_distributed.py`` measures it). The wrappers here avoid
-that while keeping PML's calling convention.
+single-process gradient (``tests/distributed/test_distributed.py`` measures it). The
+wrappers here avoid that while keeping PML's calling convention.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ class DistributedLossWrapper(torch.nn.Module):
     Per step that is |W| all-reduced + |b| broadcast + the embeddings' all-gather (and its
     backward all-reduce) + one small all-gather of sizes and checks, i.e. what DDP itself
     moves for a module holding the same parameters and buffers
-    (``tests/test_distributed_wrapper.py`` counts the bytes on gloo against DDP's).
+    (``tests/distributed/test_distributed_wrapper.py`` counts the bytes on gloo against DDP's).
     ``sync_every`` (deprecated, a FutureWarning) keeps the old cadence: every
     ``sync_every``-th training forward also broadcasts the parameters (|W| more per step;
     0: nothing at all after the first forward); :meth:`sync_state` broadcasts on demand.

@@ -256,13 +256,13 @@ def mma_smem_bytes(
 
 # Registers per thread, spill bytes (stores + loads) and Triton's shared memory per
 # program, from ptxas 13.4 -v for sm_90a (triton 3.9, compiled on CPU, no GPU:
-# ``python -m pytest -s tests/test_sm90_spills.py`` prints them for today's kernels).
+# ``python -m pytest -s tests/gpu/test_sm90_spills.py`` prints them for today's kernels).
 # Keys: (kernel, design, operand dtype, W dtype). Spills are reported, not costed.
 PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
     # v1: the kernels at d00838b (64 x 32 tiles, 8 warps, 2 stages, D = 512, circle)
     ("class_fwd", "v1", "bf16", "bf16"): (255, 0, 131072),
     ("class_bwd", "v1", "bf16", "bf16"): (255, 68, 69632),
-    # v2 (this branch; tests/test_sm90_spills.py, curricular transform): the forward is
+    # v2 (this branch; tests/gpu/test_sm90_spills.py, curricular transform): the forward is
     # v1's; the backward 32 x 32 with its W tile resident
     ("class_fwd", "v2", "bf16", "bf16"): (255, 40, 131072),
     ("class_fwd", "v2", "bf16", "fp32"): (255, 472, 131072),
@@ -336,7 +336,7 @@ V3 = ClassDesign(
     p_side_scale=True,
     fused_norms=True,
 )
-# The design the kernels in class_lse_triton implement now (tests/test_cost_model.py
+# The design the kernels in class_lse_triton implement now (tests/ops/test_cost_model.py
 # checks its tiles against class_lse_triton.BlockConfig).
 CURRENT_CLASS = V2
 
@@ -702,7 +702,7 @@ def table() -> str:
     """Markdown table of the predictions (fwd+bwd) for the target cases: H100 / H200 time,
     floor and ratio, and the H100 ratio if shared memory did not limit (the least certain
     term). ``python -m pml_extras.ops.cost_model`` prints it; docs/kernels/cost_model.md
-    holds a copy (tests/test_cost_model.py checks that they agree)."""
+    holds a copy (tests/ops/test_cost_model.py checks that they agree)."""
     no_smem = dataclasses.replace(H100_SXM, smem_bytes_per_clk=1 << 30)
     rows = [
         "| kernels | design | case | H100 ms | H200 ms | floor H100 / H200 ms "
@@ -750,7 +750,7 @@ def table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # pragma: no cover - exercised by tests/test_cost_model.py
+if __name__ == "__main__":  # pragma: no cover - exercised by tests/ops/test_cost_model.py
     print(table())
     for design in CLASS_DESIGNS:
         print(f"\nclass, design {design.name}, B=1024 D=512 C=1M bf16 on the H100 SXM:")

@@ -8,7 +8,7 @@ test pass; a test that needs a tighter bound keeps its own tighter value.
 
 Entries are relative errors. Tuples are ``(loss, gradient)``. What each compares:
 
-``REFERENCE[loss]``: a loss module against float64 math (``tests/reference.py``) on the
+``REFERENCE[loss]``: a loss module against float64 math (``tests/helpers/reference.py``) on the
     same rounded inputs, per input dtype. Losses are computed in float32 (float64 for
     float64) whatever the input dtype, so mostly the gradients, returned in the input
     dtype, carry its rounding.
@@ -25,7 +25,7 @@ Entries are relative errors. Tuples are ``(loss, gradient)``. What each compares
     ``oracle`` (against float64 math) and ``torch`` (against the PyTorch path).
 ``PAIR_KERNEL``: the pair kernels' interpreter tests, (loss rtol, gradient error
     relative to the largest entry) against the PyTorch path.
-``GPU_GRAD``: gradients on a GPU against float64 (``tests/test_gpu.py``, a norm-wise
+``GPU_GRAD``: gradients on a GPU against float64 (``tests/gpu/test_gpu.py``, a norm-wise
     relative error).
 ``PAIR_AUTOCAST_LOSS``: the pair loss under ``torch.autocast(bfloat16)`` with float32
     embeddings against float64 math on the unrounded unit rows (bf16 operands: ~2^-9

@@ -1,0 +1,158 @@
+"""Registers, spills and wgmma use of the fused kernels for an H100 (sm_90a), compiled on
+CPU (Triton -> PTX, then ptxas -v; no GPU needed), at the production specialisation
+(D = 512, large aligned tensors, default tiles). Fails when a bf16 variant spills more
+than its recorded budget: 0 everywhere except the forward's two known spills below.
+
+Run ``python -m pytest -s tests/gpu/test_sm90_spills.py`` to see the report (one line per
+variant); docs/kernels/cost_model.md quotes it, and pml_extras/ops/cost_model.py's
+PTXAS_SM90 holds the figures the model's occupancy uses."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+from _sm90 import compile_for_sm90, nvidia_backend_or_skip
+
+try:
+    import triton  # noqa: F401
+
+    from pml_extras.ops import class_lse_triton as clt
+    from pml_extras.ops import pair_circle_triton as pct
+except ImportError:  # pragma: no cover - triton is a test dependency on Linux
+    clt = pct = None
+
+pytestmark = [
+    pytest.mark.skipif(clt is None, reason="triton is not installed"),
+    pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") == "1",
+        reason="compiles real kernels; not under the interpreter",
+    ),
+]
+
+# Spill bytes (stores + loads) each bf16 variant may have. The class forward keeps its
+# v1 structure (a 64 x 512 float32 u accumulator in registers): with the curricular
+# transform's extra row parameter it spills 20 + 20 bytes, and with fp32 W (autocast)
+# the 512 x 32 float32 W tile it loads for u costs 236 + 236. Any other spill fails.
+SPILL_BUDGET = {
+    ("class_fwd", "bf16"): 40,
+    ("class_fwd", "fp32"): 472,
+}
+
+
+def ptxas_report(compiled) -> dict:
+    """Registers, spill bytes, shared memory and wgmma / mma.sync counts of a kernel
+    compiled for sm_90a, from ptxas -v on its PTX (the ptxas Triton itself uses)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", src,
+             "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    stores, loads = map(
+        int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    )
+    return {
+        "registers": regs,
+        "spill_bytes": stores + loads,
+        "shared": compiled.metadata.shared,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
+    }
+
+
+def _class_variants():
+    import triton.language as tl
+
+    cfg = clt.BlockConfig()
+    block_d, d_group, _ = clt._d_layout(512, cfg, False)
+    for w in ("bf16", "fp32"):  # bf16 W, and fp32 W under autocast
+        common = dict(
+            KIND=1,  # curricular: the transform with the most live state
+            P1_PTR=True,
+            OP_DTYPE=tl.bfloat16,
+            DOT_DTYPE=tl.bfloat16,
+            PRECISION=None,
+            BLOCK_C=cfg.block_c,
+            BLOCK_D=block_d,
+            D_GROUP=d_group,
+        )
+        ptrs = dict(X="*bf16", W=f"*{w}", GW=f"*{w}", TGT="*i64")
+        for name in ("INV", "RX", "RP", "P1", "M_OUT", "L_OUT", "U_OUT", "LSE", "GLSE"):
+            ptrs[name] = "*fp32"
+        fwd = dict(common, NEED_U=True, BLOCK_M=cfg.block_m)
+        bwd = dict(common, RESCALE=False, BLOCK_M=clt._bwd_block_m(cfg), RESIDENT=d_group >= 512)
+        for name, kernel, consts in (
+            ("class_fwd", clt._fwd_kernel, fwd),
+            ("class_bwd", clt._bwd_w_kernel, bwd),
+        ):
+            yield pytest.param(
+                name, w, kernel, ptrs, consts, ("p0", "p1_value"), cfg, id=f"{name}-W{w}"
+            )
+
+
+def _pair_variants():
+    import triton.language as tl
+
+    cfg = pct.BlockConfig()
+    block_d, d_group, _ = pct._d_layout(512, cfg, False)
+    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None)
+    consts.update(BLOCK_D=block_d, D_GROUP=d_group)
+    ptrs = {"X": "*bf16", "Y": "*bf16", "LAB": "*i64", "REF": "*i64", "POS": "*u8"}
+    ptrs["NEG"] = "*u8"
+    for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
+        ptrs[name] = "*fp32"
+    for name, kernel, tiles in (
+        ("pair_fwd", pct._fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)),
+        ("pair_bwd_row", pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                               COLUMN_SIDE=False)),
+        ("pair_bwd_column", pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                                  COLUMN_SIDE=True)),
+    ):  # fmt: skip
+        yield pytest.param(
+            name, "bf16", kernel, ptrs, dict(consts, **tiles), ("m", "gamma"), cfg, id=name
+        )
+
+
+def _variants():
+    if clt is None:
+        return []
+    return list(_class_variants()) + list(_pair_variants())
+
+
+@pytest.mark.parametrize("name,w,kernel,ptrs,consts,floats,cfg", _variants())
+def test_bf16_kernels_do_not_spill(name, w, kernel, ptrs, consts, floats, cfg):
+    """bf16 operands at D = 512: report registers / spills / wgmma, fail on a spill over
+    the variant's budget, and check that the matmuls run on wgmma (tensor cores)."""
+    nvidia_backend_or_skip()
+    compiled = compile_for_sm90(
+        kernel,
+        ptrs,
+        consts,
+        floats,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        unit_strides=("stride_xd", "stride_wc", "stride_gc"),
+    )
+    r = ptxas_report(compiled)
+    print(
+        f"\n{name} (bf16 operands, W {w}): {r['registers']} registers, "
+        f"{r['spill_bytes']} spill bytes, {r['shared']} B shared, "
+        f"{r['wgmma']} wgmma, {r['mma_sync']} mma.sync"
+    )
+    budget = SPILL_BUDGET.get((name, w), 0)
+    assert r["spill_bytes"] <= budget, (
+        f"{name} with W {w} spills {r['spill_bytes']} bytes (budget {budget}): "
+        f"{r['registers']} registers"
+    )
+    assert r["wgmma"] > 0, f"{name}: no wgmma instruction, the matmuls left the tensor cores"

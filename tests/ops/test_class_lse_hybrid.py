@@ -1,0 +1,182 @@
+"""The hybrid class logsumexp (pml_extras/ops/class_lse_hybrid.py): library matmuls over
+class chunks plus a fused Triton epilogue. Its PyTorch parts run on CPU directly, the
+epilogue under Triton's interpreter: like test_class_lse_triton.py, the interpreted tests
+(class ``TestInterpretedHybrid``) run in a TRITON_INTERPRET=1 child started by
+``test_interpreter_child``. Oracles: ``class_lse._forward_torch`` / ``_backward_torch``
+(the same rounding points), and the float64 dense reference of tests/helpers/reference.py.
+
+    TRITON_INTERPRET=1 python -m pytest tests/ops/test_class_lse_hybrid.py -k Interpreted
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+_CHILD = "PML_EXTRAS_HYBRID_INTERPRET_CHILD"
+if os.environ.get(_CHILD) == "1":
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from reference import dense_class_logsumexp  # noqa: E402
+
+from pml_extras.ops import class_lse  # noqa: E402
+
+try:
+    import triton  # noqa: F401, E402
+
+    from pml_extras.ops import class_lse_hybrid as hyb  # noqa: E402
+except ImportError:  # pragma: no cover - triton is a test dependency on Linux
+    hyb = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(
+    not INTERPRET or hyb is None, reason="runs in the TRITON_INTERPRET=1 child"
+)
+KINDS = [("circle", 64.0, 0.25), ("curricular", 16.0, 0.3), ("scaled", 30.0, 0.0)]
+
+
+def test_interpreter_child():
+    if INTERPRET:
+        pytest.skip("already under TRITON_INTERPRET=1")
+    if hyb is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
+    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-rfEs"]
+    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", "Interpreted"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"interpreted hybrid tests failed:\n{out[-6000:]}"
+    passed = re.search(r"(\d+) passed", out.strip().splitlines()[-1])
+    assert passed and int(passed.group(1)) >= 15, out[-3000:]
+
+
+def _problem(batch, dim, classes, dtype, seed=0):
+    """x, W (both in ``dtype``), targets with a -1 row, and two extreme rows: row 0 equal
+    to its own proxy (cos = +1 on the target), row 1 opposite to a negative (cos = -1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=g)
+    w = torch.randn(dim, classes, generator=g)
+    target = torch.randint(0, classes, (batch,), generator=g)
+    w[:, target[0]] = 2.0 * x[0]
+    w[:, (target[1] + 1) % classes] = -0.5 * x[1]
+    target[2] = -1
+    row_param = torch.rand(batch, generator=g) - 0.5
+    return x.to(dtype), w.to(dtype), target, row_param
+
+
+def _both(x, w, target, row_param, kind, p0, p1, chunk, op=None):
+    """((lse, cos_y, grad_x, grad_w) torch path, the same hybrid) for random upstream grads."""
+    g = torch.Generator().manual_seed(1)
+    grad_lse = torch.randn(x.shape[0], generator=g)
+    grad_cos = torch.randn(x.shape[0], generator=g)
+    lse, cos_y = class_lse._forward_torch(x, w, target, row_param, kind, p0, p1, chunk, op)
+    ref = (lse, cos_y) + class_lse._backward_torch(
+        x, w, target, row_param, kind, p0, p1, chunk, lse, grad_lse, grad_cos, op
+    )
+    h_lse, h_cos = hyb.forward(x, w, target, row_param, kind, p0, p1, op_dtype=op, chunk=chunk)
+    ours = (h_lse, h_cos) + hyb.backward(
+        x, w, target, row_param, kind, p0, p1, lse, grad_lse, grad_cos, op_dtype=op, chunk=chunk
+    )
+    return ref, ours
+
+
+def _close(ref, ours, rtol):
+    for name, a, b in zip(("lse", "cos_y", "grad_x", "grad_w"), ref, ours):
+        assert b.dtype == a.dtype and b.shape == a.shape, name
+        a, b = a.double(), b.double()
+        assert torch.isfinite(b[torch.isfinite(a)]).all(), name
+        scale = a[torch.isfinite(a)].abs().max().clamp_min(1e-30)
+        err = (a - b).nan_to_num(0.0).abs().max() / scale
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
+
+
+@interpreted
+class TestInterpretedHybrid:
+    @pytest.mark.parametrize("kind,p0,p1", KINDS, ids=[k[0] for k in KINDS])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("shape", [(41, 33, 401), (9, 16, 1271)], ids=["41x401", "9x1271"])
+    def test_matches_torch_path(self, shape, dtype, kind, p0, p1):
+        """Odd shapes, several chunks (the last partial), cos = +-1 rows, a -1 target."""
+        x, w, target, row_param = _problem(*shape, dtype)
+        ref, ours = _both(x, w, target, row_param, kind, p0, p1, chunk=128)
+        _close(ref, ours, 2e-5)
+
+    def test_tensor_p1_and_autocast(self):
+        """CurricularFace's t as a 0-d tensor, under autocast (fp32 inputs, bf16 operands)."""
+        x, w, target, row_param = _problem(41, 33, 401, torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            op = class_lse.operand_dtype(x, w)
+        assert op == torch.bfloat16
+        ref, ours = _both(x, w, target, row_param, "curricular", 16.0, torch.tensor(0.3), 64, op)
+        _close(ref, ours, 2e-5)
+
+    def test_matches_float64_reference(self):
+        """fp32 against the dense float64 reference: lse, cos_y and both gradients (rows
+        away from cos = +-1, where the reference's clamp gradient differs by design)."""
+        g = torch.Generator().manual_seed(3)
+        x = F.normalize(torch.randn(13, 24, generator=g), dim=1)
+        w = torch.randn(24, 301, generator=g)
+        target = torch.randint(0, 301, (13,), generator=g)
+        lse, cos_y = hyb.forward(x, w, target, torch.zeros(13), "circle", 32.0, 0.25, chunk=100)
+        xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+        # x through its normalisation, as class_logsumexp's gradient is w.r.t. raw rows.
+        unit = xr / xr.norm(dim=1, keepdim=True)
+        ref_lse, ref_cos = dense_class_logsumexp(unit, wr, target, "circle", 32.0, 0.25)
+        assert torch.allclose(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(cos_y.double(), ref_cos, rtol=1e-5, atol=1e-6)
+        gl, gc = torch.randn(13, generator=g), torch.randn(13, generator=g)
+        (ref_lse * gl.double()).sum().add((ref_cos * gc.double()).sum()).backward()
+        gx, gw = hyb.backward(x, w, target, torch.zeros(13), "circle", 32.0, 0.25, lse, gl, gc,
+                              chunk=100)  # fmt: skip
+        assert torch.allclose(gx.double(), xr.grad, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(gw.double(), wr.grad, rtol=1e-4, atol=1e-5)
+
+    @settings(max_examples=6, deadline=None)
+    @given(chunk=st.integers(1, 300), batch=st.integers(1, 20))
+    def test_chunk_size_does_not_change_the_result(self, chunk, batch):
+        x, w, target, row_param = _problem(max(batch, 3), 16, 257, torch.bfloat16, seed=batch)
+        one = hyb.forward(x, w, target, row_param, "circle", 64.0, 0.25, chunk=257)
+        many = hyb.forward(x, w, target, row_param, "circle", 64.0, 0.25, chunk=chunk)
+        assert torch.allclose(one[0], many[0], rtol=1e-5, atol=1e-4)
+        assert torch.equal(one[1], many[1])
+
+    def test_loss_module_selects_it(self):
+        """impl="hybrid" through a PML loss: loss and gradients equal impl="torch"'s."""
+        from pml_extras.losses import SparseCircleLoss
+
+        out = {}
+        for impl in ("torch", "hybrid"):
+            torch.manual_seed(0)
+            # D = 64 > 4 ln(C (C - 1)): not low-dimensional, so PML's normal_ init.
+            loss_fn = SparseCircleLoss(300, 64, m=0.25, gamma=64.0, impl=impl)
+            emb = torch.randn(17, 64, requires_grad=True)
+            loss = loss_fn(emb, torch.randint(0, 300, (17,)))
+            loss.backward()
+            out[impl] = (loss.detach(), emb.grad, loss_fn.W.grad)
+        for a, b in zip(out["torch"], out["hybrid"]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    def test_bad_input(self):
+        x, w, target, row_param = _problem(5, 8, 20, torch.float64)
+        with pytest.raises(TypeError, match="float32"):
+            hyb.forward(x, w, target, row_param, "circle", 1.0, 0.25)
+        with pytest.raises(ValueError, match="unknown transform kind 'arc'"):
+            hyb.forward(x.float(), w.float(), target, row_param, "arc", 1.0, 0.25)
+        with pytest.raises(TypeError, match="impl='hybrid' computes in float32"):
+            class_lse.class_logsumexp(x, w, target, "circle", 1.0, 0.25, impl="hybrid")
+
+
+def test_hybrid_needs_a_triton_device():
+    """On CPU without the interpreter, impl='hybrid' says why it cannot run."""
+    if INTERPRET:
+        pytest.skip("the interpreter makes CPU a Triton device")
+    x, w, target, _ = _problem(5, 8, 20, torch.float32)
+    with pytest.raises(RuntimeError, match="impl='hybrid' needs the triton package"):
+        class_lse.class_logsumexp(x, w, target, "circle", 1.0, 0.25, impl="hybrid")

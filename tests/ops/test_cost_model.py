@@ -1,0 +1,283 @@
+"""The cost model (pml_extras/ops/cost_model.py): its arithmetic against a hand count, its
+properties, the table in docs/kernels/cost_model.md, and the benchmark hook that prints
+its predictions (benchmarks/speed_bench/predicted.py). Everything here is CPU arithmetic;
+the model's times are predictions, never measured here."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pml_extras.ops import cost_model as cm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_forward_matches_a_hand_count():
+    """Design v1's class forward at B = 128, C = 64, D = 64, bf16, on the H100 SXM.
+
+    Tiles 64 x 32, so 2 row blocks x 2 class tiles = 4 (row block, class tile) steps and
+    8192 logits. Splits: the u partials may not exceed W (64 * 2 bytes // (128 * 4) = 0,
+    so at most 1 split): 1 split, 2 programs.
+    Each step loads through L2: the x block 64 * 64 * 2 = 8192 B, the W tile twice
+    (logits, u) 2 * 32 * 64 * 2 = 8192 B, 1/||w|| 32 * 4 = 128 B: 16512 B; 4 steps:
+    66048 B. Partials (u, max, sum; float32): 1 * 128 * (64 + 2) * 4 = 33792 B, written
+    and counted once in L2 and once in HBM. L2 = 99840 B.
+    HBM: W 8192 + x 16384 + 1/||w|| 256 + partials 33792 = 58624 B.
+    FLOPs: logits and u, 2 * 2 * 8192 * 64 = 2097152.
+    Shared memory: staged tiles 4 * (8192 + 8192) = 65536 B; wgmma operand reads per
+    step: logits 64 x 32 x 64 with two warpgroups side by side (n16 each), 4 k16 steps,
+    each reading A 64 * 16 * 2 = 2048 B and B 16 * 16 * 2 = 512 B: 2 * 4 * 2560 = 20480;
+    u 64 x 64 x 32 with A (the softmax weights) in registers, B 16 * 32 * 2 = 1024 B,
+    2 k16 steps: 2 * 2 * 1024 = 4096. Total 65536 + 4 * 24576 = 163840 B.
+    CUDA cores: 19 instructions and 1 exp per logit: 155648 and 8192.
+    Occupancy: 255 registers (ptxas) -> 256 * 256 threads = the whole 65536-register
+    file: 1 program per SM; 2 programs on 132 SMs: wave efficiency 2 / 132.
+    Times: tensor 2097152 / 989.4e12 * 66; CUDA cores 155648 / (128 * 132 * 1.83e9) * 66
+    (the exps take 8192 / (16 * 132 * 1.83e9) * 66, less); no overlap, so compute =
+    CUDA + tensor; smem 163840 / (128 * 132 * 1.83e9) * 66 (below compute); L2
+    99840 / 7e12; HBM 58624 / 3.35e12; time = compute + one launch of 3 us."""
+    fwd = cm.class_kernels(128, 64, 64, "bf16", "bf16", cm.V1, cm.H100_SXM)[1]
+    assert fwd.programs == 2
+    assert fwd.l2 == 99840
+    assert fwd.hbm == 58624
+    assert fwd.flops == 2097152
+    assert fwd.smem == 163840
+    assert (fwd.alu, fwd.sfu) == (155648, 8192)
+    p = cm.predict(fwd, cm.H100_SXM)
+    assert p.blocks_per_sm == 1
+    assert p.wave_efficiency == pytest.approx(2 / 132, rel=1e-12)
+    t_tensor = 2097152 / 989.4e12 * 66
+    t_alu = 155648 / (128 * 132 * 1.83e9) * 66
+    assert p.t_tensor == pytest.approx(t_tensor, rel=1e-9)
+    assert p.t_compute == pytest.approx(t_alu + t_tensor, rel=1e-9)
+    assert p.t_smem == pytest.approx(163840 / (128 * 132 * 1.83e9) * 66, rel=1e-9)
+    assert p.t_l2 == pytest.approx(99840 / 7e12, rel=1e-9)
+    assert p.t_hbm == pytest.approx(58624 / 3.35e12, rel=1e-9)
+    assert p.bound == "compute"
+    assert p.time == pytest.approx(t_alu + t_tensor + 3e-6, rel=1e-9)
+
+
+def test_floors_match_a_hand_count():
+    """Class: 3 matmuls of 2 * 1024 * 1e6 * 512 FLOPs at 989.4 TFLOP/s (each above W's
+    1.024 GB at 3.35 TB/s = 0.31 ms): 3.18 ms. Pair: 3 * 2 * 16384^2 * 512 FLOPs."""
+    assert cm.class_floor(1024, 10**6, 512) == pytest.approx(
+        3 * 2 * 1024 * 1e6 * 512 / 989.4e12, rel=1e-12
+    )
+    # A matmul that W's bytes bound instead: B = 8 rows of fp32 W on the H100's HBM.
+    assert cm.class_floor(8, 10**6, 512, "bf16", "fp32") == pytest.approx(
+        3 * 10**6 * 512 * 4 / 3.35e12, rel=1e-12
+    )
+    assert cm.pair_floor(16384, 512) == pytest.approx(3 * 2 * 16384**2 * 512 / 989.4e12)
+
+
+def test_mma_and_occupancy_hand_counts():
+    # 64 x 32 x 512 bf16 with 8 warps: 2 warpgroups of n16, 32 k16 steps, 2560 B each.
+    assert cm.mma_smem_bytes(64, 32, 512, 2, 8) == 2 * 32 * (2048 + 512)
+    # 512 x 32 x 64 (x^T G): warpgroups along M, 4 m64 instructions each, 4 k16 steps.
+    assert cm.mma_smem_bytes(512, 32, 64, 2, 8) == 2 * 4 * 4 * (2048 + 1024)
+    # 32 rows: mma.sync, warps 2 along M and 4 along N, each loading its fragments.
+    assert cm.mma_smem_bytes(32, 32, 512, 2, 8) == 32 * 512 * 2 * 4 + 512 * 32 * 2 * 2
+    k = cm.KernelCost("k", 1, 8, 128, 0, 0.0, "bf16", 0.0, 0.0, 0.0, 0.0, 0.0)
+    assert cm.blocks_per_sm(k, cm.H100_SXM) == 2  # 128 * 256 = half the register file
+    import dataclasses
+
+    with pytest.raises(ValueError, match="does not fit"):
+        cm.blocks_per_sm(dataclasses.replace(k, smem_per_program=228 * 1024), cm.H100_SXM)
+
+
+def _sum(kernels, field):
+    return sum(getattr(k, field) for k in kernels)
+
+
+_DESIGNS = st.sampled_from([cm.V1, cm.V2, cm.V2_FULL, cm.V3])
+_FIELDS = ("flops", "flops_mma_sync", "l2", "smem", "alu", "sfu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    design=_DESIGNS,
+    batch=st.integers(1, 4096),
+    classes=st.integers(1, 2_000_000),
+    more=st.integers(1, 2_000_000),
+    dim=st.sampled_from([64, 128, 256, 512]),
+    w=st.sampled_from(["bf16", "fp32"]),
+)
+def test_class_model_grows_with_classes(design, batch, classes, more, dim, w):
+    """More classes never cost less: FLOPs, bytes, CUDA-core work, the backward's
+    predicted time (one program per class tile) and the floor. (The forward's time may
+    drop at small C: more classes allow more class splits, i.e. more parallel programs,
+    as in the launcher.)"""
+    small = cm.class_kernels(batch, classes, dim, "bf16", w, design)
+    big = cm.class_kernels(batch, classes + more, dim, "bf16", w, design)
+    for field in _FIELDS:
+        assert _sum(big, field) >= _sum(small, field), field
+    t_big, t_small = (cm.predict(k[2], cm.H100_SXM).time for k in (big, small))
+    assert t_big >= t_small * (1 - 1e-12)  # equal grids give equal times up to rounding
+    assert cm.class_floor(batch, classes + more, dim) >= cm.class_floor(batch, classes, dim)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    design=_DESIGNS,
+    rows=st.integers(1, 64),
+    more=st.integers(1, 64),
+    classes=st.integers(1, 2_000_000),
+    dims=st.lists(st.sampled_from([16, 64, 128, 256, 512, 1024]), min_size=2, max_size=2),
+)
+def test_class_model_grows_with_batch_and_dim(design, rows, more, classes, dims):
+    """More rows (whole 32-row blocks) or a larger D never cost less work; with D the
+    grid is unchanged, so the predicted time cannot drop either."""
+    batch, bigger = 32 * rows, 32 * (rows + more)
+    d0, d1 = sorted(dims)
+    base = cm.class_kernels(batch, classes, d0, "bf16", "bf16", design)
+    for other in (
+        cm.class_kernels(bigger, classes, d0, "bf16", "bf16", design),
+        cm.class_kernels(batch, classes, d1, "bf16", "bf16", design),
+    ):
+        for field in ("flops", "flops_mma_sync", "alu", "sfu", "smem"):
+            assert _sum(other, field) >= _sum(base, field), field
+    wide = cm.class_kernels(batch, classes, d1, "bf16", "bf16", design)
+    assert cm.total(wide, cm.H100_SXM) >= cm.total(base, cm.H100_SXM) * (1 - 1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    design=_DESIGNS,
+    tiles=st.integers(1, 20_000),
+    factor=st.integers(2, 8),
+    w=st.sampled_from(["bf16", "fp32"]),
+)
+def test_class_backward_bytes_scale_with_classes(design, tiles, factor, w):
+    """The backward's grid is one program per class tile: at whole tiles, its L2, HBM,
+    shared-memory bytes and FLOPs are exactly proportional to C."""
+    classes = 64 * tiles
+    one = cm.class_kernels(1024, classes, 512, "bf16", w, design)[2]
+    k = cm.class_kernels(1024, factor * classes, 512, "bf16", w, design)[2]
+    for field in ("l2", "smem", "flops", "flops_mma_sync"):
+        assert getattr(k, field) == pytest.approx(factor * getattr(one, field), rel=1e-12)
+    # HBM: W read twice and grad W written once scale; the x block read once does not.
+    x_bytes = 1024 * 512 * 2
+    assert k.hbm - x_bytes == pytest.approx(factor * (one.hbm - x_bytes), rel=1e-12)
+    assert k.programs == factor * one.programs
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    design=st.sampled_from([cm.PAIR_V1, cm.PAIR_V2]),
+    blocks=st.integers(1, 256),
+    dim=st.sampled_from([64, 128, 512]),
+)
+def test_pair_forward_bytes_scale_with_batch_squared(design, blocks, dim):
+    """All pairs: at whole 128-row blocks the forward's work and L2 bytes are
+    proportional to B^2 for v1 (both tiles reloaded per step); for v2 the streamed
+    column tiles are (B^2) and the resident row blocks (B) once each."""
+    batch = 128 * blocks
+    one = cm.pair_kernels(batch, dim, "bf16", design)[0]
+    two = cm.pair_kernels(2 * batch, dim, "bf16", design)[0]
+    assert two.flops == pytest.approx(4 * one.flops, rel=1e-12)
+    resident = batch * dim * 2  # the row blocks, loaded once per program
+    if design.resident:
+        assert two.l2 - 2 * resident == pytest.approx(4 * (one.l2 - resident), rel=1e-12)
+    else:
+        assert two.l2 == pytest.approx(4 * one.l2, rel=1e-12)
+    assert cm.total(cm.pair_kernels(2 * batch, dim), cm.H100_SXM) > cm.total(
+        cm.pair_kernels(batch, dim), cm.H100_SXM
+    )
+
+
+def test_loading_scheme_is_what_reduces_l2():
+    """At the issue's C = 1M case, v1 moves ~150 GB through L2 (the issue's own estimate
+    is ~145 GB) and the resident backward cuts the backward's share by more than half."""
+    v1 = cm.class_kernels(1024, 10**6, 512, "bf16", "bf16", cm.V1)
+    v2 = cm.class_kernels(1024, 10**6, 512, "bf16", "bf16", cm.V2)
+    assert 140e9 < _sum(v1, "l2") < 160e9
+    assert v2[2].l2 < 0.5 * v1[2].l2
+    assert v2[1].l2 == v1[1].l2  # the forward is unchanged in v2
+    # autocast: fp32 W doubles W's bytes, so v1 moves more (the issue: ~190 GB).
+    auto = cm.class_kernels(1024, 10**6, 512, "bf16", "fp32", cm.V1)
+    assert 180e9 < _sum(auto, "l2") < 220e9
+
+
+def test_current_designs_match_the_kernels_block_configs():
+    """The designs the benchmark labels as current use the kernels' default tiles."""
+    pytest.importorskip("triton")
+    from pml_extras.ops import class_lse_triton as clt
+    from pml_extras.ops import pair_circle_triton as pct
+
+    cfg = clt.BlockConfig()
+    cur = cm.CURRENT_CLASS
+    assert (cur.block_m, cur.block_c, cur.num_warps) == (cfg.block_m, cfg.block_c, cfg.num_warps)
+    assert (cur.bwd_block_m, cur.bwd_block_c) == (clt._bwd_block_m(cfg), cfg.block_c)
+    # Resident backward whenever all of D = 512 fits one group (bf16).
+    assert cur.bwd_resident == (clt._d_layout(512, cfg, False)[2] == 1)
+    assert not cur.fwd_resident
+    pcfg, pair = pct.BlockConfig(), cm.CURRENT_PAIR
+    assert (pair.fwd_block_m, pair.fwd_block_n, pair.block_m, pair.block_n) == (
+        pcfg.fwd_block_m,
+        pcfg.fwd_block_n,
+        pcfg.block_m,
+        pcfg.block_n,
+    )
+    assert pair.num_warps == pcfg.num_warps and not pair.resident
+
+
+def test_docs_table_is_the_models_output():
+    """docs/kernels/cost_model.md quotes the model; a model change must update it."""
+    with open(os.path.join(ROOT, "docs", "kernels", "cost_model.md")) as f:
+        doc = f.read()
+    assert cm.table() in doc
+
+
+def test_module_runs_as_a_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "pml_extras.ops.cost_model"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    ).stdout
+    assert cm.table() in out
+    assert re.search(r"class forward \(logsumexp \+ u\)\s+[\d.]+ ms", out)
+
+
+def test_benchmark_prints_predictions_beside_measurements():
+    """benchmarks/speed_bench/predicted.py: one line per setup and mode, the predictions
+    labelled as such; on a GPU the measured provider and floor times with their ratio."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from speed_bench.predicted import predicted_lines, prediction
+    finally:
+        sys.path.pop(0)
+
+    def row(provider, level, dtype, time_ms, C=10**6, B=1024):
+        return dict(level=level, B=B, D=512, C=C, dtype=dtype, mode="fwd+bwd",
+                    provider=provider, time_ms=time_ms)  # fmt: skip
+
+    rows = [
+        row("floor", "class", "bf16", 4.0),
+        row("sparse_circle_triton", "class", "bf16", 10.0),
+        row("floor", "pair", "bf16", 1.0, C=None, B=16384),
+        row("pair_circle_all", "pair", "bf16", 5.0, C=None, B=16384),
+        row("floor", "class", "fp64", 1.0),  # no prediction for float64
+    ]
+    lines = predicted_lines(rows, measured_on_gpu=True)
+    assert len(lines) == 2
+    t, f = prediction("class", 1024, 512, 10**6, "bf16", "fwd+bwd", cm.H100_SXM)
+    assert f == cm.class_floor(1024, 10**6, 512)
+    assert f"H100 {t * 1e3:.3f} ms vs floor {f * 1e3:.3f} ms (x{t / f:.2f})" in lines[0]
+    assert "PREDICTED" in lines[0] and f"design {cm.CURRENT_CLASS.name}" in lines[0]
+    assert "MEASURED: floor 4.00 ms, sparse_circle_triton 10.00 ms (x2.50)" in lines[0]
+    assert "MEASURED: floor 1.00 ms, pair_circle_all 5.00 ms (x5.00)" in lines[1]
+    assert all("MEASURED" not in x for x in predicted_lines(rows, measured_on_gpu=False))
+    t_fwd, f_fwd = prediction("class", 1024, 512, 10**6, "bf16", "fwd", cm.H100_SXM)
+    assert f_fwd == pytest.approx(f / 3) and t_fwd < t
+    assert math.isfinite(t_fwd)
