@@ -43,6 +43,8 @@ __all__ = [
     "load_idx_dataset",
     "make_protocol",
     "default_split",
+    "class_partition",
+    "has_official_split",
     "DatasetNotFoundError",
     "IDXError",
 ]
@@ -94,8 +96,10 @@ class ArraySource:
         return self._on[1], self._on[2]
 
     def train_batches(
-        self, index_batches: torch.Tensor, device: torch.device
+        self, index_batches: torch.Tensor, device: torch.device, aug_seeds=None
     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the given indices (in-memory data is not augmented: ``aug_seeds`` is
+        accepted for the same signature as the image sources and unused)."""
         x, y = self._device(device)
         for b in index_batches:
             b = b.to(device)
@@ -104,6 +108,11 @@ class ArraySource:
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
         for i in range(0, len(self), batch_size):
             yield self.x[i : i + batch_size].to(device)
+
+    def raw_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The inputs as the model sees them, for the raw-input baseline."""
+        for i in range(0, len(self), batch_size):
+            yield self.x[i : i + batch_size]
 
     def describe(self) -> dict:
         return {"kind": "in-memory", "n": len(self)}
@@ -263,6 +272,12 @@ def load_dataset(name: str, data_dir: Optional[str] = None, **image_options):
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
+def has_official_split(dataset: str) -> bool:
+    """CUB, Cars and SOP have published class splits; the others get a partition drawn per
+    seed (``--split classes``)."""
+    return dataset in ("cub200", "cars196", "sop")
+
+
 def default_split(dataset: str) -> str:
     """``--split auto``: both protocols on digits (cheap, and the two answer different
     questions), the closed set on the MNIST-form sets (as the seeds' tables), class-disjoint
@@ -290,14 +305,44 @@ def _standardise(ds: Dataset, x_train: np.ndarray, *xs: np.ndarray) -> List[np.n
     return [((x - mean) / std).astype(np.float32) for x in (x_train, *xs)]
 
 
-def make_protocol(ds, split: str, seed: int = 0) -> Protocol:
-    """The ``split`` protocol (``samples`` or ``classes``) of a loaded dataset."""
+def class_partition(num_classes: int, partition_seed: Optional[int]) -> Tuple[List[int], List[int]]:
+    """Training / test classes of a data set without an official class split: the first
+    and second half (``partition_seed`` None: classes 0..C/2-1 train), or a random half drawn
+    by ``partition_seed`` (``--seeds`` then varies the partition, so that the spread over
+    seeds includes the choice of classes). Each half is sorted."""
+    order = np.arange(num_classes)
+    if partition_seed is not None:
+        order = np.random.RandomState(
+            np.random.SeedSequence([int(partition_seed), 7]).generate_state(4)
+        ).permutation(num_classes)
+    half = num_classes // 2
+    return sorted(int(c) for c in order[:half]), sorted(int(c) for c in order[half:])
+
+
+def _ranges(classes: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
+    out, start, prev = [], None, None
+    for c in list(classes) + [None]:
+        if start is not None and (c is None or c != prev + 1):
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = None
+        if c is not None and start is None:
+            start = c
+        prev = c
+    return ",".join(out)
+
+
+def make_protocol(ds, split: str, seed: int = 0, partition_seed: Optional[int] = None) -> Protocol:
+    """The ``split`` protocol (``samples`` or ``classes``) of a loaded dataset.
+
+    ``partition_seed``: for ``classes`` on a data set without an official class split,
+    draw the training half of the classes with it (see :func:`class_partition`)."""
     if split not in ("samples", "classes"):
         raise ValueError(f"split must be 'samples' or 'classes', got {split!r}")
     if not isinstance(ds, Dataset):  # image files
         from . import images
 
-        return images.make_image_protocol(ds, split, seed=seed)
+        return images.make_image_protocol(ds, split, seed=seed, partition_seed=partition_seed)
     names = ds.class_names or [str(i) for i in range(ds.num_classes)]
     if split == "samples":
         xtr, xte = _standardise(ds, ds.x_train, ds.x_test)
@@ -314,8 +359,7 @@ def make_protocol(ds, split: str, seed: int = 0) -> Protocol:
     c = ds.num_classes
     if c < 4:
         raise SystemExit(f"--split classes needs at least 4 classes ({ds.name} has {c})")
-    train_cls = list(range(c // 2))
-    test_cls = list(range(c // 2, c))
+    train_cls, test_cls = class_partition(c, partition_seed)
     tr = np.isin(ds.y_train, train_cls)
     te = np.isin(ds.y_test, test_cls)
     xtr, xte = _standardise(ds, ds.x_train[tr], ds.x_test[te])
@@ -326,7 +370,7 @@ def make_protocol(ds, split: str, seed: int = 0) -> Protocol:
         [names[i] for i in train_cls],
         [names[i] for i in test_cls],
         ds.image_shape,
-        f"class-disjoint: train on the training images of classes 0-{c // 2 - 1} "
+        f"class-disjoint: train on the training images of classes {_ranges(train_cls)} "
         f"({int(tr.sum())}), retrieve among the test images of the unseen classes "
-        f"{c // 2}-{c - 1} ({int(te.sum())}), test against test",
+        f"{_ranges(test_cls)} ({int(te.sum())}), test against test",
     )

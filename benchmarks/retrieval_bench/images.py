@@ -22,9 +22,15 @@ unreadable file stops the run naming it, or with ``--on-bad-image skip`` is left
 warning; a class left without images is an error. A file that passes the check and still
 fails to decode later is handled the same way (skip: another image of its class is used).
 
-Transforms (as in metric-learning papers): training, random resized crop (scale 0.08-1,
-aspect 3/4-4/3) to ``image_size`` and horizontal flip; testing, resize of the shorter side
-to ``image_size * 256 / 224`` and center crop; then ImageNet mean/std normalisation.
+Transforms (the reality check's, Musgrave et al., ECCV 2020): training, resize of the shorter
+side to ``image_size * 256 / 224``, then a random resized crop (scale 0.16-1, aspect
+3/4-4/3) to ``image_size`` and a horizontal flip; testing, the same resize and a center crop;
+then ImageNet mean/std normalisation. Every random draw of a training sample comes from a
+generator seeded by that sample's own seed in the stream (see ``training.batch_stream``), so
+crops do not depend on the global RNG, on the loss or on ``--workers``.
+
+Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``) are never classes or
+images.
 """
 
 from __future__ import annotations
@@ -78,24 +84,33 @@ def _to_tensor(img) -> torch.Tensor:
     return (t - mean) / std
 
 
+TRAIN_CROP_SCALE = (0.16, 1.0)  # the reality check's crop scale (after the resize)
+
+
 class TrainTransform:
-    """Random resized crop (torchvision's sampling rule) + horizontal flip, from torch's RNG
-    (seeded per DataLoader worker, so runs repeat)."""
+    """Resize (shorter side to ``size * 256 / 224``, ``resize=True``), random resized crop
+    (torchvision's sampling rule) to ``size`` and horizontal flip. The draws come from
+    ``generator`` when one is passed (the benchmark passes one per sample), else from torch's
+    global RNG."""
 
-    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int, scale=TRAIN_CROP_SCALE, ratio=(3 / 4, 4 / 3), resize=True):
         self.size, self.scale, self.ratio = size, scale, ratio
+        self.resize = int(round(size * 256 / 224)) if resize else None
 
-    def crop_box(self, width: int, height: int) -> Tuple[int, int, int, int]:
+    def crop_box(
+        self, width: int, height: int, generator: Optional[torch.Generator] = None
+    ) -> Tuple[int, int, int, int]:
         area = width * height
         log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        g = generator
         for _ in range(10):
-            target = area * float(torch.empty(1).uniform_(*self.scale))
-            aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio)))
+            target = area * float(torch.empty(1).uniform_(*self.scale, generator=g))
+            aspect = math.exp(float(torch.empty(1).uniform_(*log_ratio, generator=g)))
             w = int(round(math.sqrt(target * aspect)))
             h = int(round(math.sqrt(target / aspect)))
             if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,)))
-                left = int(torch.randint(0, width - w + 1, (1,)))
+                top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=g))
                 return left, top, left + w, top + h
         # fallback: the central crop with the ratio clamped to the allowed range
         in_ratio = width / height
@@ -108,11 +123,16 @@ class TrainTransform:
         top, left = (height - h) // 2, (width - w) // 2
         return left, top, left + w, top + h
 
-    def __call__(self, img) -> torch.Tensor:
+    def __call__(self, img, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         from PIL import Image
 
-        img = img.resize((self.size, self.size), Image.BILINEAR, box=self.crop_box(*img.size))
-        if float(torch.rand(1)) < 0.5:
+        if self.resize is not None:
+            w, h = img.size
+            s = self.resize / min(w, h)
+            img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+        box = self.crop_box(*img.size, generator=generator)
+        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if float(torch.rand(1, generator=generator)) < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return _to_tensor(img)
 
@@ -155,7 +175,9 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item):
+        # (index, augmentation seed) from the training stream, or a bare index
+        i, aug_seed = item if isinstance(item, (tuple, list)) else (item, None)
         for j in self._candidates(i):
             try:
                 img = _open_rgb(self.paths[j])
@@ -167,7 +189,10 @@ class _ImageFiles(torch.utils.data.Dataset):
                     ) from None
                 print(f"warning: skipping unreadable image {self.paths[j]}", file=sys.stderr)
                 continue
-            return self.transform(img), int(self.labels[i])
+            if aug_seed is None:
+                return self.transform(img), int(self.labels[i])
+            g = torch.Generator().manual_seed(int(aug_seed))
+            return self.transform(img, generator=g), int(self.labels[i])
         raise CorruptImageError(f"no readable image of class {int(self.labels[i])} left")
 
     def _candidates(self, i: int):
@@ -207,14 +232,28 @@ class ImageSource:
         )
 
     def train_batches(
-        self, index_batches: torch.Tensor, device: torch.device
+        self, index_batches: torch.Tensor, device: torch.device, aug_seeds=None
     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        loader = self._loader(device, batch_sampler=index_batches.tolist())
+        """Batches of the given indices; ``aug_seeds`` (same shape) seeds each sample's crop
+        and flip, so that the stream does not depend on the global RNG or the workers."""
+        if aug_seeds is None:
+            batches = index_batches.tolist()
+        else:
+            batches = [list(zip(b, s)) for b, s in zip(index_batches.tolist(), aug_seeds.tolist())]
+        loader = self._loader(device, batch_sampler=batches)
         for x, y in loader:
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
         for x, _ in self._loader(device, batch_size=batch_size, shuffle=False):
+            yield x
+
+    def raw_batches(self, batch_size: int, side: int = 32) -> Iterator[torch.Tensor]:
+        """The test transform's images, average-pooled to at most ``side`` x ``side`` (the
+        raw-input baseline: 224 x 224 x 3 values per image would not fit in memory)."""
+        for x in self.eval_batches(batch_size, torch.device("cpu")):
+            if x.shape[-1] > side or x.shape[-2] > side:
+                x = torch.nn.functional.adaptive_avg_pool2d(x, side)
             yield x
 
     def describe(self) -> dict:
@@ -307,13 +346,19 @@ def _load_folder(data_dir: Optional[str]) -> dict:
         )
     if not os.path.isdir(data_dir):
         raise DatasetNotFoundError(f"folder: --data-dir {data_dir!r} does not exist")
-    classes = sorted(d for d in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, d)))
+    classes = sorted(
+        d
+        for d in os.listdir(data_dir)
+        if not d.startswith(".") and os.path.isdir(os.path.join(data_dir, d))
+    )
     if not classes:
         raise ImageDataError(f"folder: {data_dir!r} has no class subfolders (DIR/<class>/<image>)")
     paths, labels = [], []
     for k, c in enumerate(classes):
         files = sorted(
-            f for f in os.listdir(os.path.join(data_dir, c)) if f.lower().endswith(IMAGE_EXTENSIONS)
+            f
+            for f in os.listdir(os.path.join(data_dir, c))
+            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
         )
         if not files:
             raise ImageDataError(
@@ -477,10 +522,29 @@ def load_image_dataset(
     )
 
 
-def make_image_protocol(ds: ImageDataset, split: str, seed: int = 0, test_fraction: float = 0.3):
-    """``classes``: the dataset's class-disjoint split; ``samples``: ``test_fraction`` of each
-    class's images held out (fixed ``seed``; every class needs >= 2 images)."""
-    from .data import Protocol
+def make_image_protocol(
+    ds: ImageDataset,
+    split: str,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    partition_seed: Optional[int] = None,
+):
+    """``classes``: the dataset's class-disjoint split (for ``folder``, which has no official
+    one, a random half of the classes drawn by ``partition_seed`` when given);
+    ``samples``: ``test_fraction`` of each class's images held out (fixed ``seed``; every
+    class needs >= 2 images)."""
+    from .data import Protocol, class_partition
+
+    if split == "classes" and ds.name == "folder" and partition_seed is not None:
+        train_cls, test_cls = class_partition(ds.num_classes, partition_seed)
+        ds = ImageDataset(
+            **{
+                **ds.__dict__,
+                "class_split": (train_cls, test_cls),
+                "split_rule": f"a random half of the classes (partition seed {partition_seed}) "
+                "trains, the other half is retrieved",
+            }
+        )
 
     def source(idx, train: bool, classes: List[int]):
         lut = {c: k for k, c in enumerate(classes)}
