@@ -45,7 +45,7 @@ from .plots import embedding_key, labels_key, plot_results
 from .report import aggregate, rank, results_table
 from .training import check_batching, resolve_m, train_and_evaluate
 
-__all__ = ["build_parser", "main", "parse_seeds"]
+__all__ = ["build_parser", "main", "parse_seeds", "merge_results"]
 
 DEFAULT_EPOCHS = {"digits": 40, "fashion-mnist": 8, "idx": 8}
 IMAGE_DATASETS = ("folder", "cub200", "cars196", "sop")
@@ -272,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only (re)make the PNGs from DIR/results.json and exit",
     )
+    g.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="combine the results.json of runs made separately (e.g. one process per seed) "
+        "into --out: runs, baselines and class partitions concatenated, statistics, tables "
+        "and plots remade with this code; with one DIR and no --out, remake its tables",
+    )
     return p
 
 
@@ -281,6 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for path in plot_results(args.plot_only):
             print(path)
         return {}
+    if args.merge:
+        ref = args.reference
+        if ref:
+            with open(os.path.join(args.merge[0], "results.json")) as f:
+                ref = _reference(ref, json.load(f)["losses_requested"])
+        return merge_results(args.merge, args.out or args.merge[0], args.plots, ref)
     if args.embedding_dim < 2:
         raise SystemExit(
             f"error: --embedding-dim {args.embedding_dim}: must be >= 2 (in 1-D every "
@@ -318,6 +333,77 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return _run(args, argv)
     finally:  # main() is also called from tests: leave the process as we found it
         torch.set_num_threads(threads_before)
+
+
+def merge_results(dirs: Sequence[str], out: str, plots: bool = True, reference=None) -> dict:
+    """``--merge``: one results.json from several runs of the same configuration (each run's
+    seeds must differ). The first run's configuration is kept; each run's command, commit
+    and seeds are listed under ``"merged_from"``."""
+    parts = []
+    for d in dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --merge: {path} not found")
+        with open(path) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    keys = ("dataset", "model", "embedding_dim", "epochs", "batch_size", "lr", "split")
+    for d, p in zip(dirs[1:], parts[1:]):
+        diff = [k for k in keys if p["config"].get(k) != first["config"].get(k)]
+        if diff or p["losses_requested"] != first["losses_requested"]:
+            raise SystemExit(
+                f"error: --merge: {d} was run with other settings "
+                f"({', '.join(diff) or 'losses'}) than {dirs[0]}"
+            )
+    seeds: List[int] = []
+    for d, p in zip(dirs, parts):
+        dup = [s for s in p["seeds"] if s in seeds]
+        if dup:
+            raise SystemExit(f"error: --merge: seed(s) {dup} of {d} already merged")
+        seeds += p["seeds"]
+    merged = dict(first)
+    merged["seeds"] = seeds
+    merged["losses"] = [r for p in parts for r in p["losses"]]
+    merged["baselines"] = [r for p in parts for r in p.get("baselines", [])]
+    merged["class_partitions"] = {
+        k: v for p in parts for k, v in (p.get("class_partitions") or {}).items()
+    }
+    if len(dirs) > 1 or "merged_from" not in first:
+        merged["merged_from"] = [
+            {
+                "dir": os.path.relpath(d),
+                "seeds": p["seeds"],
+                "command": p.get("command"),
+                "git_commit": p.get("git_commit"),
+                "benchmark_code_modified_since_commit": p.get(
+                    "benchmark_code_modified_since_commit"
+                ),
+                "timings_s": p.get("timings_s"),
+            }
+            for d, p in zip(dirs, parts)
+        ]
+    merged["config"] = {**first["config"], "seeds": ",".join(map(str, seeds))}
+    if reference:
+        merged["config"]["reference"] = reference
+    merged["summary"] = aggregate(merged["losses"])
+    merged["baseline_summary"] = aggregate(merged["baselines"])
+    ref = merged["config"].get("reference")
+    merged["ranking"] = {s: rank(merged, s, ref) for s in merged["splits"]}
+    merged["report_command"] = "python " + " ".join(
+        [os.path.relpath(os.path.join(_HERE, "retrieval.py")), "--merge", *dirs]
+        + (["--out", out] if out != dirs[0] else [])
+    )
+    os.makedirs(out, exist_ok=True)
+    table = results_table(merged)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(merged, f, indent=1, default=str)
+    print(table)
+    if plots:
+        for path in plot_results(out):
+            print(f"wrote {path}", file=sys.stderr)
+    return merged
 
 
 def _reference(text: str, names: List[str]) -> str:
