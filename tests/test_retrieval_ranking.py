@@ -348,3 +348,87 @@ def test_best_baseline_is_the_reference_and_marks_losses(tmp_path):
     md = (tmp_path / "out/results.md").read_text()
     row = next(ln for ln in md.splitlines() if ln.startswith("| Softmax |"))
     assert report.verdict(d) in row
+
+
+# ------------------------------------------------------------------------------------------
+# validation folds and tuning
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes, k", [(5, 2), (8, 4), (50, 4), (11, 3)])
+def test_class_folds_partition_the_training_classes(num_classes, k):
+    from retrieval_bench.folds import class_folds
+
+    folds = class_folds(num_classes, k, seed=3)
+    assert len(folds) == k
+    vals = [c for _, va in folds for c in va]
+    assert sorted(vals) == list(range(num_classes))  # each class validated exactly once
+    for tr, va in folds:
+        assert not set(tr) & set(va) and sorted(tr + va) == list(range(num_classes))
+        assert len(va) in (num_classes // k, num_classes // k + 1)
+    assert class_folds(num_classes, k, seed=3) == folds
+    with pytest.raises(SystemExit, match="--folds 4 needs at least 8 training classes"):
+        class_folds(7, 4, seed=0)
+
+
+def test_folds_and_tuning_never_touch_the_test_classes(tmp_path, monkeypatch):
+    """Every model trained while tuning and every validation split holds training-class
+    images only; the test split is embedded only by the final runs and the baselines."""
+    from retrieval_bench import cli, folds
+
+    seen = []  # (phase, protocol) of every train_and_evaluate call
+    real = cli.train_and_evaluate
+    phase = {"now": "final"}
+
+    def spy(name, protocol, *a, **kw):
+        seen.append((phase["now"], protocol))
+        return real(name, protocol, *a, **kw)
+
+    real_tune = cli.tune
+
+    def tune_spy(*a, **kw):
+        phase["now"] = "tuning"
+        try:
+            return real_tune(*a, **kw)
+        finally:
+            phase["now"] = "final"
+
+    monkeypatch.setattr(cli, "train_and_evaluate", spy)
+    monkeypatch.setattr(cli, "tune", tune_spy)
+    res = _main(
+        tmp_path,
+        *("--losses", "cosface", "--split", "classes", "--folds", "2", "--tune", "2"),
+        *("--batch-size", "64", "--seeds", "1"),
+    )
+    # digits: the seed-1 partition; the test split's images are the 'test' classes' test
+    # images, and fold sources are subsets of the training split (ArraySource rows)
+    proto = data.make_protocol(data.load_digits(), "classes", partition_seed=1)
+    test_rows = {tuple(r) for r in proto.test.x.reshape(len(proto.test), -1).numpy().round(5)}
+    train_rows = {tuple(r) for r in proto.train.x.reshape(len(proto.train), -1).numpy().round(5)}
+    tuning = [p for ph, p in seen if ph == "tuning"]
+    final = [p for ph, p in seen if ph == "final"]
+    assert len(tuning) == 2 * 2 and len(final) == 2  # 2 trials x 2 folds; 2 fold models
+    for p in tuning:
+        for src in (p.train, p.test):
+            rows = {tuple(r) for r in src.x.reshape(len(src), -1).numpy().round(5)}
+            assert rows <= train_rows and not rows & test_rows
+        assert not set(p.train_classes) & set(p.test_classes)  # class-disjoint
+        assert set(p.train_classes) | set(p.test_classes) <= set(proto.train_classes)
+    for p in final:
+        assert p.test is not None and len(p.test) == len(proto.test)
+        assert set(p.train_classes) < set(proto.train_classes)
+    r = res["losses"][0]
+    assert (
+        r["tuning"]["best"]["loss"] == next(t for t in r["tuning"]["trials"] if t["best"])["values"]
+    )
+    assert r["hparams"]["margin"] == r["tuning"]["best"]["loss"]["margin"]  # final runs use it
+    assert r["embedding_dim_concatenated"] == 2 * 128 and "metrics_separated" in r
+    assert len(r["folds"]) == 2
+    md = (tmp_path / "out/results.md").read_text()
+    assert "MAP@R 128-D separated" in md and "--tune 2" in md
+    _ = folds  # imported for the module under test
+
+
+def test_tune_needs_folds(tmp_path):
+    e = _exit(tmp_path, "--losses", "cosface", "--split", "classes", "--tune", "2")
+    assert "--tune needs --folds" in e.code

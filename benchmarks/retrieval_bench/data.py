@@ -114,6 +114,11 @@ class ArraySource:
         for i in range(0, len(self), batch_size):
             yield self.x[i : i + batch_size]
 
+    def subset(self, indices, labels, train: bool = True) -> ArraySource:
+        """The samples ``indices`` relabelled ``labels`` (validation folds)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ArraySource(self.x[torch.as_tensor(idx)].numpy(), labels)
+
     def describe(self) -> dict:
         return {"kind": "in-memory", "n": len(self)}
 

@@ -216,6 +216,7 @@ class ImageSource:
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.workers = workers
+        self.image_size, self.on_bad_image = image_size, on_bad_image
         transform = TrainTransform(image_size) if train else EvalTransform(image_size)
         self.files = _ImageFiles(self.paths, self.labels, transform, on_bad_image)
 
@@ -247,6 +248,18 @@ class ImageSource:
     def eval_batches(self, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
         for x, _ in self._loader(device, batch_size=batch_size, shuffle=False):
             yield x
+
+    def subset(self, indices, labels, train: bool) -> ImageSource:
+        """The files ``indices`` relabelled ``labels``, with the training or the test
+        transform (validation folds: the held-out classes are embedded like test images)."""
+        return ImageSource(
+            [self.paths[i] for i in indices],
+            labels,
+            self.image_size,
+            train=train,
+            workers=self.workers,
+            on_bad_image=self.on_bad_image,
+        )
 
     def raw_batches(self, batch_size: int, side: int = 32) -> Iterator[torch.Tensor]:
         """The test transform's images, average-pooled to at most ``side`` x ``side`` (the

@@ -140,17 +140,17 @@ def aggregate(runs: List[dict]) -> List[dict]:
                     "ci95_half": ci["half"],
                     "values": [float(v) for v in a],
                 }
-            unnorm = [
-                r["metrics_unnormalized"][k] for r in ok if k in r.get("metrics_unnormalized", {})
-            ]
-            if unnorm:
-                stats[k + "_unnormalized"] = {
-                    "mean": float(np.mean(unnorm)),
-                    "std": float(np.std(unnorm, ddof=1)) if len(unnorm) > 1 else 0.0,
-                    "n": len(unnorm),
-                    "ci95_half": t_interval(unnorm)["half"],
-                    "values": [float(v) for v in unnorm],
-                }
+            for extra in ("unnormalized", "separated"):
+                key = f"metrics_{extra}"
+                vals = [r[key][k] for r in ok if k in r.get(key, {})]
+                if vals:
+                    stats[f"{k}_{extra}"] = {
+                        "mean": float(np.mean(vals)),
+                        "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                        "n": len(vals),
+                        "ci95_half": t_interval(vals)["half"],
+                        "values": [float(v) for v in vals],
+                    }
         out.append(
             {
                 "split": split,
@@ -250,11 +250,15 @@ def split_table(results: dict, split: str) -> str:
     unnorm = any("mean_average_precision_at_r_unnormalized" in s["stats"] for s in summary)
     if unnorm:
         head += " MAP@R unnormalised |"
+    sep = any("mean_average_precision_at_r_separated" in s["stats"] for s in summary)
+    if sep:
+        d1 = cfg["embedding_dim"]
+        head += f" MAP@R {d1}-D separated |"
     extra = []
     if proto["split"] == "samples":
         extra = ["acc", "center_acc"]
         head += " Acc (logits) | Acc (nearest center) |"
-    ncols = len(cols) + 4 + (1 if unnorm else 0) + len(extra)
+    ncols = len(cols) + 4 + (1 if unnorm else 0) + (1 if sep else 0) + len(extra)
     lines += [head + " Train s | Status |", "|---|---|" + "---:|" * ncols + "---:|---|"]
     for s in bsummary + summary:
         d = ranking["differences"].get(s["loss"])
@@ -266,6 +270,8 @@ def split_table(results: dict, split: str) -> str:
         row += f" | {'—' if s['source'] == 'baseline' else verdict(vs_best.get(s['loss']))}"
         if unnorm:
             row += f" | {fmt_stat(s['stats'].get(RANK_METRIC + '_unnormalized'))}"
+        if sep:
+            row += f" | {fmt_stat(s['stats'].get(RANK_METRIC + '_separated'))}"
         for k in extra:
             row += f" | {fmt_stat(s['stats'].get(k))}"
         row += f" | {s['train_s_mean']:.1f} | {_status(s)} |"
@@ -292,6 +298,20 @@ def split_table(results: dict, split: str) -> str:
         notes += (
             " No classification accuracy: the test classes were never trained (proxies and "
             "centers exist for the training classes only)."
+        )
+    if sep:
+        k = cfg.get("folds")
+        notes += (
+            f" With --folds {k}: one model per fold (trained on that fold's training "
+            f"classes); P@1 / R-Prec / MAP@R of the {k} models' embeddings concatenated "
+            f"({k * cfg['embedding_dim']}-D), *separated*: each model's "
+            f"{cfg['embedding_dim']}-D embeddings, averaged over the models."
+        )
+    if cfg.get("tune"):
+        notes += (
+            f" --tune {cfg['tune']}: optuna TPE trials per loss on the validation folds of "
+            "the training classes; the final runs use the best trial's values (in "
+            "results.json, per run)."
         )
     if len(seeds) > 1:
         notes += (
