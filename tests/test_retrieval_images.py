@@ -296,3 +296,24 @@ def test_jpeg_and_png_and_grey_images_all_load_as_rgb(tmp_path):
     src = images.ImageSource(ds.paths, ds.labels, 8, train=False, workers=0)
     x = torch.cat(list(src.eval_batches(8, torch.device("cpu"))))
     assert x.shape == (4, 3, 8, 8) and torch.isfinite(x).all()
+
+
+def test_our_crop_draws_as_torchvisions_random_resized_crop():
+    """Our crop follows torchvision's RandomResizedCrop.get_params draw for draw (same
+    seed, same box). Ours is used even where torchvision imports, because each sample's
+    draws must come from its own generator; torchvision's reads the global RNG. Skipped
+    where torchvision does not import (PyPI's build beside a CPU torch it was not made for)."""
+    from retrieval_bench.models import import_torchvision
+
+    tv = import_torchvision()
+    if tv is None:
+        pytest.skip("torchvision does not import here")
+    from torchvision.transforms import RandomResizedCrop
+
+    img, _ = _gradient_image(40, 30)
+    ours = TrainTransform(16, resize=False)
+    for s in range(30):
+        torch.manual_seed(s)
+        i, j, h, w = RandomResizedCrop.get_params(img, scale=ours.scale, ratio=ours.ratio)
+        box = ours.crop_box(40, 30, generator=torch.Generator().manual_seed(s))
+        assert box == (j, i, j + w, i + h), s

@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="--split classes: K class-disjoint validation folds on the training classes; "
         "the final runs train one model per fold and report the K models' embeddings "
         "concatenated (e.g. 4 x 128 = 512-D) and separated (128-D, averaged); default 4 "
-        "for the image datasets (the reality check's), 0 (off) in memory",
+        "for the image datasets (the reality check's) where every seed's training split "
+        "has >= 8 classes (else off, with a note), 0 (off) in memory",
     )
     g.add_argument(
         "--tune",
@@ -326,13 +327,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.batch_size = 32 if image_data else 128
     if args.m_per_class is None and image_data:
         args.m_per_class = 4
-    if args.folds is None:
-        args.folds = 4 if image_data else 0
-    if args.folds == 1 or args.folds < 0:
+    if args.folds is not None and (args.folds == 1 or args.folds < 0):
         raise SystemExit(f"error: --folds {args.folds}: must be 0 (off) or >= 2")
     if args.tune < 0:
         raise SystemExit(f"error: --tune {args.tune}: must be >= 0")
-    if args.tune and not args.folds:
+    if args.tune and args.folds is not None and not args.folds:
         raise SystemExit("error: --tune needs --folds K (>= 2): trials are scored on folds")
     if args.batch_size < 2:
         raise SystemExit(f"error: --batch-size {args.batch_size}: must be >= 2")
@@ -528,6 +527,22 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
     except (DatasetNotFoundError, IDXError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
     protocols = {s: protocols_by_seed[(s, seeds[0])] for s in splits}
+    if args.folds is None:  # auto: the reality check's 4 folds where the classes allow
+        fewest = (
+            min(p.num_classes for (s, _), p in protocols_by_seed.items() if s == "classes")
+            if "classes" in splits
+            else 0
+        )
+        auto = args.dataset in IMAGE_DATASETS and "classes" in splits
+        args.folds = 4 if auto and fewest >= 8 else 0
+        if auto and not args.folds:
+            print(
+                f"note: --folds off: {fewest} training classes are too few for 4 "
+                "class-disjoint validation folds (8 needed)",
+                file=sys.stderr,
+            )
+    if args.tune and not args.folds:
+        raise SystemExit("error: --tune needs --folds K (>= 2): trials are scored on folds")
     for (s, seed), p in protocols_by_seed.items():
         if p.num_classes < 2 or len(p.test_classes) < 2:
             raise SystemExit(f"--split {p.split}: need at least 2 training and 2 test classes")

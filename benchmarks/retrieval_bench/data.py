@@ -23,6 +23,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import images
 from .idx import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DEFAULT_DIR,
@@ -31,6 +32,7 @@ from .idx import (
     find_idx_files,
     read_idx,
 )
+from .protocol import Protocol, class_partition, ranges
 
 __all__ = [
     "Dataset",
@@ -121,45 +123,6 @@ class ArraySource:
 
     def describe(self) -> dict:
         return {"kind": "in-memory", "n": len(self)}
-
-
-@dataclass
-class Protocol:
-    """What one evaluation protocol trains on and retrieves among.
-
-    ``train.labels`` are 0..len(train_classes)-1 and ``test.labels`` 0..len(test_classes)-1;
-    proxy and center losses are built for the training classes only.
-    """
-
-    split: str  # "samples" | "classes"
-    train: object  # ArraySource | images.ImageSource
-    test: object
-    train_classes: List[str]
-    test_classes: List[str]
-    image_shape: tuple
-    description: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.train_classes)
-
-    @property
-    def classification(self) -> bool:
-        """Classification / nearest-center accuracy only where test classes were trained."""
-        return self.split == "samples"
-
-    def summary(self) -> dict:
-        return {
-            "split": self.split,
-            "description": self.description,
-            "n_train": len(self.train),
-            "n_test": len(self.test),
-            "num_classes": self.num_classes,
-            "num_test_classes": len(self.test_classes),
-            "train_classes": list(self.train_classes),
-            "class_names": list(self.test_classes),  # the test labels' names (plot legend)
-            "image_shape": list(self.image_shape),
-        }
 
 
 def _to_float_images(images: np.ndarray) -> np.ndarray:
@@ -271,8 +234,6 @@ def load_dataset(name: str, data_dir: Optional[str] = None, **image_options):
             data_dir, name=f"idx:{os.path.basename(os.path.normpath(data_dir))}"
         )
     if name in ("folder", "cub200", "cars196", "sop"):
-        from . import images
-
         return images.load_image_dataset(name, data_dir, **image_options)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
@@ -310,33 +271,6 @@ def _standardise(ds: Dataset, x_train: np.ndarray, *xs: np.ndarray) -> List[np.n
     return [((x - mean) / std).astype(np.float32) for x in (x_train, *xs)]
 
 
-def class_partition(num_classes: int, partition_seed: Optional[int]) -> Tuple[List[int], List[int]]:
-    """Training / test classes of a data set without an official class split: the first
-    and second half (``partition_seed`` None: classes 0..C/2-1 train), or a random half drawn
-    by ``partition_seed`` (``--seeds`` then varies the partition, so that the spread over
-    seeds includes the choice of classes). Each half is sorted."""
-    order = np.arange(num_classes)
-    if partition_seed is not None:
-        order = np.random.RandomState(
-            np.random.SeedSequence([int(partition_seed), 7]).generate_state(4)
-        ).permutation(num_classes)
-    half = num_classes // 2
-    return sorted(int(c) for c in order[:half]), sorted(int(c) for c in order[half:])
-
-
-def _ranges(classes: Sequence[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``'0-2,5'``."""
-    out, start, prev = [], None, None
-    for c in list(classes) + [None]:
-        if start is not None and (c is None or c != prev + 1):
-            out.append(f"{start}" if start == prev else f"{start}-{prev}")
-            start = None
-        if c is not None and start is None:
-            start = c
-        prev = c
-    return ",".join(out)
-
-
 def make_protocol(ds, split: str, seed: int = 0, partition_seed: Optional[int] = None) -> Protocol:
     """The ``split`` protocol (``samples`` or ``classes``) of a loaded dataset.
 
@@ -345,8 +279,6 @@ def make_protocol(ds, split: str, seed: int = 0, partition_seed: Optional[int] =
     if split not in ("samples", "classes"):
         raise ValueError(f"split must be 'samples' or 'classes', got {split!r}")
     if not isinstance(ds, Dataset):  # image files
-        from . import images
-
         return images.make_image_protocol(ds, split, seed=seed, partition_seed=partition_seed)
     names = ds.class_names or [str(i) for i in range(ds.num_classes)]
     if split == "samples":
@@ -375,7 +307,7 @@ def make_protocol(ds, split: str, seed: int = 0, partition_seed: Optional[int] =
         [names[i] for i in train_cls],
         [names[i] for i in test_cls],
         ds.image_shape,
-        f"class-disjoint: train on the training images of classes {_ranges(train_cls)} "
+        f"class-disjoint: train on the training images of classes {ranges(train_cls)} "
         f"({int(tr.sum())}), retrieve among the test images of the unseen classes "
-        f"{_ranges(test_cls)} ({int(te.sum())}), test against test",
+        f"{ranges(test_cls)} ({int(te.sum())}), test against test",
     )

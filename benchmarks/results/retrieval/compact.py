@@ -4,9 +4,10 @@
 For every ``results.json`` under the given directories: the per-step training losses are
 averaged down to at most ``--points`` values (the loss-curve plots are made from them, with
 ``python benchmarks/retrieval.py --plot-only DIR``), and the JSON is written without
-indentation. ``embeddings_test.npz`` files (the raw 2-D/3-D test embeddings) are deleted:
-their ``embeddings.png`` stays, remade only by rerunning the run's command (in its
-results.json). PNGs are re-saved as 256-colour palette images.
+indentation. ``embeddings_test.npz`` files (the raw 2-D/3-D test embeddings) over
+``--max-npz-kb`` are deleted: their ``embeddings.png`` stays, remade only by rerunning the
+run's command (in its results.json). The small digits-2d one (38 KB) stays: the tests plot
+a pre-seeds results.json from it. PNGs are re-saved as 256-colour palette images.
 
     python benchmarks/results/retrieval/compact.py benchmarks/results/retrieval \\
         benchmarks/results/lowdim
@@ -58,6 +59,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+")
     p.add_argument("--points", type=int, default=300, help="step losses kept per run")
+    p.add_argument("--max-npz-kb", type=int, default=100, help="larger .npz files are deleted")
     args = p.parse_args(argv)
     for top in args.dirs:
         for root, _, files in os.walk(top):
@@ -65,7 +67,7 @@ def main(argv=None) -> None:
                 path = os.path.join(root, name)
                 if name == "results.json":
                     compact_json(path, args.points)
-                elif name.endswith(".npz"):
+                elif name.endswith(".npz") and os.path.getsize(path) > 1024 * args.max_npz_kb:
                     os.remove(path)
                 elif name.endswith(".png"):
                     compact_png(path)
