@@ -4,6 +4,7 @@ streams across losses and worker counts, and the confidence-interval arithmetic.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -432,3 +433,23 @@ def test_folds_and_tuning_never_touch_the_test_classes(tmp_path, monkeypatch):
 def test_tune_needs_folds(tmp_path):
     e = _exit(tmp_path, "--losses", "cosface", "--split", "classes", "--tune", "2")
     assert "--tune needs --folds" in e.code
+
+
+def test_merging_single_seed_runs_equals_one_run_of_both_seeds(tmp_path):
+    args = ("--losses", "softmax,cosface", "--split", "classes")
+    both = _main(tmp_path, *args, "--seeds", "0,1", name="both")
+    _main(tmp_path, *args, "--seeds", "0", name="s0")
+    _main(tmp_path, *args, "--seeds", "1", name="s1")
+    merged = retrieval.main(
+        ["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]
+        + ["--no-plots"]
+    )
+    assert merged["seeds"] == [0, 1]
+    for key in ("summary", "baseline_summary"):
+        assert [s["stats"] for s in merged[key]] == [s["stats"] for s in both[key]]
+    assert merged["ranking"] == json.loads(json.dumps(both["ranking"]))
+    assert [m["seeds"] for m in merged["merged_from"]] == [[0], [1]]
+    with pytest.raises(SystemExit, match="already merged"):
+        retrieval.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--no-plots"])
+    e = _exit(tmp_path, "--merge", str(tmp_path / "s0"), str(tmp_path / "nope"))
+    assert "nope/results.json not found" in e.code

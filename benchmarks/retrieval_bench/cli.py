@@ -41,13 +41,14 @@ from .evaluation import AMP_DTYPES, select_knn
 from .folds import class_folds, train_with_folds
 from .images import ImageDataError
 from .losses import LOSSES, parse_loss_args, parse_losses, preload
+from .merge import merge_results
 from .models import MODELS
 from .plots import embedding_key, labels_key, plot_results
 from .report import aggregate, rank, results_table
 from .training import check_batching, resolve_m, train_and_evaluate
 from .tuning import tune
 
-__all__ = ["build_parser", "main", "parse_seeds", "merge_results"]
+__all__ = ["build_parser", "main", "parse_seeds"]
 
 DEFAULT_EPOCHS = {"digits": 40, "fashion-mnist": 8, "idx": 8}
 IMAGE_DATASETS = ("folder", "cub200", "cars196", "sop")
@@ -386,77 +387,6 @@ def _final_run(name, protocol, args, device, knn, knn_device, seed, overrides):
     if args.tune:
         res["tuning"] = {"trials": trials, "best": overrides if trials else None}
     return res, emb
-
-
-def merge_results(dirs: Sequence[str], out: str, plots: bool = True, reference=None) -> dict:
-    """``--merge``: one results.json from several runs of the same configuration (each run's
-    seeds must differ). The first run's configuration is kept; each run's command, commit
-    and seeds are listed under ``"merged_from"``."""
-    parts = []
-    for d in dirs:
-        path = os.path.join(d, "results.json")
-        if not os.path.isfile(path):
-            raise SystemExit(f"error: --merge: {path} not found")
-        with open(path) as f:
-            parts.append(json.load(f))
-    first = parts[0]
-    keys = ("dataset", "model", "embedding_dim", "epochs", "batch_size", "lr", "split")
-    for d, p in zip(dirs[1:], parts[1:]):
-        diff = [k for k in keys if p["config"].get(k) != first["config"].get(k)]
-        if diff or p["losses_requested"] != first["losses_requested"]:
-            raise SystemExit(
-                f"error: --merge: {d} was run with other settings "
-                f"({', '.join(diff) or 'losses'}) than {dirs[0]}"
-            )
-    seeds: List[int] = []
-    for d, p in zip(dirs, parts):
-        dup = [s for s in p["seeds"] if s in seeds]
-        if dup:
-            raise SystemExit(f"error: --merge: seed(s) {dup} of {d} already merged")
-        seeds += p["seeds"]
-    merged = dict(first)
-    merged["seeds"] = seeds
-    merged["losses"] = [r for p in parts for r in p["losses"]]
-    merged["baselines"] = [r for p in parts for r in p.get("baselines", [])]
-    merged["class_partitions"] = {
-        k: v for p in parts for k, v in (p.get("class_partitions") or {}).items()
-    }
-    if len(dirs) > 1 or "merged_from" not in first:
-        merged["merged_from"] = [
-            {
-                "dir": os.path.relpath(d),
-                "seeds": p["seeds"],
-                "command": p.get("command"),
-                "git_commit": p.get("git_commit"),
-                "benchmark_code_modified_since_commit": p.get(
-                    "benchmark_code_modified_since_commit"
-                ),
-                "timings_s": p.get("timings_s"),
-            }
-            for d, p in zip(dirs, parts)
-        ]
-    merged["config"] = {**first["config"], "seeds": ",".join(map(str, seeds))}
-    if reference:
-        merged["config"]["reference"] = reference
-    merged["summary"] = aggregate(merged["losses"])
-    merged["baseline_summary"] = aggregate(merged["baselines"])
-    ref = merged["config"].get("reference")
-    merged["ranking"] = {s: rank(merged, s, ref) for s in merged["splits"]}
-    merged["report_command"] = "python " + " ".join(
-        [os.path.relpath(os.path.join(_HERE, "retrieval.py")), "--merge", *dirs]
-        + (["--out", out] if out != dirs[0] else [])
-    )
-    os.makedirs(out, exist_ok=True)
-    table = results_table(merged)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(merged, f, indent=1, default=str)
-    print(table)
-    if plots:
-        for path in plot_results(out):
-            print(f"wrote {path}", file=sys.stderr)
-    return merged
 
 
 def _reference(text: str, names: List[str]) -> str:
