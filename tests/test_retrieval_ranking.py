@@ -186,21 +186,35 @@ def test_baselines_are_on_each_seeds_test_split(tmp_path):
 
 
 def test_weights_add_the_frozen_backbone_baseline(tmp_path):
-    from retrieval_bench.models import make_model as mm
+    from types import SimpleNamespace
 
-    model, _ = mm("resnet18", (3, 16, 16), 8)
+    from retrieval_bench.evaluation import retrieval_metrics, select_knn
+
+    model, _ = make_model("resnet18", (3, 16, 16), 8)
     path = str(tmp_path / "w.pt")
     torch.save(model.backbone.state_dict(), path)
-    make_folder(str(tmp_path / "data"), ["a", "b", "c", "d"], per_class=4)
-    res = _main(
-        tmp_path,
-        *("--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--model", "resnet18"),
-        *("--weights", path, "--image-size", "16", "--workers", "0", "--losses", "softmax"),
-        *("--batch-size", "4", "--m-per-class", "2", "--embedding-dim", "8"),
+    make_folder(str(tmp_path / "data"), ["a", "b", "c", "d"], per_class=3)
+    ds = load_image_dataset("folder", str(tmp_path / "data"), image_size=16, workers=0)
+    proto = data.make_protocol(ds, "classes", partition_seed=0)
+    args = SimpleNamespace(
+        model="resnet18", embedding_dim=8, weights=path, pretrained=False, amp=None,
+        eval_batch_size=4,
+    )  # fmt: skip
+    knn, dev, _ = select_knn(torch.device("cpu"), "torch")
+    runs = baselines.baseline_runs(proto, args, torch.device("cpu"), knn, dev, seed=0)
+    assert [r["loss"] for r in runs] == [baselines.RAW, baselines.UNTRAINED, baselines.FROZEN]
+    assert "512-D" in runs[2]["what"]
+    # the frozen backbone's features, recomputed: the loaded backbone on the test images
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.backbone(x) for x in proto.test.eval_batches(4, dev)])
+    want = retrieval_metrics(
+        torch.nn.functional.normalize(feats, dim=1), proto.test.labels, knn=knn, device=dev
     )
-    names = [r["loss"] for r in res["baselines"]]
-    assert names == [baselines.RAW, baselines.UNTRAINED, baselines.FROZEN]
-    assert "512-D" in res["baselines"][2]["what"]
+    assert runs[2]["metrics"] == pytest.approx(want)
+    # without --weights there is no frozen-backbone row
+    args.weights = None
+    assert len(baselines.baseline_runs(proto, args, torch.device("cpu"), knn, dev, seed=0)) == 2
 
 
 def test_every_embedding_is_normalised_before_knn(tmp_path, monkeypatch):
