@@ -467,3 +467,10 @@ def test_merging_single_seed_runs_equals_one_run_of_both_seeds(tmp_path):
         retrieval.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--no-plots"])
     e = _exit(tmp_path, "--merge", str(tmp_path / "s0"), str(tmp_path / "nope"))
     assert "nope/results.json not found" in e.code
+
+
+def test_long_class_lists_are_shortened_in_the_table():
+    short = "train on classes 2,4,6-8 (30000)"
+    assert report._short(short) == short
+    long = "train on classes " + ",".join(str(c) for c in range(0, 600, 2)) + " (6000)"
+    assert report._short(long) == "train on 300 classes (listed in results.json) (6000)"

@@ -217,6 +217,22 @@ def verdict(d) -> str:
     return "**not resolved**"
 
 
+def _short(description: str, limit: int = 60) -> str:
+    """Class lists longer than ``limit`` characters (many-class partitions) shortened to
+    their size; the full lists are in results.json (``class_partitions``)."""
+    import re
+
+    def repl(m):
+        text = m.group(0)
+        if len(text) <= limit:
+            return text
+        n = sum((int(b) - int(a) + 1) if b else 1 for a, b in re.findall(r"(\d+)(?:-(\d+))?", text))
+        return f"{n} classes (listed in results.json)"
+
+    out = re.sub(r"\d+(?:-\d+)?(?:,\d+(?:-\d+)?)+", repl, description)
+    return re.sub(r"classes (\d+ classes \(listed)", r"\1", out)
+
+
 def split_table(results: dict, split: str) -> str:
     cfg = results["config"]
     proto = results["protocols"][split]
@@ -226,7 +242,7 @@ def split_table(results: dict, split: str) -> str:
     seed_txt = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
     m = (cfg.get("m_per_class_used") or {}).get(split) or cfg.get("m_per_class")
     lines = [
-        f"### Protocol `--split {split}`: {proto['description']}",
+        f"### Protocol `--split {split}`: {_short(proto['description'])}",
         "",
         f"Dataset **{cfg['dataset']}** ({proto['n_train']} train / {proto['n_test']} test "
         f"images, {proto['num_classes']} training classes, {proto['num_test_classes']} test "
