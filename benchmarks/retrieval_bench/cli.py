@@ -12,18 +12,19 @@ import json
 import os
 import sys
 import time
-import traceback
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .baselines import baseline_runs
 from .data import (
     DATASETS,
     SPLITS,
     DatasetNotFoundError,
     IDXError,
     default_split,
+    has_official_split,
     load_dataset,
     make_protocol,
 )
@@ -37,12 +38,15 @@ from .env import (
     versions,
 )
 from .evaluation import AMP_DTYPES, select_knn
+from .folds import class_folds, train_with_folds
 from .images import ImageDataError
 from .losses import LOSSES, parse_loss_args, parse_losses, preload
+from .merge import merge_results
 from .models import MODELS
 from .plots import embedding_key, labels_key, plot_results
-from .report import aggregate, results_table
-from .training import train_and_evaluate
+from .report import aggregate, rank, results_table
+from .training import check_batching, resolve_m, train_and_evaluate
+from .tuning import tune
 
 __all__ = ["build_parser", "main", "parse_seeds"]
 
@@ -185,8 +189,41 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch-size",
         type=int,
-        default=128,
-        help="batches from PML's MPerClassSampler (m = smallest divisor with m*classes >= batch)",
+        default=None,
+        help="batches from PML's MPerClassSampler; default 32 for the image datasets (the "
+        "reality check's), 128 in memory",
+    )
+    g.add_argument(
+        "--m-per-class",
+        type=int,
+        default=None,
+        help="images per class in a batch; default 4 for the image datasets (the reality "
+        "check's), in memory the smallest divisor m of the batch with m*classes >= batch",
+    )
+    g.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="--split classes: K class-disjoint validation folds on the training classes; "
+        "the final runs train one model per fold and report the K models' embeddings "
+        "concatenated (e.g. 4 x 128 = 512-D) and separated (128-D, averaged); default 4 "
+        "for the image datasets (the reality check's) where every seed's training split "
+        "has >= 8 classes (else off, with a note), 0 (off) in memory",
+    )
+    g.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N optuna (TPE) trials per loss over its documented search space, scored by "
+        "mean MAP@R on the validation folds (the test classes untouched); the final runs "
+        "use the best trial's values. Needs --folds",
+    )
+    g.add_argument(
+        "--freeze-bn",
+        action="store_true",
+        help="BatchNorm layers in eval mode and not trained (as with a pretrained trunk; "
+        "the reality check's setting)",
     )
     g.add_argument(
         "--eval-batch-size",
@@ -207,8 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--seeds",
         default=None,
-        help="several seeds, e.g. 0,1,2 or 0-4: each loss runs once per seed; tables show "
-        "mean ± std, plots the spread (overrides --seed)",
+        help="several seeds, e.g. 0,1,2 or 0-4: each loss runs once per seed (initialisation, "
+        "batches and, with --split classes on a dataset without an official class split, "
+        "the class partition); tables show mean ± std and 95 %% t-intervals, same-seed "
+        "differences against --reference, plots the spread (overrides --seed)",
+    )
+    g.add_argument(
+        "--reference",
+        default=None,
+        help="the loss (or baseline name) the same-seed differences are taken against; "
+        "default the best baseline by MAP@R",
     )
     g = p.add_argument_group("device")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
@@ -249,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="only (re)make the PNGs from DIR/results.json and exit",
     )
+    g.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        default=None,
+        help="combine the results.json of runs made separately (e.g. one process per seed) "
+        "into --out: runs, baselines and class partitions concatenated, statistics, tables "
+        "and plots remade with this code; with one DIR and no --out, remake its tables",
+    )
     return p
 
 
@@ -258,14 +312,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for path in plot_results(args.plot_only):
             print(path)
         return {}
-    if (
-        args.embedding_dim < 1
-        or args.batch_size < 2
-        or (args.epochs is not None and args.epochs < 1)
-    ):
-        raise SystemExit("--embedding-dim >= 1, --batch-size >= 2 and --epochs >= 1 required")
+    if args.merge:
+        ref = args.reference
+        if ref:
+            with open(os.path.join(args.merge[0], "results.json")) as f:
+                ref = _reference(ref, json.load(f)["losses_requested"])
+        return merge_results(args.merge, args.out or args.merge[0], args.plots, ref)
+    if args.embedding_dim < 2:
+        raise SystemExit(
+            f"error: --embedding-dim {args.embedding_dim}: must be >= 2 (in 1-D every "
+            "L2-normalised embedding is +1 or -1)"
+        )
+    image_data = args.dataset in IMAGE_DATASETS
+    if args.batch_size is None:
+        args.batch_size = 32 if image_data else 128
+    if args.m_per_class is None and image_data:
+        args.m_per_class = 4
+    if args.folds is not None and (args.folds == 1 or args.folds < 0):
+        raise SystemExit(f"error: --folds {args.folds}: must be 0 (off) or >= 2")
+    if args.tune < 0:
+        raise SystemExit(f"error: --tune {args.tune}: must be >= 0")
+    if args.tune and args.folds is not None and not args.folds:
+        raise SystemExit("error: --tune needs --folds K (>= 2): trials are scored on folds")
+    if args.batch_size < 2:
+        raise SystemExit(f"error: --batch-size {args.batch_size}: must be >= 2")
+    if args.m_per_class is not None and args.m_per_class < 1:
+        raise SystemExit(f"error: --m-per-class {args.m_per_class}: must be >= 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit(f"error: --epochs {args.epochs}: must be >= 1")
     if args.workers < 0 or args.image_size < 8:
-        raise SystemExit("--workers >= 0 and --image-size >= 8 required")
+        raise SystemExit("error: --workers >= 0 and --image-size >= 8 required")
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS.get(args.dataset, 20)
     if args.eval_batch_size is None:
@@ -287,6 +363,53 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         torch.set_num_threads(threads_before)
 
 
+def _final_run(name, protocol, args, device, knn, knn_device, seed, overrides):
+    """One (loss, seed): tuned on the validation folds first with ``--tune``, then one
+    model, or one per fold with ``--folds`` on the class-disjoint protocol."""
+
+    def one(p, ov):
+        return train_and_evaluate(name, p, args, device, knn, knn_device, seed=seed, overrides=ov)
+
+    trials = []
+    folds = args.folds if protocol.split == "classes" else 0
+    if args.tune and folds:
+        best, trials = tune(
+            name, protocol, args, lambda vp, ov: one(vp, ov)[0], seed, args.tune, folds, overrides
+        )
+        if best is not None:
+            overrides = best
+    if folds:
+        res, emb = train_with_folds(
+            lambda fp: one(fp, overrides), protocol, folds, seed, knn, knn_device
+        )
+    else:
+        res, emb = one(protocol, overrides)
+    if args.tune:
+        res["tuning"] = {"trials": trials, "best": overrides if trials else None}
+    return res, emb
+
+
+def _reference(text: str, names: List[str]) -> str:
+    """``--reference``: a loss under test (name or alias) or a baseline (raw, untrained,
+    frozen, or its full name)."""
+    from .baselines import BASELINES
+
+    low = text.strip().lower()
+    for b in BASELINES:
+        if low in (b.lower(), b.split(": ")[1].split()[0]):
+            return b
+    try:
+        (name,) = parse_losses(text)
+    except SystemExit:
+        name = None
+    if name is None or name not in names:
+        raise SystemExit(
+            f"--reference {text!r}: not a loss in --losses ({', '.join(names)}) nor a baseline "
+            "(raw, untrained, frozen)"
+        )
+    return name
+
+
 def _loss_args(args) -> Dict[str, Dict[str, Dict[str, object]]]:
     parsed = parse_loss_args(args.loss_args)
     if args.center_update != "gradient":
@@ -299,6 +422,8 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
     names = parse_losses(args.losses)
     preload(names)
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    if args.reference:
+        args.reference = _reference(args.reference, names)
     overrides = _loss_args(args)
     not_run = [n for n in overrides if n not in names and n != "CenterLoss+Softmax"]
     if not_run:
@@ -311,6 +436,7 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
             raise SystemExit("--amp bf16: this GPU has no bf16 support; use --amp fp16")
     enable_determinism(device)
 
+    vary_partition = not has_official_split(args.dataset)
     try:
         ds = load_dataset(
             args.dataset,
@@ -319,12 +445,55 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
             workers=args.workers,
             on_bad_image=args.on_bad_image,
         )
-        protocols = {s: make_protocol(ds, s, seed=0) for s in splits}
+        # one protocol per (split, seed): --seeds also draws the class partition where the
+        # data set has no official one
+        protocols_by_seed = {
+            (s, seed): make_protocol(
+                ds, s, seed=0, partition_seed=seed if (vary_partition and s == "classes") else None
+            )
+            for s in splits
+            for seed in seeds
+        }
     except (DatasetNotFoundError, IDXError, OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from e
-    for p in protocols.values():
+    protocols = {s: protocols_by_seed[(s, seeds[0])] for s in splits}
+    if args.folds is None:  # auto: the reality check's 4 folds where the classes allow
+        fewest = (
+            min(p.num_classes for (s, _), p in protocols_by_seed.items() if s == "classes")
+            if "classes" in splits
+            else 0
+        )
+        auto = args.dataset in IMAGE_DATASETS and "classes" in splits
+        args.folds = 4 if auto and fewest >= 8 else 0
+        if auto and not args.folds:
+            print(
+                f"note: --folds off: {fewest} training classes are too few for 4 "
+                "class-disjoint validation folds (8 needed)",
+                file=sys.stderr,
+            )
+    if args.tune and not args.folds:
+        raise SystemExit("error: --tune needs --folds K (>= 2): trials are scored on folds")
+    for (s, seed), p in protocols_by_seed.items():
         if p.num_classes < 2 or len(p.test_classes) < 2:
             raise SystemExit(f"--split {p.split}: need at least 2 training and 2 test classes")
+        # the batch against the data, before any sampler is built or anything trains
+        m = resolve_m(args, p.num_classes)
+        check_batching(
+            len(p.train.labels), p.num_classes, args.batch_size, m, f"--split {s} (seed {seed})"
+        )
+        if args.folds and s == "classes":  # every fold's training split, too
+            labels = np.asarray(p.train.labels)
+            for k, (tr, _) in enumerate(class_folds(p.num_classes, args.folds, seed)):
+                check_batching(
+                    int(np.isin(labels, tr).sum()),
+                    len(tr),
+                    args.batch_size,
+                    resolve_m(args, len(tr)),
+                    f"validation fold {k} of --split {s} (seed {seed})",
+                )
+    if args.tune and "classes" not in splits:
+        raise SystemExit("error: --tune needs --split classes (folds of the training classes)")
+    args.m_per_class_used = {s: resolve_m(args, p.num_classes) for s, p in protocols.items()}
 
     knn, knn_device, knn_name = select_knn(device, args.knn)
     os.makedirs(args.out, exist_ok=True)
@@ -341,6 +510,11 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
         },
         "dataset": {"name": args.dataset, **protocols[splits[0]].summary()},
         "protocols": {s: p.summary() for s, p in protocols.items()},
+        "class_partitions": {
+            f"{s}/seed{seed}": {"train": p.train_classes, "test": p.test_classes}
+            for (s, seed), p in protocols_by_seed.items()
+            if s == "classes"
+        },
         "device": str(device),
         "device_name": device_name(device),
         "knn_backend": knn_name,
@@ -359,25 +533,32 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
             + list(sys.argv[1:] if argv is None else argv)
         ),
         "losses": [],
+        "baselines": [],
     }
     embeddings: Dict[str, np.ndarray] = {}
+    failures: List[str] = []
     t_all = time.perf_counter()
-    for split, protocol in protocols.items():
+    for split in splits:
+        protocol = protocols[split]
         print(f"--split {split}: {protocol.description}", file=sys.stderr)
         if args.embedding_dim <= 3:
             embeddings[labels_key(split, len(splits))] = protocol.test.labels
+        for seed in seeds:  # the baselines, on each seed's test split
+            results["baselines"] += baseline_runs(
+                protocols_by_seed[(split, seed)], args, device, knn, knn_device, seed
+            )
         for name in names:
             for seed in seeds:
                 try:
-                    res, emb = train_and_evaluate(
+                    res, emb = _final_run(
                         name,
-                        protocol,
+                        protocols_by_seed[(split, seed)],
                         args,
                         device,
                         knn,
                         knn_device,
-                        seed=seed,
-                        overrides=overrides.get(name),
+                        seed,
+                        overrides.get(name),
                     )
                 except SystemExit:
                     raise
@@ -385,8 +566,9 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
                     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
                     raise SystemExit(f"error: {lines[-1] if lines else e}") from None
                 except Exception as e:  # e.g. a loss of ours not implemented yet: keep going
-                    traceback.print_exc()
-                    print(f"ERROR: {name} (seed {seed}): {type(e).__name__}: {e}", file=sys.stderr)
+                    line = f"ERROR: {split}: {name} (seed {seed}): {type(e).__name__}: {e}"
+                    failures.append(line.splitlines()[0])
+                    print(failures[-1], file=sys.stderr)
                     res = {
                         "loss": name,
                         "source": LOSSES[name].source,
@@ -407,6 +589,8 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
                     embeddings[key] = emb.astype(np.float32)
     results["timings_s"] = {"total": time.perf_counter() - t_all}
     results["summary"] = aggregate(results["losses"])
+    results["baseline_summary"] = aggregate(results["baselines"])
+    results["ranking"] = {s: rank(results, s, args.reference) for s in splits}
 
     table = results_table(results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -420,4 +604,12 @@ def _run(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
         for path in plot_results(args.out):
             print(f"wrote {path}", file=sys.stderr)
     print(f"results in {args.out} ({results['timings_s']['total']:.1f} s)", file=sys.stderr)
+    if failures and len(failures) == len(results["losses"]):
+        raise SystemExit(f"error: all {len(failures)} runs failed:\n" + "\n".join(failures))
+    if failures:
+        print(
+            f"{len(failures)} of {len(results['losses'])} runs failed (listed in the table):\n"
+            + "\n".join(failures),
+            file=sys.stderr,
+        )
     return results

@@ -23,6 +23,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import images
 from .idx import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DEFAULT_DIR,
@@ -31,6 +32,7 @@ from .idx import (
     find_idx_files,
     read_idx,
 )
+from .protocol import Protocol, class_partition, ranges
 
 __all__ = [
     "Dataset",
@@ -43,6 +45,8 @@ __all__ = [
     "load_idx_dataset",
     "make_protocol",
     "default_split",
+    "class_partition",
+    "has_official_split",
     "DatasetNotFoundError",
     "IDXError",
 ]
@@ -94,8 +98,10 @@ class ArraySource:
         return self._on[1], self._on[2]
 
     def train_batches(
-        self, index_batches: torch.Tensor, device: torch.device
+        self, index_batches: torch.Tensor, device: torch.device, aug_seeds=None
     ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the given indices (in-memory data is not augmented: ``aug_seeds`` is
+        accepted for the same signature as the image sources and unused)."""
         x, y = self._device(device)
         for b in index_batches:
             b = b.to(device)
@@ -105,47 +111,18 @@ class ArraySource:
         for i in range(0, len(self), batch_size):
             yield self.x[i : i + batch_size].to(device)
 
+    def raw_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """The inputs as the model sees them, for the raw-input baseline."""
+        for i in range(0, len(self), batch_size):
+            yield self.x[i : i + batch_size]
+
+    def subset(self, indices, labels, train: bool = True) -> ArraySource:
+        """The samples ``indices`` relabelled ``labels`` (validation folds)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ArraySource(self.x[torch.as_tensor(idx)].numpy(), labels)
+
     def describe(self) -> dict:
         return {"kind": "in-memory", "n": len(self)}
-
-
-@dataclass
-class Protocol:
-    """What one evaluation protocol trains on and retrieves among.
-
-    ``train.labels`` are 0..len(train_classes)-1 and ``test.labels`` 0..len(test_classes)-1;
-    proxy and center losses are built for the training classes only.
-    """
-
-    split: str  # "samples" | "classes"
-    train: object  # ArraySource | images.ImageSource
-    test: object
-    train_classes: List[str]
-    test_classes: List[str]
-    image_shape: tuple
-    description: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.train_classes)
-
-    @property
-    def classification(self) -> bool:
-        """Classification / nearest-center accuracy only where test classes were trained."""
-        return self.split == "samples"
-
-    def summary(self) -> dict:
-        return {
-            "split": self.split,
-            "description": self.description,
-            "n_train": len(self.train),
-            "n_test": len(self.test),
-            "num_classes": self.num_classes,
-            "num_test_classes": len(self.test_classes),
-            "train_classes": list(self.train_classes),
-            "class_names": list(self.test_classes),  # the test labels' names (plot legend)
-            "image_shape": list(self.image_shape),
-        }
 
 
 def _to_float_images(images: np.ndarray) -> np.ndarray:
@@ -257,10 +234,14 @@ def load_dataset(name: str, data_dir: Optional[str] = None, **image_options):
             data_dir, name=f"idx:{os.path.basename(os.path.normpath(data_dir))}"
         )
     if name in ("folder", "cub200", "cars196", "sop"):
-        from . import images
-
         return images.load_image_dataset(name, data_dir, **image_options)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def has_official_split(dataset: str) -> bool:
+    """CUB, Cars and SOP have published class splits; the others get a partition drawn per
+    seed (``--split classes``)."""
+    return dataset in ("cub200", "cars196", "sop")
 
 
 def default_split(dataset: str) -> str:
@@ -290,14 +271,15 @@ def _standardise(ds: Dataset, x_train: np.ndarray, *xs: np.ndarray) -> List[np.n
     return [((x - mean) / std).astype(np.float32) for x in (x_train, *xs)]
 
 
-def make_protocol(ds, split: str, seed: int = 0) -> Protocol:
-    """The ``split`` protocol (``samples`` or ``classes``) of a loaded dataset."""
+def make_protocol(ds, split: str, seed: int = 0, partition_seed: Optional[int] = None) -> Protocol:
+    """The ``split`` protocol (``samples`` or ``classes``) of a loaded dataset.
+
+    ``partition_seed``: for ``classes`` on a data set without an official class split,
+    draw the training half of the classes with it (see :func:`class_partition`)."""
     if split not in ("samples", "classes"):
         raise ValueError(f"split must be 'samples' or 'classes', got {split!r}")
     if not isinstance(ds, Dataset):  # image files
-        from . import images
-
-        return images.make_image_protocol(ds, split, seed=seed)
+        return images.make_image_protocol(ds, split, seed=seed, partition_seed=partition_seed)
     names = ds.class_names or [str(i) for i in range(ds.num_classes)]
     if split == "samples":
         xtr, xte = _standardise(ds, ds.x_train, ds.x_test)
@@ -314,8 +296,7 @@ def make_protocol(ds, split: str, seed: int = 0) -> Protocol:
     c = ds.num_classes
     if c < 4:
         raise SystemExit(f"--split classes needs at least 4 classes ({ds.name} has {c})")
-    train_cls = list(range(c // 2))
-    test_cls = list(range(c // 2, c))
+    train_cls, test_cls = class_partition(c, partition_seed)
     tr = np.isin(ds.y_train, train_cls)
     te = np.isin(ds.y_test, test_cls)
     xtr, xte = _standardise(ds, ds.x_train[tr], ds.x_test[te])
@@ -326,7 +307,7 @@ def make_protocol(ds, split: str, seed: int = 0) -> Protocol:
         [names[i] for i in train_cls],
         [names[i] for i in test_cls],
         ds.image_shape,
-        f"class-disjoint: train on the training images of classes 0-{c // 2 - 1} "
+        f"class-disjoint: train on the training images of classes {ranges(train_cls)} "
         f"({int(tr.sum())}), retrieve among the test images of the unseen classes "
-        f"{c // 2}-{c - 1} ({int(te.sum())}), test against test",
+        f"{ranges(test_cls)} ({int(te.sum())}), test against test",
     )

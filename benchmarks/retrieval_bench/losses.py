@@ -27,6 +27,8 @@ __all__ = [
     "parse_loss_args",
     "accepted_kwargs",
     "preload",
+    "check_range",
+    "RANGES",
 ]
 
 
@@ -131,7 +133,7 @@ LOSSES: Dict[str, LossSpec] = {
         "proxy",
         ("sparsecircle", "circle-class"),
         _ours("SparseCircleLoss"),
-        {"m": 0.25, "gamma": 256},
+        {"m": 0.4, "gamma": 80},
     ),
     "CurricularFaceLoss": LossSpec(
         "ours",
@@ -160,7 +162,7 @@ LOSSES: Dict[str, LossSpec] = {
         "pair",
         ("circle", "circle-pair"),
         _pml("losses", "CircleLoss"),
-        {"m": 0.25, "gamma": 256},
+        {"m": 0.4, "gamma": 80},
         _pml("miners", "MultiSimilarityMiner"),
         {"epsilon": 0.1},
     ),
@@ -201,6 +203,53 @@ LOSSES: Dict[str, LossSpec] = {
 
 # set by the benchmark itself, never by --loss-args
 _FIXED = ("self", "num_classes", "embedding_size")
+
+# Sign and range of the numeric hyperparameters the losses under test take: a wrong sign is
+# accepted by the constructors and trains silently to a meaningless number (a negative scale
+# flips the softmax), so it is refused before anything trains. (low, high, low_open,
+# high_open); None = unbounded.
+RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool, bool]] = {
+    "scale": (0.0, None, True, False),
+    "gamma": (0.0, None, True, False),
+    "alpha": (0.0, None, True, False),
+    "beta": (0.0, None, True, False),
+    "margin": (0.0, None, False, False),
+    "m": (0.0, None, False, False),
+    "epsilon": (0.0, None, False, False),
+    "base": (None, None, False, False),
+    "weight_cent": (0.0, None, False, False),
+    "intra_weight": (0.0, None, False, False),
+    "inter_weight": (0.0, None, False, False),
+    "momentum": (0.0, 1.0, False, False),
+}
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def check_range(loss: str, key: str, value, where: str = "") -> None:
+    """SystemExit naming the loss, the argument and the value when ``value`` is outside the
+    documented range of ``key`` (or is not a number where one is expected)."""
+    rng = RANGES.get(key)
+    if rng is None:
+        return
+    lo, hi, lo_open, hi_open = rng
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SystemExit(f"--loss-args: {loss}: {where}{key}={value!r} is not a number")
+    v = float(value)
+    bad = v != v  # NaN
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or (v >= hi if hi_open else v > hi)
+    if bad:
+        raise SystemExit(
+            f"--loss-args: {loss}: {where}{key}={value!r} is out of range; "
+            f"{key} must be {_range_text(lo, hi, lo_open, hi_open)}"
+        )
 
 
 def accepted_kwargs(cls: type) -> List[str]:
@@ -306,9 +355,11 @@ def parse_loss_args(spec: Optional[str]) -> Dict[str, Dict[str, Dict[str, object
                         f"argument {key!r}; it accepts: {', '.join(allowed)}"
                     )
                 parsed["miner"][key] = _value(val)
+                check_range(name, key, parsed["miner"][key], where="miner.")
                 continue
             if key in lspec.extras:
                 parsed["extras"][key] = _value(val)
+                check_range(name, key, parsed["extras"][key])
                 continue
             allowed = accepted_kwargs(lspec.loss_cls()) if lspec.loss_cls is not None else []
             allowed_all = list(lspec.extras) + allowed
@@ -316,6 +367,7 @@ def parse_loss_args(spec: Optional[str]) -> Dict[str, Dict[str, Dict[str, object
                 what = f"accepts: {', '.join(allowed_all)}" if allowed_all else "takes no arguments"
                 raise SystemExit(f"--loss-args: {name} has no argument {key!r}; it {what}")
             parsed["loss"][key] = _value(val)
+            check_range(name, key, parsed["loss"][key])
     # construct each once (tiny sizes, CPU) so a bad value fails now, not after training others
     for name, parsed in out.items():
         try:

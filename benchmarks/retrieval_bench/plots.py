@@ -3,8 +3,10 @@ they can be remade with ``--plot-only DIR`` without training.
 
 * ``loss_curves.png``: training loss per step and per epoch, one panel per loss (and
   protocol), one line per seed.
-* ``metrics.png``: P@1, R-Precision and MAP@R per loss: every seed as a dot, mean +- std as
-  a bar, one colour per protocol (the spread over seeds).
+* ``metrics.png``: P@1, R-Precision and MAP@R per loss and baseline: every seed as a dot,
+  mean +- std as a bar, one colour per protocol (the spread over seeds), the best baseline
+  as a dashed line; a loss that does not beat it (same-seed difference resolved above 0) is
+  labelled "(not above baseline)" in red.
 * ``embeddings.png`` (``embeddings_<split>.png`` with both protocols): for 2-D / 3-D
   embeddings, the first seed's L2-normalised test embeddings coloured by class.
 """
@@ -94,12 +96,34 @@ def _loss_curves(plt, results: dict, out_dir: str) -> List[str]:
     return [p]
 
 
+def _labels(results: dict, summary: List[dict]) -> dict:
+    """Tick label per loss: marked where it does not beat the best baseline (per split)."""
+    from .report import best_baseline, rank, verdict
+
+    out = {}
+    bsummary = results.get("baseline_summary") or []
+    for split in results.get("splits") or ["samples"]:
+        best = best_baseline(bsummary, split)
+        if best is None:
+            continue
+        diffs = rank(results, split, best)["differences"]
+        for s in summary:
+            if s["split"] != split or s.get("source") == "baseline":
+                continue
+            v = verdict(diffs.get(s["loss"]))
+            if v != "beats" and not v.startswith("above"):
+                out[s["loss"]] = f"{s['loss']} (not above baseline)"
+    return out
+
+
 def _metrics_spread(plt, results: dict, out_dir: str) -> List[str]:
-    summary = [s for s in results.get("summary", []) if s["stats"]]
+    summary = [s for s in results.get("baseline_summary", []) if s["stats"]]
+    summary += [s for s in results.get("summary", []) if s["stats"]]
     if not summary:
         return []
     splits = [s for s in results.get("splits") or ["samples"]]
     losses = list(dict.fromkeys(s["loss"] for s in summary))
+    marked = _labels(results, summary)
     fig, axes = plt.subplots(
         1, len(METRICS), figsize=(4.2 * len(METRICS), 0.42 * len(losses) + 1.6), sharey=True
     )
@@ -116,21 +140,38 @@ def _metrics_spread(plt, results: dict, out_dir: str) -> List[str]:
                     st["mean"], y, xerr=st["std"], fmt="|", color=color, ms=10, capsize=3, lw=1
                 )
                 ax.scatter(st["values"], [y] * len(st["values"]), s=12, color=color, alpha=0.7)
+                if s.get("source") == "baseline" and s["loss"] == _best(summary, split, metric):
+                    ax.axvline(st["mean"], color=color, ls="--", lw=0.8, alpha=0.7)
             ax.scatter([], [], s=12, color=color, label=f"--split {split}")
         ax.set_title(METRIC_SHORT[metric], fontsize=10)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
     ax0 = np.atleast_1d(axes)[0]
     ax0.set_yticks(range(len(losses)))
-    ax0.set_yticklabels(losses, fontsize=8)
+    ax0.set_yticklabels([marked.get(n, n) for n in losses], fontsize=8)
+    for lab in ax0.get_yticklabels():
+        if lab.get_text() in marked.values():
+            lab.set_color("firebrick")
     ax0.invert_yaxis()
     ax0.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"Retrieval per seed (dots), mean ± std (bars) — {_title(results)}", fontsize=10)
+    fig.suptitle(
+        f"Retrieval per seed (dots), mean ± std (bars), best baseline dashed — {_title(results)}",
+        fontsize=10,
+    )
     fig.tight_layout()
     p = os.path.join(out_dir, "metrics.png")
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return [p]
+
+
+def _best(summary: List[dict], split: str, metric: str):
+    cands = [
+        (s["stats"][metric]["mean"], s["loss"])
+        for s in summary
+        if s["split"] == split and s.get("source") == "baseline" and metric in s["stats"]
+    ]
+    return max(cands)[1] if cands else None
 
 
 def _embeddings(plt, results: dict, out_dir: str) -> List[str]:

@@ -210,7 +210,7 @@ def test_test_transform_is_resize_then_center_crop():
 
 
 def test_train_transform_crops_within_bounds_and_flips():
-    t = TrainTransform(16)
+    t = TrainTransform(16, resize=False)  # the crop alone; the resize is tested below
     torch.manual_seed(0)
     for w, h in [(40, 30), (17, 90), (300, 20), (16, 16)]:
         for _ in range(50):
@@ -237,6 +237,30 @@ def test_train_transform_crops_within_bounds_and_flips():
         np.testing.assert_allclose(out.numpy(), _normalised(ref.astype(np.float64)), atol=1e-5)
         flips.add(flip)
     assert flips == {True, False}
+
+
+def test_train_transform_resizes_then_crops_at_the_reality_check_scale():
+    from PIL import Image
+
+    t = TrainTransform(16)
+    assert t.scale == (0.16, 1.0) and t.resize == round(16 * 256 / 224)
+    img, _ = _gradient_image(40, 30)  # shorter side 30 -> 18: 24 x 18
+    resized = img.resize((24, 18), Image.BILINEAR)
+    for s in range(10):
+        g = torch.Generator().manual_seed(s)
+        box = t.crop_box(24, 18, generator=g)
+        flip = float(torch.rand(1, generator=g)) < 0.5
+        out = t(img, generator=torch.Generator().manual_seed(s))
+        ref = np.asarray(resized.resize((16, 16), Image.BILINEAR, box=box))
+        ref = ref[:, ::-1] if flip else ref
+        np.testing.assert_allclose(out.numpy(), _normalised(ref.astype(np.float64)), atol=1e-5)
+    # a generator of its own: the global RNG is neither used nor consumed
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = t(img, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)
+    assert torch.equal(a, t(img, generator=torch.Generator().manual_seed(5)))
 
 
 def images_pil_bilinear():
@@ -273,3 +297,24 @@ def test_jpeg_and_png_and_grey_images_all_load_as_rgb(tmp_path):
     src = images.ImageSource(ds.paths, ds.labels, 8, train=False, workers=0)
     x = torch.cat(list(src.eval_batches(8, torch.device("cpu"))))
     assert x.shape == (4, 3, 8, 8) and torch.isfinite(x).all()
+
+
+def test_our_crop_draws_as_torchvisions_random_resized_crop():
+    """Our crop follows torchvision's RandomResizedCrop.get_params draw for draw (same
+    seed, same box). Ours is used even where torchvision imports, because each sample's
+    draws must come from its own generator; torchvision's reads the global RNG. Skipped
+    where torchvision does not import (PyPI's build beside a CPU torch it was not made for)."""
+    from retrieval_bench.models import import_torchvision
+
+    tv = import_torchvision()
+    if tv is None:
+        pytest.skip("torchvision does not import here")
+    from torchvision.transforms import RandomResizedCrop
+
+    img, _ = _gradient_image(40, 30)
+    ours = TrainTransform(16, resize=False)
+    for s in range(30):
+        torch.manual_seed(s)
+        i, j, h, w = RandomResizedCrop.get_params(img, scale=ours.scale, ratio=ours.ratio)
+        box = ours.crop_box(40, 30, generator=torch.Generator().manual_seed(s))
+        assert box == (j, i, j + w, i + h), s

@@ -286,7 +286,10 @@ def test_end_to_end_resnet18_on_image_folder(tmp_path):
         ]
     )
     assert res["splits"] == ["samples", "classes"]
-    assert res["protocols"]["classes"]["train_classes"] == ["class_0", "class_1"]
+    # a folder has no official class split: the seed draws the training half
+    # (protocol.class_partition(4, partition_seed=0) == ([0, 2], [1, 3]))
+    assert res["protocols"]["classes"]["train_classes"] == ["class_0", "class_2"]
+    assert res["protocols"]["classes"]["class_names"] == ["class_1", "class_3"]
     assert res["protocols"]["classes"]["n_test"] == 16
     for r in res["losses"]:
         assert not r.get("error") and r["diverged"] is None, r

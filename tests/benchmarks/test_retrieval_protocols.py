@@ -127,13 +127,16 @@ def test_loss_args_parsing():
 
 
 def test_loss_args_reach_the_loss():
-    kw = bl.parse_loss_args("SparseCircleLoss:m=0.4,gamma=80;ms:miner.epsilon=0.3")
+    kw = bl.parse_loss_args("SparseCircleLoss:m=0.25,gamma=256;ms:miner.epsilon=0.3")
     m = bl.build_method("SparseCircleLoss", 4, 8, kw["SparseCircleLoss"])
-    assert (m.loss.m, m.loss.gamma) == (0.4, 80) and m.hparams == {"m": 0.4, "gamma": 80}
+    assert (m.loss.m, m.loss.gamma) == (0.25, 256) and m.hparams == {"m": 0.25, "gamma": 256}
     ms = bl.build_method("MultiSimilarityLoss", 4, 8, kw["MultiSimilarityLoss"])
     assert ms.miner.epsilon == 0.3 and "epsilon=0.3" in ms.hparams["miner"]
+    # the Circle paper's fine-grained retrieval setting (Sun et al., CVPR 2020, Sec. 4.4)
     default = bl.build_method("SparseCircleLoss", 4, 8)
-    assert (default.loss.m, default.loss.gamma) == (0.25, 256)
+    assert (default.loss.m, default.loss.gamma) == (0.4, 80)
+    pair = bl.build_method("CircleLoss", 4, 8)
+    assert (pair.loss.m, pair.loss.gamma) == (0.4, 80)
 
 
 @pytest.mark.parametrize(
@@ -148,6 +151,17 @@ def test_loss_args_reach_the_loss():
         ("SparseCircleLoss m=0.4", "not of the form"),
         ("SparseCircleLoss:m", "'m' is not key=value"),
         ("SparseCircleLoss:impl=cuda_please", "SparseCircleLoss rejects impl='cuda_please'"),
+        # sign and range, checked before the constructors (which accept all of these)
+        ("CosFaceLoss:scale=-5", r"CosFaceLoss: scale=-5 is out of range; scale must be > 0"),
+        ("ArcFaceLoss:scale=0", r"ArcFaceLoss: scale=0 is out of range; scale must be > 0"),
+        ("CosFaceLoss:margin=-0.1", r"margin=-0.1 is out of range; margin must be >= 0"),
+        ("SparseCircleLoss:gamma=-80", r"gamma=-80 is out of range; gamma must be > 0"),
+        ("CircleLoss:m=-0.2", r"CircleLoss: m=-0.2 is out of range"),
+        ("CircleLoss:miner.epsilon=-1", r"miner.epsilon=-1 is out of range"),
+        ("CurricularFaceLoss:momentum=2", r"momentum=2 is out of range; momentum must be in"),
+        ("centerloss:weight_cent=-1", r"weight_cent=-1 is out of range"),
+        ("CosFaceLoss:scale=big", r"CosFaceLoss: scale='big' is not a number"),
+        ("CosFaceLoss:scale=nan", r"is not a number|out of range"),
     ],
 )
 def test_loss_args_errors(spec, message):
@@ -160,14 +174,14 @@ def test_loss_args_recorded_and_used(tmp_path):
     args += ["--no-progress", "--no-plots"]
     a = retrieval.main(args + ["--out", str(tmp_path / "a")])
     b = retrieval.main(
-        args + ["--out", str(tmp_path / "b"), "--loss-args", "SparseCircleLoss:m=0.4,gamma=80"]
+        args + ["--out", str(tmp_path / "b"), "--loss-args", "SparseCircleLoss:m=0.25,gamma=256"]
     )
-    assert b["losses"][0]["hparams"] == {"m": 0.4, "gamma": 80}
+    assert b["losses"][0]["hparams"] == {"m": 0.25, "gamma": 256}
     assert a["losses"][0]["epoch_losses"] != b["losses"][0]["epoch_losses"]
     saved = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert saved["loss_args"]["SparseCircleLoss"]["loss"] == {"m": 0.4, "gamma": 80}
-    assert saved["config"]["loss_args"] == "SparseCircleLoss:m=0.4,gamma=80"
-    assert "m=0.4, gamma=80" in (tmp_path / "b" / "results.md").read_text()
+    assert saved["loss_args"]["SparseCircleLoss"]["loss"] == {"m": 0.25, "gamma": 256}
+    assert saved["config"]["loss_args"] == "SparseCircleLoss:m=0.25,gamma=256"
+    assert "m=0.25, gamma=256" in (tmp_path / "b" / "results.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------

@@ -190,17 +190,7 @@ def test_detectors_catch_a_circle_and_an_upward_arrow():
     assert upward_arrows(graph) == ["pml_extras.ops.x -> pml_extras.losses.y"]
 
 
-# The one circle left at this branch's base: retrieval_bench's data.py <-> images.py
-# (issue 19), which the retrieval benchmark's owners split. Strict: once it is gone this
-# XPASSes, which fails the run, so the marker cannot outlive the circle.
-KNOWN_BENCHMARK_CIRCLE = pytest.mark.xfail(
-    strict=True, reason="benchmarks.retrieval_bench.data <-> images (issue 19, not ops)"
-)
-
-
-@pytest.mark.parametrize(
-    "top", ["pml_extras", pytest.param("benchmarks", marks=KNOWN_BENCHMARK_CIRCLE)]
-)
+@pytest.mark.parametrize("top", ["pml_extras", "benchmarks"])
 def test_no_import_circle(top):
     found = [c for c in circles(import_graph()) if c[0].split(".")[0] == top]
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)

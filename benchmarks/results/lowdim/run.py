@@ -1,10 +1,9 @@
 """Low-dimensional embeddings: the retrieval benchmark with our class losses at their defaults.
 
-The retrieval benchmark builds SparseCircleLoss / CurricularFaceLoss with the papers' values
-(gamma=256, m=0.25; scale=64). This driver runs the same recipe (same models, sampler,
-optimiser, schedule, metrics) with the benchmark's code pinned at BENCH_COMMIT (the
-benchmark is being restructured; the pinned copy keeps these figures reproducible) and
-registers, next to its losses:
+The retrieval benchmark builds SparseCircleLoss / CurricularFaceLoss with fixed values (its
+"where each default comes from" table). This thin driver runs today's benchmark
+(``benchmarks/retrieval.py``: same models, sampler, optimiser, schedule, metrics) in the
+closed set (``--split samples`` unless given) and registers, next to its losses:
 
 - ``SparseCircleLoss`` / ``CurricularFaceLoss``: ``Loss(C, D)``, default arguments (the
   low-dimensional rule: scale/gamma and m "auto", the rule's proxy init);
@@ -19,40 +18,63 @@ The benchmark's own ``ArcFaceLoss`` / ``CosFaceLoss`` are PML's, with scale 64.
         --losses SparseCircleLoss,CurricularFaceLoss,Softmax --out /tmp/x --threads 1
 
 Every other option is the benchmark's (``--help``). ``aggregate.py`` makes the tables.
+
+The tables committed in this folder were made by the benchmark as of commit 84402be (which
+an earlier version of this driver imported through ``git show``); today's benchmark draws
+its batches from per-(seed, epoch) generators and L2-normalises every embedding before
+k-NN, so a rerun gives other numbers (see summary.md).
 """
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
+from types import SimpleNamespace
 
-BENCH_COMMIT = "84402be"
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+class _Losses(dict):
+    """``R.LOSSES[name] = (source, build, aliases)`` registers a loss built by
+    ``build(num_classes, embedding_dim) -> Method`` in today's benchmark."""
+
+    def __init__(self, specs, spec_cls):
+        super().__init__()
+        self._specs, self._spec_cls = specs, spec_cls
+
+    def __setitem__(self, name, value):
+        source, build, aliases = value
+        self._specs[name] = self._spec_cls(source, "custom", tuple(aliases), builder=build)
+        super().__setitem__(name, value)
 
 
 def load_benchmark():
-    """Import benchmarks/retrieval.py (+ _data.py) as of BENCH_COMMIT from a temp dir."""
-    tmp = tempfile.mkdtemp(prefix="lowdim_bench_")
-    atexit.register(shutil.rmtree, tmp, True)
-    for name in ("retrieval.py", "_data.py"):
-        src = subprocess.run(
-            ["git", "-C", REPO, "show", f"{BENCH_COMMIT}:benchmarks/{name}"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        with open(os.path.join(tmp, name), "w") as f:
-            f.write(src)
-    sys.path.insert(0, tmp)
+    """Today's benchmark (benchmarks/retrieval.py) behind the small interface the lowdim
+    drivers use: ``Method``, ``_logits_of``, ``LOSSES``, ``main``, ``plot_results``."""
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
     import retrieval
+    from retrieval_bench import losses as bl
+    from retrieval_bench.plots import plot_results
 
-    return retrieval
+    return SimpleNamespace(
+        Method=bl.Method,
+        _logits_of=lambda loss: loss.get_logits,
+        LOSSES=_Losses(bl.LOSSES, bl.LossSpec),
+        main=retrieval.main,
+        plot_results=plot_results,
+    )
+
+
+def closed_set(argv):
+    """The lowdim studies are closed-set (accuracy from the logits): ``--split samples``
+    unless the command line says otherwise."""
+    argv = list(argv)
+    return argv if "--split" in argv else argv + ["--split", "samples"]
 
 
 def method_of(R, loss, **hp):
@@ -98,27 +120,8 @@ def register(R) -> None:
 
 
 def plot(R, out: str) -> None:
-    """The benchmark's PNGs; its 3-D panel for a diverged loss calls the 2-D ``ax.text``
-    and fails, so on failure the plots are redrawn without the diverged losses."""
-    try:
-        R.plot_results(out)
-        return
-    except TypeError:
-        pass
-    with open(os.path.join(out, "results.json")) as f:
-        res = json.load(f)
-    res["losses"] = [r for r in res["losses"] if not r.get("diverged")]
-    tmp = tempfile.mkdtemp(prefix="lowdim_plot_")
-    try:
-        with open(os.path.join(tmp, "results.json"), "w") as f:
-            json.dump(res, f, default=str)
-        npz = os.path.join(out, "embeddings_test.npz")
-        if os.path.exists(npz):
-            os.symlink(os.path.abspath(npz), os.path.join(tmp, "embeddings_test.npz"))
-        for path in R.plot_results(tmp):
-            shutil.move(path, os.path.join(out, os.path.basename(path)))
-    finally:
-        shutil.rmtree(tmp, True)
+    """The benchmark's PNGs from ``out``'s results.json (+ embeddings_test.npz)."""
+    R.plot_results(out)
 
 
 def git_head() -> str:
@@ -135,6 +138,7 @@ def main(argv=None) -> dict:
     if "--plot-only" in argv:
         plot(R, argv[argv.index("--plot-only") + 1])
         return {}
+    argv = closed_set(argv)
     plots = "--no-plots" not in argv
     results = R.main(argv + ([] if not plots else ["--no-plots"]))
     if results:
@@ -143,7 +147,6 @@ def main(argv=None) -> dict:
         results["lowdim"] = {
             "driver": "benchmarks/results/lowdim/run.py",
             "command": "python benchmarks/results/lowdim/run.py " + " ".join(argv),
-            "benchmark_commit": BENCH_COMMIT,
             "repo_head": git_head(),
             "pml_extras_path": os.path.dirname(pml_extras.__file__),
         }

@@ -143,4 +143,4 @@ def register_sweep_e(R, v: dict) -> None:
 if __name__ == "__main__":
     R = run.load_benchmark()
     register(R)
-    R.main(sys.argv[1:])
+    R.main(run.closed_set(sys.argv[1:]))
