@@ -1,6 +1,6 @@
 """Offline re-sharding of per-rank checkpoints of the class-sharded losses.
 
-Training writes one file per rank (see the README's recipe): the loss's ``state_dict()``
+Training writes one file per rank (the recipe in docs/distributed.md): the loss's ``state_dict()``
 (``W`` shard (D, C_r), ``class_range``, ``sample_step``, CurricularFace's ``t``) under one key,
 the state of an optimizer that holds only the loss's parameters under another, and any
 replicated entries (backbone, its optimizer, the scaler, the step) beside them.

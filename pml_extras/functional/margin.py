@@ -101,7 +101,8 @@ def mean_target_angle(embeddings: Tensor, weight: Tensor, labels: Tensor) -> flo
         dtype = working_dtype(embeddings, weight)
         x = F.normalize(embeddings.detach().to(dtype), dim=1)
         cos_y = target_cosine(x, weight, labels)
-        return math.degrees(float(torch.acos(cos_y).mean()))
+        # Clamped: a rounded cosine just past +-1 would give NaN.
+        return math.degrees(float(torch.acos(cos_y.clamp(-1.0, 1.0)).mean()))
 
 
 def _checked_margin_loss(

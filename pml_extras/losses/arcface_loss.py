@@ -36,7 +36,7 @@ class ArcFaceLoss(BaseProxyLoss):
             proxies on S^(D-1) when D < 4*ln(C*(C-1)) (C=10: 18 degrees in 2-D, 28.6 in
             3-D), else 28.6. Stored in radians as ``self.margin``, like PML.
         scale: logit scale s (paper: 64, the default), or ``"auto"``: the low-dimensional
-            rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (README section
+            rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (docs/low_dim.md,
             "Low-dimensional embeddings"; pair it with ``weight_init_func=auto_proxy_init_``).
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".

@@ -29,7 +29,7 @@ class CosFaceLoss(BaseProxyLoss):
         margin: additive cosine margin m (paper: 0.35, the default; the paper finds
             0.25-0.45 works well).
         scale: logit scale s (paper: 64, the default), or ``"auto"``: the low-dimensional
-            rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (README section
+            rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (docs/low_dim.md,
             "Low-dimensional embeddings"; pair it with ``weight_init_func=auto_proxy_init_``).
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".

@@ -36,8 +36,8 @@ class CurricularFaceLoss(BaseProxyLoss):
         scale: logit scale s, or ``"auto"`` (the default): the paper's 64 unless the
             embedding is low-dimensional for C, D < 4*ln(C*(C-1)) (C=10: D <= 17), where
             it is AdaCos's fixed scale sqrt(2)*ln(C-1) (C=10: 3.11). ``scale=64`` gives the
-            paper's setting exactly in every dimension. See the README section
-            "Low-dimensional embeddings" and ``pml_extras.losses._low_dim``.
+            paper's setting exactly in every dimension. See docs/low_dim.md
+            ("Low-dimensional embeddings") and ``pml_extras.losses._low_dim``.
         momentum: EMA factor of t (paper: 0.01).
         chunk_size, impl: as in :class:`SparseCircleLoss`.
         weight_init_func: as in PML; the default is the rule's

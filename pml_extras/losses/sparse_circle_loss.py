@@ -35,7 +35,7 @@ class SparseCircleLoss(BaseProxyLoss):
             low-dimensional, where it is AdaCos's fixed scale sqrt(2)*ln(C-1) (C=10: 3.11).
             The paper's settings, exact in every dimension when given explicitly: face
             recognition m=0.25, gamma=256; person re-ID m=0.25, gamma=128; fine-grained
-            retrieval m=0.4, gamma=80. See the README section "Low-dimensional embeddings".
+            retrieval m=0.4, gamma=80. See docs/low_dim.md.
         chunk_size: classes per block (default: about 4M logits per block).
         impl: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
         weight_init_func: as in PML; the default is the rule's for Circle loss
