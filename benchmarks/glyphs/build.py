@@ -22,8 +22,8 @@ Output (``--out DIR``)::
     DIR/manifest.json          fonts (file, sha256, package, version, licence), classes,
                                every image's font and variation, parameters, versions, and
                                the sha256 of the images
-    DIR/idx/                   with --idx: the same images as MNIST-form IDX files (each
-                               class's first half in train-*, second half in t10k-*)
+    IDXDIR/                    with --idx IDXDIR: the same images as MNIST-form IDX files
+                               (each class's first half in train-*, second half in t10k-*)
 
 Same command and same installed fonts/Pillow/FreeType: same bytes (the tests check it).
 Nothing is downloaded. Install the default fonts with
@@ -33,7 +33,7 @@ whatever is there instead.
 
 Example::
 
-    python benchmarks/glyphs/build.py --out data/glyphs --idx
+    python benchmarks/glyphs/build.py --out data/glyphs --idx data/glyphs-idx
     python benchmarks/retrieval.py --dataset folder --data-dir data/glyphs --split classes \\
         --image-size 32
 """
@@ -130,7 +130,7 @@ def _write_idx(path: str, array: np.ndarray) -> None:
 def build(
     out: str,
     classes: int = 600,
-    per_class: int = 24,
+    per_class: int = 40,
     size: int = 32,
     seed: int = 0,
     min_fonts: int = 6,
@@ -139,7 +139,7 @@ def build(
     variation: Optional[glyph_render.Variation] = None,
     packages: Optional[Sequence[str]] = None,
     font_dirs: Optional[Sequence[str]] = None,
-    idx: bool = False,
+    idx: Optional[str] = None,
     log=print,
 ) -> dict:
     """Render the data set into ``out`` and return its manifest (also in out/manifest.json)."""
@@ -259,9 +259,11 @@ def build(
         c["images"] = rows
         images.append(np.stack(cls_images))
 
-    if idx:
-        d = os.path.join(out, "idx")
-        os.makedirs(d)
+    if idx:  # beside, not inside, the class folders: the folder loader would take it for a class
+        d = idx
+        if os.path.isdir(d) and os.listdir(d):
+            raise FileExistsError(f"--idx {d!r} exists and is not empty: give a new directory")
+        os.makedirs(d, exist_ok=True)
         x = np.stack(images)  # (classes, per_class, size, size)
         half = per_class // 2
         for name, part in (("train", x[:, :half]), ("t10k", x[:, half:])):
@@ -288,7 +290,7 @@ def build(
             "variation": variation.record(),
             "packages": None if font_dirs else list(packages or glyph_fonts.PACKAGES),
             "font_dirs": list(font_dirs) if font_dirs else None,
-            "idx": idx,
+            "idx": bool(idx),
         },
         "versions": _versions(),
         "layout": "DIR/<k>_U+XXXX/<i>.png, white on black, 8-bit grey; image row = "
@@ -310,7 +312,7 @@ def _cli_args(classes, per_class, size, seed, min_fonts, dup_cosine, idx) -> Lis
     a = ["--out", "DIR", "--classes", str(classes), "--per-class", str(per_class)]
     a += ["--size", str(size), "--seed", str(seed), "--min-fonts", str(min_fonts)]
     a += ["--dup-cosine", str(dup_cosine)]
-    return a + (["--idx"] if idx else [])
+    return a + (["--idx", "IDXDIR"] if idx else [])
 
 
 def _versions() -> dict:
@@ -333,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     p.add_argument("--out", required=True, help="output directory (new or empty)")
     p.add_argument("--classes", type=int, default=600, help="number of classes (default 600)")
-    p.add_argument("--per-class", type=int, default=24, help="images per class (default 24)")
+    p.add_argument("--per-class", type=int, default=40, help="images per class (default 40)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--seed", type=int, default=0, help="class order and variation (default 0)")
     p.add_argument(
@@ -356,7 +358,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         action="append",
         help="use the .ttf/.otf files under DIR instead of --packages (repeatable)",
     )
-    p.add_argument("--idx", action="store_true", help="also write MNIST-form IDX files")
+    p.add_argument(
+        "--idx", metavar="IDXDIR", help="also write the images as MNIST-form IDX files there"
+    )
     v = glyph_render.Variation()
     p.add_argument("--rotation", type=float, default=v.rotation_deg, help="max |degrees|")
     p.add_argument("--shear", type=float, default=v.shear, help="max |shear|")

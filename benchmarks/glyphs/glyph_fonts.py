@@ -91,11 +91,11 @@ def package_version(package: str) -> Optional[str]:
     return out.split(" ", 1)[1].strip()
 
 
-def package_licence(package: str, font_path: str) -> str:
+def package_licence(package: str, font_path: str, doc_root: str = "/usr/share/doc") -> str:
     """The licence Debian's machine-readable copyright file gives ``font_path``: the last
     ``Files:`` stanza whose pattern matches the file's name (DEP-5: the last match wins),
     ``debian/*`` excluded."""
-    path = f"/usr/share/doc/{package}/copyright"
+    path = os.path.join(doc_root, package, "copyright")
     if not os.path.isfile(path):
         return "unknown (no /usr/share/doc copyright file)"
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -170,6 +170,25 @@ def _font_file(path: str, package: str, version: str) -> FontFile:
     )
 
 
+def _owners(paths: Sequence[str]) -> Dict[str, str]:
+    """path -> Debian package, for the paths dpkg knows (one dpkg-query call: each call
+    costs about a second on a loaded machine)."""
+    if not paths:
+        return {}
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-S", *paths], capture_output=True, text=True, check=False, timeout=120
+        ).stdout  # exits 1 when some path is unknown, but still lists the others
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    owners = {}
+    for line in out.splitlines():
+        pkgs, sep, path = line.partition(": ")
+        if sep and path.strip() in paths and "diversion" not in pkgs:
+            owners[path.strip()] = pkgs.split(",")[0].split(":")[0].strip()
+    return owners
+
+
 def package_fonts(packages: Sequence[str]) -> List[FontFile]:
     """The TrueType/OpenType files of installed Debian ``packages`` (sorted by path, each
     file once). Raises :class:`MissingFontsError` naming the missing packages."""
@@ -209,16 +228,20 @@ def directory_fonts(dirs: Sequence[str]) -> List[FontFile]:
         for root, subdirs, files in os.walk(d):
             subdirs.sort()
             paths += [os.path.join(root, f) for f in files if f.lower().endswith(FONT_EXTENSIONS)]
-    seen, fonts = set(), []
+    reals, seen = [], set()
     for path in sorted(paths):
         real = os.path.realpath(path)
-        if real in seen:
-            continue
-        seen.add(real)
-        owner = _dpkg("-S", real)
-        package = owner.split(":", 1)[0].strip() if owner else "-"
-        version = (package_version(package) or "?") if package != "-" else "-"
-        fonts.append(_font_file(path, package, version))
+        if real not in seen:
+            seen.add(real)
+            reals.append((path, real))
+    owners = _owners([real for _, real in reals])
+    versions: Dict[str, str] = {}
+    fonts = []
+    for path, real in reals:
+        package = owners.get(real, "-")
+        if package != "-" and package not in versions:
+            versions[package] = package_version(package) or "?"
+        fonts.append(_font_file(path, package, versions.get(package, "-")))
     if not fonts:
         raise MissingFontsError(
             f"no {'/'.join(FONT_EXTENSIONS)} font files under {', '.join(dirs)}; install e.g. "

@@ -115,8 +115,11 @@ def render(font, char: str, size: int, params: Params = Params(), supersample: i
     box = glyph.getbbox()
     if box is None:
         return None
-    glyph = glyph.crop(box)
-    w, h = glyph.size
+    # a blank margin around the ink: PIL's bilinear sampling repeats the edge pixels of its
+    # input, which for a tight crop would smear ink outward
+    pad = 2
+    glyph = glyph.crop((box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad))
+    w, h = box[2] - box[0], box[3] - box[1]
     hi = size * supersample
     fit = min(1.0, FIT * hi / max(w, h))
     s = params.scale * fit
@@ -128,7 +131,7 @@ def render(font, char: str, size: int, params: Params = Params(), supersample: i
     inv = np.linalg.inv(a)
     ox = hi / 2 + params.tx * hi
     oy = hi / 2 + params.ty * hi
-    gx, gy = w / 2, h / 2
+    gx, gy = pad + w / 2, pad + h / 2
     coeffs = (
         float(inv[0, 0]),
         float(inv[0, 1]),
