@@ -259,3 +259,14 @@ def test_cli_builds_and_refuses_too_many_classes(tmp_path, font_dir):
     )  # fmt: skip  (no codepoint is drawn by more fonts than there are)
     assert r.returncode != 0 and "only 0 classes" in r.stderr
     assert "lower --classes or --min-fonts" in r.stderr
+
+
+@needs_fonts
+def test_keyboard_font_is_left_out(tmp_path):
+    os.symlink(FONTS[0], tmp_path / "LinBiolinum_K.ttf")  # named like the key-cap font
+    with pytest.raises(glyph_fonts.MissingFontsError, match="no .ttf/.otf font files"):
+        glyph_fonts.directory_fonts([str(tmp_path)])
+    os.symlink(FONTS[0], tmp_path / "Plain.ttf")
+    assert [os.path.basename(f.path) for f in glyph_fonts.directory_fonts([str(tmp_path)])] == [
+        "Plain.ttf"
+    ]

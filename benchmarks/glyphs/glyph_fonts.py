@@ -45,6 +45,11 @@ PACKAGES: Dict[str, str] = {
 }
 PACKAGES_APT = "apt-get install " + " ".join(PACKAGES)
 
+# Fonts whose glyphs are not plain characters (file name prefix -> why), left out everywhere
+EXCLUDED = {
+    "LinBiolinum_K": "Linux Biolinum Keyboard draws every character inside a key cap",
+}
+
 # FreeType reads Type 1 too, but fontTools cannot check their coverage: TrueType/OpenType only.
 FONT_EXTENSIONS = (".ttf", ".otf")
 
@@ -161,6 +166,10 @@ def read_font(font: FontFile, candidates: Optional[set] = None) -> FontFile:
     return font
 
 
+def _excluded(path: str) -> bool:
+    return os.path.basename(path).startswith(tuple(EXCLUDED))
+
+
 def _font_file(path: str, package: str, version: str) -> FontFile:
     return FontFile(
         path=path,
@@ -206,6 +215,8 @@ def package_fonts(packages: Sequence[str]) -> List[FontFile]:
         for path in sorted(listing.splitlines()):
             if not path.lower().endswith(FONT_EXTENSIONS) or not os.path.isfile(path):
                 continue
+            if _excluded(path):
+                continue
             real = os.path.realpath(path)
             if real in seen:
                 continue
@@ -227,7 +238,11 @@ def directory_fonts(dirs: Sequence[str]) -> List[FontFile]:
             raise MissingFontsError(f"--font-dir {d!r} is not a directory")
         for root, subdirs, files in os.walk(d):
             subdirs.sort()
-            paths += [os.path.join(root, f) for f in files if f.lower().endswith(FONT_EXTENSIONS)]
+            paths += [
+                os.path.join(root, f)
+                for f in files
+                if f.lower().endswith(FONT_EXTENSIONS) and not _excluded(f)
+            ]
     reals, seen = [], set()
     for path in sorted(paths):
         real = os.path.realpath(path)
