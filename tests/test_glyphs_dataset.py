@@ -270,3 +270,48 @@ def test_keyboard_font_is_left_out(tmp_path):
     assert [os.path.basename(f.path) for f in glyph_fonts.directory_fonts([str(tmp_path)])] == [
         "Plain.ttf"
     ]
+
+
+def test_t_interval_by_hand():
+    sys.path.insert(0, os.path.join(BENCH, "results", "glyphs"))
+    import experiment
+
+    mean, half = experiment.t_interval([0.1, 0.2, 0.3])
+    # sd 0.1, n 3, t(0.975, df 2) = 4.302653
+    assert mean == pytest.approx(0.2) and half == pytest.approx(4.302653 * 0.1 / 3**0.5, 1e-6)
+    assert np.isnan(experiment.t_interval([0.5])[1])
+
+
+@needs_fonts
+def test_experiment_script_scores_baselines_on_the_unseen_classes(tiny, tmp_path):
+    """The results script, run on the tiny build's IDX export: baselines and one loss on the
+    class-disjoint split; the raw-pixel row equals a direct computation."""
+    import torch
+    from retrieval_bench import evaluation
+    from retrieval_bench import idx as idx_io
+
+    sys.path.insert(0, os.path.join(BENCH, "results", "glyphs"))
+    import experiment
+
+    _, idx, _ = tiny
+    out = tmp_path / "exp"
+    argv = ["--out", str(out), "--seeds", "0,1", "--dataset", "idx", "--data-dir", str(idx)]
+    argv += ["--split", "classes", "--losses", "ArcFaceLoss", "--epochs", "1"]
+    argv += ["--batch-size", "6", "--no-progress", "--knn", "torch"]
+    assert experiment.main(argv) == 0
+    res = json.load(open(out / "results.json"))
+    assert (out / "results.md").read_text().count("*(baseline)*") == 3
+    methods = {(r["method"], r["seed"]) for r in res["runs"] if r.get("metrics_l2")}
+    for m in ("raw pixels", "raw input", "untrained mlp", "ArcFaceLoss"):
+        assert {(m, 0), (m, 1)} <= methods
+    # raw pixels: the t10k images of the unseen (second-half) classes, flattened, normalised
+    x = idx_io.read_idx(str(idx / "t10k-images-idx3-ubyte")).astype(np.float32) / 255
+    y = idx_io.read_idx(str(idx / "t10k-labels-idx1-ubyte"))
+    keep = y >= TINY["classes"] // 2
+    want = evaluation.retrieval_metrics(
+        torch.nn.functional.normalize(torch.as_tensor(x[keep]).flatten(1), dim=1), y[keep]
+    )
+    got = next(r for r in res["runs"] if r["method"] == "raw pixels")["metrics_l2"]
+    for k, v in got.items():
+        assert v == pytest.approx(want[k])
+    assert res["protocol"]["num_test_classes"] == TINY["classes"] // 2
