@@ -15,3 +15,8 @@ python benchmarks/results/glyphs/experiment.py --out benchmarks/results/glyphs/i
     --model cnn --losses ArcFaceLoss,MultiSimilarityLoss,SparseCircleLoss,CircleLoss $COMMON \
     > benchmarks/results/glyphs/idx-cnn.log 2>&1 &
 wait
+# the other six losses with the CNN (in our run: started when the MLP run finished, and
+# stopped by the session's deadline; results.json says which seeds completed)
+python benchmarks/results/glyphs/experiment.py --out benchmarks/results/glyphs/idx-cnn-rest \
+    --model cnn --losses CurricularFaceLoss,CenterLoss+Softmax,StandaloneCenterLoss,CosFaceLoss,TripletMarginLoss,Softmax \
+    $COMMON > benchmarks/results/glyphs/idx-cnn-rest.log 2>&1
