@@ -145,6 +145,8 @@ def table(results: dict) -> str:
         d = r.get("diff_vs_best_baseline")
         dtxt = "" if not d else fmt((d["mean"], d["half_width"]))
         res = "" if not d else ("yes" if d["resolved"] else "no")
+        if d and d["n"] < 2:
+            res = "1 seed: no interval"
         if d and d["resolved"] and d["mean"] < 0:
             res = "yes (worse)"
         bench = r.get("mean_average_precision_at_r_bench")
@@ -160,7 +162,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--remake", action="store_true", help="only rewrite OUT/results.md from OUT/results.json"
+    )
     own, rest = p.parse_known_args(argv)
+    if own.remake:
+        with open(os.path.join(own.out, "results.json")) as f:
+            results = json.load(f)
+        results["summary"] = summarise(results["runs"])
+        with open(os.path.join(own.out, "results.md"), "w") as f:
+            f.write(table(results))
+        return 0
     args = _bench_args(rest)
     seeds = cli.parse_seeds(own.seeds)
     names = parse_losses(args.losses)
