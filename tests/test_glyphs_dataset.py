@@ -315,3 +315,18 @@ def test_experiment_script_scores_baselines_on_the_unseen_classes(tiny, tmp_path
     for k, v in got.items():
         assert v == pytest.approx(want[k])
     assert res["protocol"]["num_test_classes"] == TINY["classes"] // 2
+
+
+HOMOGLYPHS = ["AΑА", "BΒВ", "EΕЕ", "HΗН", "KΚК", "MΜМ", "OΟО", "PΡР", "TΤТ", "XΧХ", "oοо"]
+HOMOGLYPHS += ["pр", "cс", "eе", "xх", "aа", "IΙІ", "JЈ", "SЅ", "iі", "jј", "sѕ"]
+
+
+@needs_fonts
+def test_look_alikes_across_scripts_become_one_class(tmp_path, font_dir):
+    """Latin A, Greek Alpha and Cyrillic A are drawn alike: at most one of each such set is a
+    class, and the manifest lists the ones left out."""
+    m = _build(tmp_path / "la", font_dir, classes=250, per_class=2, size=12, min_fonts=3)
+    chars = {c["char"] for c in m["classes"]}
+    for group in HOMOGLYPHS:
+        assert len(chars & set(group)) <= 1, group
+    assert m["rejected"]["look-alike of an accepted class"] == len(m["lookalikes"]) > 0
