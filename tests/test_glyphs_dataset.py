@@ -7,6 +7,7 @@ only where no .ttf/.otf file exists at all. Nothing is downloaded.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,9 +24,21 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, GLYPHS)
 sys.path.insert(0, BENCH)
 
-import build  # noqa: E402
 import glyph_fonts  # noqa: E402
 import glyph_render  # noqa: E402
+
+
+def _load(name, path):
+    """A script as a module under a name of its own (``build`` and ``experiment`` are
+    generic: PyPA's ``build`` may be installed)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+build = _load("glyphs_build", os.path.join(GLYPHS, "build.py"))
 
 
 def _fonts():
@@ -273,8 +286,9 @@ def test_keyboard_font_is_left_out(tmp_path):
 
 
 def test_t_interval_by_hand():
-    sys.path.insert(0, os.path.join(BENCH, "results", "glyphs"))
-    import experiment
+    experiment = _load(
+        "glyphs_experiment", os.path.join(BENCH, "results", "glyphs", "experiment.py")
+    )
 
     mean, half = experiment.t_interval([0.1, 0.2, 0.3])
     # sd 0.1, n 3, t(0.975, df 2) = 4.302653
@@ -290,8 +304,9 @@ def test_experiment_script_scores_baselines_on_the_unseen_classes(tiny, tmp_path
     from retrieval_bench import evaluation
     from retrieval_bench import idx as idx_io
 
-    sys.path.insert(0, os.path.join(BENCH, "results", "glyphs"))
-    import experiment
+    experiment = _load(
+        "glyphs_experiment", os.path.join(BENCH, "results", "glyphs", "experiment.py")
+    )
 
     _, idx, _ = tiny
     out = tmp_path / "exp"
