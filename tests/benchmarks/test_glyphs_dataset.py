@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GLYPHS = os.path.join(ROOT, "benchmarks", "glyphs")
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, GLYPHS)
