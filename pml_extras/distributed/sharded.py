@@ -104,6 +104,9 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     single_device_loss = BaseProxyLoss
+    # The twin's scale attribute, copied onto the class: torch 2.4's Dynamo cannot read a
+    # class attribute through ``self.single_device_loss`` as a constant.
+    scale_name = BaseProxyLoss.scale_name
 
     def __init__(
         self,
@@ -388,7 +391,7 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
 
     def _scale(self) -> float:
         """The logit scale: the twin's ``scale_name`` attribute (gamma or scale)."""
-        return getattr(self, self.single_device_loss.scale_name)
+        return getattr(self, self.scale_name)
 
     def _class_lse(self, x_all, w_used, target, kind, param, row_param=None):
         """This shard's (partial logsumexp, target cosine) of ``kind`` for every global row."""
@@ -590,6 +593,7 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
     """
 
     single_device_loss = SparseCircleLoss
+    scale_name = SparseCircleLoss.scale_name
 
     def __init__(
         self,
@@ -651,6 +655,7 @@ class ShardedCurricularFaceLoss(_ShardedClassLoss):
     """
 
     single_device_loss = CurricularFaceLoss
+    scale_name = CurricularFaceLoss.scale_name
 
     def __init__(
         self,

@@ -186,6 +186,10 @@ def test_sharded_losses_resolve_the_twins_defaults(sharded_name, twin, names, c,
     single = twin(c, d)
     for name in names:
         assert getattr(sharded, name) == getattr(single, name), (name, c, d)
+    # The logit scale is read through the twin's attribute name (copied onto the class for
+    # torch 2.4's Dynamo): the same attribute, the same value.
+    assert sharded_cls.scale_name == twin.scale_name
+    assert sharded._scale() == getattr(single, twin.scale_name)
     # One process holds every class: the same default init, draw for draw.
     assert torch.equal(sharded.W.detach(), single.W.detach())
     # Explicit values pass through both unchanged.
