@@ -105,7 +105,28 @@ def add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op) -> No
         g_wy = gc[:, None] * x_hat
         g_wy = (g_wy - w_y * (g_wy * w_y).sum(1, keepdim=True)) * inv_norm_y[:, None]
         safe = torch.where(has_target, target, torch.zeros_like(target))
-        grad_w.index_add_(1, safe, g_wy.t().to(weight.dtype))
+        add_columns_(grad_w, safe, g_wy.t().to(weight.dtype))
+
+
+def add_columns_deterministic_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """out[:, index[i]] += src[:, i] for every i, in place; returns ``out``.
+
+    Duplicate indices (several rows of a batch with one label) are summed in a fixed
+    order: ``index_put_(accumulate=True)`` on the transposed view, which CUDA runs as a
+    sort-based kernel, not with atomics (``index_add_``'s CUDA kernel adds with atomics,
+    so in bfloat16 the order of the additions, and so the rounded sum, varied between
+    runs)."""
+    out.t().index_put_((index,), src.t(), accumulate=True)
+    return out
+
+
+def add_columns_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
+    """out[:, index[i]] += src[:, i]: :func:`add_columns_deterministic_` on CUDA;
+    ``index_add_`` elsewhere (deterministic on CPU, and the CPU path's values stay
+    bit-identical to what they were)."""
+    if out.is_cuda:
+        return add_columns_deterministic_(out, index, src)
+    return out.index_add_(1, index, src)
 
 
 def round_operand(t: Tensor, op: torch.dtype, dim: int):
@@ -124,6 +145,8 @@ def round_operand(t: Tensor, op: torch.dtype, dim: int):
 
 __all__ = [
     "round_operand",
+    "add_columns_",
+    "add_columns_deterministic_",
     "KINDS",
     "Operands",
     "TargetColumns",

@@ -758,6 +758,49 @@ def test_forward_grid_is_whole_waves(monkeypatch):
         assert clt._n_splits(1024, 1_000_000, 1, True, 2, None, clt._configs.current)[0] == 5
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 40),  # rows
+    st.integers(1, 6),  # classes: few, so that labels repeat
+    st.integers(1, 5),  # D
+    st.integers(0, 2**31 - 1),
+)
+def test_deterministic_column_add_matches_index_add(B, C, D, seed):
+    """The target column's gradient on CUDA goes through add_columns_deterministic_
+    (index_put_ with accumulate=True, a sort-based kernel there); called directly here on
+    CPU, it must equal index_add_ in float64 with repeated labels, write in place (also
+    through a transposed view) and return its output."""
+    from pml_extras.ops.class_common import add_columns_deterministic_
+
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(D, C, dtype=torch.float64, generator=g)
+    index = torch.randint(0, C, (B,), generator=g)
+    src = torch.randn(D, B, dtype=torch.float64, generator=g)
+    ref = out.clone().index_add_(1, index, src)
+    got = out.clone()
+    assert add_columns_deterministic_(got, index, src) is got
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    view = out.t().clone().t()  # column-major storage, as a transposed W would be
+    add_columns_deterministic_(view, index, src)
+    torch.testing.assert_close(view, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_target_column_add_is_index_add_on_cpu():
+    """On CPU add_columns_ keeps index_add_ (bit-identical values: the behaviour
+    snapshot); the deterministic variant agrees in bf16 to its rounding."""
+    from pml_extras.ops.class_common import add_columns_, add_columns_deterministic_
+
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(7, 3, generator=g).bfloat16()
+    index = torch.tensor([0, 2, 2, 0, 1, 2, 2, 2])
+    src = torch.randn(7, 8, generator=g).bfloat16()
+    assert torch.equal(add_columns_(out.clone(), index, src), out.clone().index_add_(1, index, src))
+    exact = out.double().index_add_(1, index, src.double())
+    det = add_columns_deterministic_(out.clone(), index, src)
+    assert det.dtype == torch.bfloat16
+    torch.testing.assert_close(det.double(), exact, rtol=2e-2, atol=2e-2)
+
+
 @needs_triton
 def test_launch_device_on_cpu_is_a_noop_context():
     ctx = tc.launch_device(torch.zeros(1))
