@@ -1,4 +1,5 @@
-"""One rank of the multi-process tests in ``test_distributed.py`` (gloo, CPU, loopback).
+"""One rank of the multi-process tests in tests/distributed (gloo, CPU, loopback):
+``test_sharded_losses.py``, ``test_distributed_clip.py``, ``test_wrapper_gradients.py``.
 
 Run as ``python tests/helpers/_dist_worker.py SUITE WORLD RANK PORT OUTDIR``. Every scenario of the
 suite runs in this one process group and stores plain tensors in a dict; the dict is
