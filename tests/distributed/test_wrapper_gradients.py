@@ -25,21 +25,8 @@ from pml_extras.losses.circle_loss import CircleLoss
 
 # ----------------------------------------------------------------------------- wrappers
 def concat_reference(loss, xs, ys, steps, lr=0.0, miner=None):
-    out = {"loss": [], "x_grad": [], "p_grad": [], "state": []}
-    for step in range(steps):
-        x = xs[step].clone().requires_grad_(True)
-        indices = miner(x, ys[step]) if miner is not None else None
-        value = loss(x, ys[step], indices)
-        value.backward()
-        out["loss"].append(value.detach())
-        out["x_grad"].append(x.grad.clone())
-        out["p_grad"].append({k: p.grad.clone() for k, p in loss.named_parameters()})
-        with torch.no_grad():
-            for p in loss.parameters():
-                p -= lr * p.grad
-                p.grad = None
-        out["state"].append({k: v.clone() for k, v in loss.state_dict().items()})
-    return out
+    """One process, the concatenated batch, the loss called directly."""
+    return worker.record_steps(loss, loss, xs, ys, steps, miner, lr)
 
 
 def _wrapper_case(run):

@@ -2,14 +2,8 @@
 (``_dist_worker.py``), and the single-process float64 references their results are checked
 against.
 
-Two process groups are spawned per session (2 ranks with even shards and batches, 3 ranks
-with C=10 split 4/3/3 and local batches 4/3/5); every rank runs all scenarios of
-``_dist_worker.py`` and saves its tensors. The parent recomputes each scenario in one
-process in float64 with the single-process losses of ``pml_extras.losses`` and checks the
-contract stated in ``pml_extras.distributed.sharded``: with N ranks and L = (1/N) sum_r L_r
-(L_r = what rank r returns), rank r's loss is L_r, its embeddings get N * dL/dx_r, its W
-shard gets dL/dW_r, and t is the single-process t. With equal local batches L is the
-single-process mean loss on the concatenated batch.
+Each rank runs every scenario of ``_dist_worker.py`` and saves its tensors; the contract
+the references check is stated in tests/distributed/test_sharded_losses.py.
 """
 
 from __future__ import annotations
