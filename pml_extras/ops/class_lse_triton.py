@@ -121,6 +121,12 @@ class BlockConfig:
     # the backward holds its W tile and a whole (rows x D) x block: at 64 rows that
     # spills (228 bytes, bf16, D = 512), at 32 it fits in 183 registers (cost_model).
     bwd_block_m: Optional[int] = None
+    # The training forward (with u) with its x block and each W tile loaded once for both
+    # dots (when all of D fits one group): the loading scheme the cost model's "v3" needs.
+    # Off by default: Triton 3.9 spills it on sm_90 (bf16, D = 512: 232 bytes at 64 x 32
+    # tiles, 636 at 64 x 64, 3872 at 64 x 128, much of it inside the class loop; see
+    # docs/kernels/cost_model.md). The no-grad forward is always resident (no spills).
+    fwd_resident: bool = False
 
 
 _configs = ConfigSlot(BlockConfig())
@@ -217,6 +223,10 @@ def _forward_impl(x_op, inv_x, weight, inv, target, row_param, kind, p0, p1, nee
     device = x_op.device
     op, dot, precision = operand_types(x_op.dtype, INTERPRETED, "class_logsumexp")
     block_d, d_group, n_groups = _d_layout(d, cfg, op == tl.float32)
+    # Resident x block and W tiles when all of D fits one group: always without u (the
+    # no-grad forward: 103 registers, no spills, bf16 at D = 512), with u only when asked
+    # (``fwd_resident``: it spills, see BlockConfig).
+    resident = n_groups == 1 and (cfg.fwd_resident or not need_u)
     if not need_u:
         n_groups = 1  # without u the D slices are not needed
     n_splits, per_split = _n_splits(
@@ -261,6 +271,9 @@ def _forward_impl(x_op, inv_x, weight, inv, target, row_param, kind, p0, p1, nee
             BLOCK_C=cfg.block_c,
             BLOCK_D=block_d,
             D_GROUP=d_group,
+            RESIDENT=resident,
+            # float16 keeps 1/||w|| on the W side (see class_lse_triton_fwd).
+            P_SIDE=resident and need_u and op != tl.float16,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 import pytest
-from _sm90 import compile_for_sm90, nvidia_backend_or_skip
+from _sm90 import compile_for_sm90, nvidia_backend_or_skip, wgmma_overlap
 
 try:
     import triton  # noqa: F401
@@ -40,6 +40,11 @@ pytestmark = [
 SPILL_BUDGET = {
     ("class_fwd", "bf16"): 40,
     ("class_fwd", "fp32"): 472,
+    # BlockConfig(fwd_resident=True), off by default because of these spills (most of
+    # them inside the class loop): the x block and the W tile in shared memory next to
+    # the 64 x 512 float32 u accumulator leave no room (docs/kernels/cost_model.md).
+    ("class_fwd_resident", "bf16"): 232,
+    ("class_fwd_resident", "fp32"): 784,
 }
 
 
@@ -90,11 +95,17 @@ def _class_variants():
         ptrs = dict(X="*bf16", W=f"*{w}", GW=f"*{w}", TGT="*i64")
         for name in ("INV", "RX", "RP", "P1", "M_OUT", "L_OUT", "U_OUT", "LSE", "GLSE"):
             ptrs[name] = "*fp32"
-        fwd = dict(common, NEED_U=True, BLOCK_M=cfg.block_m)
+        fwd = dict(common, NEED_U=True, BLOCK_M=cfg.block_m, RESIDENT=False, P_SIDE=False)
         bwd = dict(common, RESCALE=False, BLOCK_M=clt._bwd_block_m(cfg), RESIDENT=d_group >= 512)
+        # The no-grad forward (always resident), and the training forward with
+        # BlockConfig(fwd_resident=True) (off by default: it spills within its budget).
+        nograd = dict(fwd, NEED_U=False, RESIDENT=True)
+        resident = dict(fwd, RESIDENT=True, P_SIDE=True)
         for name, kernel, consts in (
             ("class_fwd", clt._fwd_kernel, fwd),
             ("class_bwd", clt._bwd_w_kernel, bwd),
+            ("class_fwd_nograd", clt._fwd_kernel, nograd),
+            ("class_fwd_resident", clt._fwd_kernel, resident),
         ):
             yield pytest.param(
                 name, w, kernel, ptrs, consts, ("p0", "p1_value"), cfg, id=f"{name}-W{w}"
@@ -156,3 +167,52 @@ def test_bf16_kernels_do_not_spill(name, w, kernel, ptrs, consts, floats, cfg):
         f"{r['registers']} registers"
     )
     assert r["wgmma"] > 0, f"{name}: no wgmma instruction, the matmuls left the tensor cores"
+
+
+def test_wgmma_overlap_reads_the_wait_groups():
+    """The PTX reading behind the cost model's ``overlap``: work between a wgmma commit and
+    a ``wait_group 0`` is in flight; after the wait, or with one group allowed to stay
+    open while the next one is waited for, it is counted as such."""
+    ptx = "\n".join(
+        [
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};",
+            "wgmma.commit_group.sync.aligned;",
+            "ex2.approx.f32 %r1, %r2;",  # in flight
+            "wgmma.wait_group.sync.aligned 1;",  # the group may still be open
+            "fma.rn.f32 %r3, %r1, %r1, %r1;",  # in flight
+            "wgmma.wait_group.sync.aligned 0;",
+            "ex2.approx.f32 %r4, %r3;",  # after the wait
+            "mul.f32 %r5, %r4, %r4;",
+        ]
+    )
+    r = wgmma_overlap(ptx)
+    assert r == {"ex2": 2, "ex2_in_flight": 1, "f32": 2, "f32_in_flight": 1, "max_wait": 1}
+    assert wgmma_overlap(ptx.replace("sync.aligned 1;", "sync.aligned 0;"))["f32_in_flight"] == 0
+
+
+def test_class_overlap_in_the_model_is_what_the_ptx_does():
+    """The cost model's ``overlap`` for the class kernels as built (CURRENT_CLASS) must be
+    backed by the compiled PTX (bf16, D = 512, production specialisation): overlap > 0
+    only if some softmax exponential is issued while a wgmma group is in flight, and 0
+    when none is (every dot waited for with ``wait_group 0`` before the elementwise work;
+    a ``wait_group 1`` inside the logits' K-loop pipelines the K steps, not the softmax)."""
+    nvidia_backend_or_skip()
+    from pml_extras.ops import cost_model as cm
+
+    for param in _class_variants():
+        name, w, kernel, ptrs, consts, floats, cfg = param.values
+        if w != "bf16" or name not in ("class_fwd", "class_bwd"):
+            continue
+        compiled = compile_for_sm90(
+            kernel, ptrs, consts, floats, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            unit_strides=("stride_xd", "stride_wc", "stride_gc"),
+        )  # fmt: skip
+        r = wgmma_overlap(compiled.asm["ptx"])
+        print(f"\n{name}: {r}")
+        assert r["ex2"] > 0, f"{name}: no exponential found in the PTX: the reading is broken"
+        overlapped = r["ex2_in_flight"] > 0
+        assert overlapped == (cm.CURRENT_CLASS.overlap > 0), (
+            f"{name}: the model says overlap {cm.CURRENT_CLASS.overlap} for design "
+            f"{cm.CURRENT_CLASS.name!r}, the PTX has {r['ex2_in_flight']} of {r['ex2']} "
+            "exponentials under an open wgmma group"
+        )

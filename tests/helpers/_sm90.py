@@ -6,6 +6,7 @@ compiler rejects: dot shapes, dtypes, layouts, shared memory beyond the 227 KB a
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Iterable
 
 import pytest
@@ -57,3 +58,34 @@ def compile_for_sm90(
     assert compiled.asm["cubin"]
     assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared
     return compiled
+
+
+_WAIT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)")
+_F32_ALU = re.compile(r"(fma|mul|add|sub|max|min|neg|abs|setp\.\w+|selp)\.(rn\.|ftz\.)*f32\b")
+
+
+def wgmma_overlap(ptx: str) -> Dict[str, int]:
+    """How much softmax work the PTX issues while a wgmma group is still in flight.
+
+    A linear walk over the instructions (a static reading, branches not followed): each
+    ``wgmma.commit_group`` opens a group, ``wgmma.wait_group N`` leaves at most N open.
+    Counts the ``ex2`` (the softmax's exponentials) and float32 ALU instructions met
+    while at least one group is open: 0 means every matmul is waited for before the
+    elementwise work that follows it (no overlap; the cost model's ``overlap = 0``)."""
+    open_groups = 0
+    out = {"ex2": 0, "ex2_in_flight": 0, "f32": 0, "f32_in_flight": 0, "max_wait": 0}
+    for line in ptx.splitlines():
+        op = line.strip()
+        if op.startswith("wgmma.commit_group"):
+            open_groups += 1
+        wait = _WAIT.match(op)
+        if wait:
+            open_groups = min(open_groups, int(wait.group(1)))
+            out["max_wait"] = max(out["max_wait"], int(wait.group(1)))
+        if op.startswith("ex2."):
+            out["ex2"] += 1
+            out["ex2_in_flight"] += open_groups > 0
+        elif _F32_ALU.match(op):
+            out["f32"] += 1
+            out["f32_in_flight"] += open_groups > 0
+    return out

@@ -283,6 +283,38 @@ class TestInterpretedKernels:
         with clt.block_config(**cfg):
             check_all(*case[:4], kind, *case[4:], torch.float32, state_path=False)
 
+    @pytest.mark.parametrize(
+        "kind,dtype,w_dtype,seed",
+        [(k, torch.bfloat16, torch.bfloat16, 1) for k in KINDS]
+        + [
+            ("circle", torch.float32, torch.float32, 1),
+            ("circle", torch.float16, torch.float16, 1),  # 1/||w|| stays on the W side
+            # W stored wider, rounded per tile (the seed of test_fp16_and_mixed_dtypes)
+            ("scaled", torch.bfloat16, torch.float32, 0),
+        ],
+    )
+    def test_resident_forward(self, kind, dtype, w_dtype, seed):
+        """BlockConfig(fwd_resident=True): the training forward loads its x block once and
+        each W tile once for both dots, 1/||w|| on the softmax side (bf16, fp32) or on
+        the W side (fp16); the launches must take that path (RESIDENT) and agree with
+        both oracles."""
+        B, D, C, cfg = SHAPES["splits"]
+        x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, kind, cfg["block_c"], seed=seed)
+        seen = []
+
+        def hook(*args, **kwargs):
+            seen.append((kwargs.get("NEED_U"), kwargs.get("RESIDENT"), kwargs.get("P_SIDE")))
+
+        clt._fwd_kernel.add_pre_run_hook(hook)
+        try:
+            with clt.block_config(fwd_resident=True, **cfg):
+                tol_dtype = torch.float32 if dtype == torch.float32 else torch.bfloat16
+                check_all(x.to(dtype), W.to(w_dtype), t, rp, kind, gl, gc, tol_dtype, plain=True)
+        finally:
+            clt._fwd_kernel.pre_run_hooks.remove(hook)
+        p_side = dtype != torch.float16
+        assert (True, True, p_side) in seen and (False, True, False) in seen, seen
+
     def test_fp16_and_mixed_dtypes(self):
         B, D, C, cfg = SHAPES["splits"]
         x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, "circle", cfg["block_c"])
@@ -547,7 +579,12 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
     for name in ("INV", "RX", "RP", "P1", "M_OUT", "L_OUT", "U_OUT", "LSE", "GLSE"):
         ptrs[name] = "*fp32"
     for kernel, constexprs in (
-        (clt._fwd_kernel, dict(common, NEED_U=need_u)),
+        # As the launcher: resident (x block and W tiles loaded once) without u, when all
+        # of D fits one group.
+        (
+            clt._fwd_kernel,
+            dict(common, NEED_U=need_u, RESIDENT=not need_u and d_group >= d, P_SIDE=False),
+        ),
         (
             clt._bwd_w_kernel,
             dict(
