@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 
 import pytest
-from _sm90 import compile_for_sm90, nvidia_backend_or_skip, wgmma_overlap
+from _sm90 import compile_for_sm90, local_memory_sites, nvidia_backend_or_skip, wgmma_overlap
 
 try:
     import triton  # noqa: F401
@@ -201,14 +201,20 @@ def test_class_overlap_in_the_model_is_what_the_ptx_does():
 
     for param in _class_variants():
         name, w, kernel, ptrs, consts, floats, cfg = param.values
-        if w != "bf16" or name not in ("class_fwd", "class_bwd"):
-            continue
         compiled = compile_for_sm90(
             kernel, ptrs, consts, floats, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             unit_strides=("stride_xd", "stride_wc", "stride_gc"),
         )  # fmt: skip
+        # Where the spills sit (SASS): inside the class loop they cost every tile. A
+        # variant ptxas reports spill-free must have no local-memory instruction.
+        sites = local_memory_sites(compiled)
+        spills = ptxas_report(compiled)["spill_bytes"]
+        print(f"\n{name} (W {w}): {spills} spill bytes, {sites}")
+        assert (sites["local"] == 0) == (spills == 0), (name, w, spills, sites)
+        if w != "bf16" or name not in ("class_fwd", "class_bwd"):
+            continue
         r = wgmma_overlap(compiled.asm["ptx"])
-        print(f"\n{name}: {r}")
+        print(f"{name}: {r}")
         assert r["ex2"] > 0, f"{name}: no exponential found in the PTX: the reading is broken"
         overlapped = r["ex2_in_flight"] > 0
         assert overlapped == (cm.CURRENT_CLASS.overlap > 0), (
@@ -216,3 +222,49 @@ def test_class_overlap_in_the_model_is_what_the_ptx_does():
             f"{cm.CURRENT_CLASS.name!r}, the PTX has {r['ex2_in_flight']} of {r['ex2']} "
             "exponentials under an open wgmma group"
         )
+
+
+# The larger class tiles the cost model's v3 asks for, as the kernels compile them today:
+# (name, kernel, tile constexprs, num_stages). Two stages of a 128-class W tile (or a
+# 128-row x block) next to the resident operand pass the 227 KB of shared memory, so
+# those compile single-buffered: the tile then goes through registers, next to the
+# 128-register accumulator.
+_LARGER_TILES = (
+    ("class_fwd_resident 64x64", "fwd", dict(BLOCK_M=64, BLOCK_C=64), 2),
+    ("class_fwd_resident 64x128", "fwd", dict(BLOCK_M=64, BLOCK_C=128), 1),
+    ("class_bwd 64x64", "bwd", dict(BLOCK_M=64, BLOCK_C=64), 2),
+    ("class_bwd 128x64", "bwd", dict(BLOCK_M=128, BLOCK_C=64), 1),
+    ("class_bwd 64x32", "bwd", dict(BLOCK_M=64, BLOCK_C=32), 2),
+    ("class_bwd 32x64", "bwd", dict(BLOCK_M=32, BLOCK_C=64), 2),
+)
+
+
+@pytest.mark.skipif(
+    os.environ.get("PML_EXTRAS_COMPILE_ALL") != "1",
+    reason="~1 min of compilation; set PML_EXTRAS_COMPILE_ALL=1",
+)
+def test_larger_class_tiles_still_spill():
+    """The figures behind docs/kernels/cost_model.md's "what Triton 3.9 builds": every
+    larger tile of the class kernels (bf16 operands and W, D = 512) spills, which is why
+    the defaults stay at 64 x 32 / 32 x 32. Fails when one stops spilling: then it is
+    buildable, and the design (BlockConfig, the model's CURRENT_CLASS) should move."""
+    nvidia_backend_or_skip()
+    variants = {name: param.values for name, param in _variant_names()}
+    fwd, bwd = variants["class_fwd_resident-Wbf16"], variants["class_bwd-Wbf16"]
+    for label, which, tiles, stages in _LARGER_TILES:
+        _, _, kernel, ptrs, consts, floats, cfg = fwd if which == "fwd" else bwd
+        compiled = compile_for_sm90(
+            kernel, ptrs, dict(consts, **tiles), floats, num_warps=cfg.num_warps,
+            num_stages=stages, unit_strides=("stride_xd", "stride_wc", "stride_gc"),
+        )  # fmt: skip
+        r = ptxas_report(compiled)
+        print(
+            f"\n{label} ({stages} stage(s)): {r['registers']} registers, {r['spill_bytes']} "
+            f"spill bytes, {r['shared']} B shared, {r['wgmma']} wgmma"
+        )
+        assert r["spill_bytes"] > 0, f"{label} compiles without spills now: revisit the tiles"
+
+
+def _variant_names():
+    for param in _class_variants():
+        yield param.id, param

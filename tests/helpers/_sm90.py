@@ -89,3 +89,38 @@ def wgmma_overlap(ptx: str) -> Dict[str, int]:
             out["f32"] += 1
             out["f32_in_flight"] += open_groups > 0
     return out
+
+
+def local_memory_sites(compiled) -> Dict[str, int]:
+    """Local-memory (spill) instructions in the SASS of ``compiled``: how many, and how
+    many sit inside a loop (between a backward branch and its target), where they cost
+    on every iteration. Read with the nvdisasm that ships with Triton's ptxas."""
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True)
+    labels, ops = {}, []
+    for line in sass.stdout.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        op = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if op:
+            ops.append(op.group(1))
+    loops = []
+    for i, op in enumerate(ops):
+        target = re.search(r"\bBRA\b.*?(\.L_x_\d+)", op)
+        if target and labels.get(target.group(1), len(ops)) <= i:
+            loops.append((labels[target.group(1)], i))
+    sites = [i for i, op in enumerate(ops) if re.search(r"\b(STL|LDL)(\.\w+)*\b", op)]
+    in_loops = sum(any(a <= i <= b for a, b in loops) for i in sites)
+    return {"local": len(sites), "in_loops": in_loops}

@@ -93,6 +93,21 @@ def test_mma_and_occupancy_hand_counts():
         cm.blocks_per_sm(dataclasses.replace(k, smem_per_program=228 * 1024), cm.H100_SXM)
 
 
+def test_duplicated_logits_hand_count():
+    """v2-full (BlockConfig(fwd_resident=True)) computes its 64 x 32 logits tile on both
+    warpgroups (Triton 3.9's [8, 1] warps for a dot feeding another dot; PTX: 64
+    m64n16k16 per thread at K = 512). At B = 128, C = 64, D = 64 (4 steps, 8192 logits):
+    FLOPs 3 * 2 * 8192 * 64 (logits twice, u once); the logits' operand reads per step are
+    2 warpgroups * 4 k16 steps * (A 64 * 16 * 2 + B 16 * 32 * 2 = 3072 B) = 24576 B
+    (v1's split tile: 20480 B), u's 4096 B as in the v1 hand count."""
+    full = cm.class_kernels(128, 64, 64, "bf16", "bf16", cm.V2_FULL, cm.H100_SXM)[1]
+    v1 = cm.class_kernels(128, 64, 64, "bf16", "bf16", cm.V1, cm.H100_SXM)[1]
+    assert full.flops == 3 * 2 * 8192 * 64 == 1.5 * v1.flops
+    # staged: x once per program (2 programs x 8192 B), each W tile once (4 x 4096 B)
+    assert full.smem == 2 * 8192 + 4 * 4096 + 4 * (2 * 4 * 3072 + 4096)
+    assert cm.mma_smem_bytes(64, 32, 64, 2, 4) == 4 * 3072
+
+
 def _sum(kernels, field):
     return sum(getattr(k, field) for k in kernels)
 
@@ -218,7 +233,7 @@ def test_current_designs_match_the_kernels_block_configs():
     assert (cur.bwd_block_m, cur.bwd_block_c) == (clt._bwd_block_m(cfg), cfg.block_c)
     # Resident backward whenever all of D = 512 fits one group (bf16).
     assert cur.bwd_resident == (clt._d_layout(512, cfg, False)[2] == 1)
-    assert not cur.fwd_resident
+    assert cur.fwd_resident == cfg.fwd_resident
     pcfg, pair = pct.BlockConfig(), cm.CURRENT_PAIR
     assert (pair.fwd_block_m, pair.fwd_block_n, pair.block_m, pair.block_n) == (
         pcfg.fwd_block_m,

@@ -44,20 +44,51 @@ class ClassDesign:
     p_side_scale: bool = False
     # 1/||w|| computed from the W tile the forward holds (no separate pass over W).
     fused_norms: bool = False
+    # Warpgroups computing the same forward logits tile. Triton 3.9 gives a dot whose
+    # result feeds another dot in the same loop body warps [num_warps, 1] (all along M);
+    # a 64-row tile with 8 warps is then computed by both warpgroups (PTX of the resident
+    # forward at 64 x 32 x 512: 64 m64n16k16 per thread, the whole tile each). The K-loop
+    # logits of v1 / v2 sit in an inner loop and get [4, 2] (4 m64n16k16 per K step).
+    logits_copies: int = 1
 
 
 # Today's kernels at d00838b (main).
 V1 = ClassDesign()
-# This branch: the backward keeps its W tile and loads each 32-row x block once.
+# The kernels as built (the default BlockConfig): the backward keeps its W tile and
+# loads each 32-row x block once; the forward is v1's. overlap = 0 is what the PTX does:
+# no exponential (and no float32 ALU work) is issued while a wgmma group is in flight,
+# every dot is waited for with wait_group 0 before the softmax that reads it (the one
+# wait_group 1 pipelines the logits' K steps); tests/gpu/test_sm90_spills.py
+# (test_class_overlap_in_the_model_is_what_the_ptx_does) checks it.
 V2 = ClassDesign(name="v2", bwd_block_m=32, bwd_resident=True)
-# Both sides resident (spills in Triton 3.9 at D = 512: 816 bytes stored + loaded in the
-# forward, see
-# PTXAS_SM90): what the model says the loading scheme alone would buy.
-V2_FULL = ClassDesign(name="v2-full", bwd_block_m=32, fwd_resident=True, bwd_resident=True)
+# Built, off by default (BlockConfig(fwd_resident=True)): v2 with the forward's x block
+# resident and each W tile loaded once for both dots (1/||w|| on the P side). Spills in
+# Triton 3.9 (232 B bf16, 784 B with fp32 W, see PTXAS_SM90) and computes its logits
+# tile twice (logits_copies).
+V2_FULL = ClassDesign(
+    name="v2-full",
+    bwd_block_m=32,
+    fwd_resident=True,
+    bwd_resident=True,
+    p_side_scale=True,
+    logits_copies=2,
+)
 # Not built: what the model says a fused design needs for the 1.5x target. 128-class
 # forward tiles (its W tile, 128 KB, single-buffered in shared memory next to the 64 KB
 # x block), 64 x 64 backward steps, 1/||w|| on the P side, and half the softmax hidden
-# under the matmuls (warp specialisation / ping-pong, beyond what Triton 3.9 schedules).
+# under the matmuls. What Triton 3.9 makes of each part (sm_90a, bf16, D = 512; figures
+# in PTXAS_SM90 and docs/kernels/cost_model.md):
+# * the tiles spill: forward 64 x 64 636 B, 64 x 128 (one stage: two do not fit) 3876 B;
+#   backward 64 x 64 2664 B, 128 x 64 (one stage) 2228 B, 64 x 32 464 B. The 64 x 512
+#   float32 accumulator (u, or x^T G at 64 classes) takes 128 of the 255 registers, and a
+#   single-buffered tile goes through registers (no cp.async) on its way to shared memory;
+# * a 64-row logits tile feeding a second dot is computed by both warpgroups (see
+#   logits_copies); the transposed forward (S^T = W^T x^T, 128 classes along M) avoids
+#   that but spills 2240 B (an experiment, not kept);
+# * the overlap: tl.range(..., warp_specialize=True) compiles to the same PTX on sm_90
+#   (the option is Blackwell-only in 3.9), and issuing the next tile's logits before this
+#   tile's softmax by hand keeps wait_group 0 before the softmax (0 of 10 exponentials in
+#   flight) and doubles the forward's spills (80 B).
 V3 = ClassDesign(
     name="v3 (hypothetical)",
     block_c=128,
@@ -130,7 +161,12 @@ def class_kernels(
         fwd_l2 = pairs * (bm * dim * e + 2 * bc * dim * ew + 4 * bc)
         staged = pairs * (bm * dim * e + 2 * bc * dim * ew)
     partials = splits * batch * (dim + 2) * 4  # u and (max, sum) partials, float32
-    fwd_mma = mma_smem_bytes(bm, bc, dim, e, nw) + mma_smem_bytes(bm, dim, bc, e, nw, True)
+    copies = design.logits_copies
+    if copies > 1:  # each copy is one warpgroup (4 warps) reading its operands for the tile
+        logits_mma = copies * mma_smem_bytes(bm, bc, dim, e, 4)
+    else:
+        logits_mma = mma_smem_bytes(bm, bc, dim, e, nw)
+    fwd_mma = logits_mma + mma_smem_bytes(bm, dim, bc, e, nw, True)
     regs, _, smem = ptxas("class_fwd", design.name, op, w_dtype)
     fwd = KernelCost(
         name="class forward (logsumexp + u)",
@@ -138,7 +174,7 @@ def class_kernels(
         num_warps=nw,
         regs_per_thread=regs,
         smem_per_program=smem,
-        flops=2 * 2.0 * logits * dim,
+        flops=(copies + 1) * 2.0 * logits * dim,
         dot_dtype=op,
         hbm=w_bytes + x_bytes + classes * 4 + partials,
         l2=fwd_l2 + partials,
