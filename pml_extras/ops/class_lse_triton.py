@@ -1,60 +1,56 @@
-"""Fused Triton kernels for :func:`pml_extras.ops.class_lse.class_logsumexp`.
+"""Fused Triton kernels for :func:`pml_extras.ops.class_lse.class_logsumexp`: tile
+configuration and launchers (this module), the kernels in their own modules.
 
 Same contract as ``_forward_torch`` / ``_backward_torch`` in ``class_lse_autograd.py`` (the
 ``class_lse`` docstring defines the transforms): ``lse`` (B,) is the logsumexp over the
-non-target columns of z_ij = g(c_ij), c_ij = clamp(<x_i, w_j> / ||w_j||, -1, 1), and
-``cos_y`` (B,) the target cosine. No B x C tensor and no normalised copy of W is ever
-built; every logit tile lives in registers only.
+non-target columns of z_ij = g(c_ij), c_ij = clamp(<x_i, w_j> / (||x_i|| ||w_j||), -1, 1)
+(the clamp bounds the value only; no gradient mask anywhere), and ``cos_y`` (B,) the
+target cosine. No B x C tensor and no normalised copy of W is ever built; every logit
+tile lives in registers only.
 
-Kernels
+Modules
 -------
-``_inv_norm_kernel``  1 / ||w_j|| for every class (a C-sized float32 vector).
+:mod:`.class_lse_triton_tiles`  ``inv_norm_kernel`` (1 / ||w_j|| of every class, a
+    C-sized float32 vector), the transforms g and g', and the K-loop logits.
 
-``_fwd_kernel``       grid (row blocks, class splits, D groups). Each program takes a
-    BLOCK_M-row block of x and loops over the BLOCK_C-class tiles of its split: logits by
-    ``tl.dot`` (float32 accumulation), scale by 1/||w||, clamp, transform, target and
-    padding columns set to -inf, online max / sum-exp. It writes per-(split, row)
-    partials (max, sumexp), combined across splits in PyTorch.
+:mod:`.class_lse_triton_fwd`    ``fwd_kernel``, grid (row blocks, class splits, D groups):
+    per BLOCK_M-row block and BLOCK_C-class tile, logits by ``tl.dot`` (float32
+    accumulation), both normalisations on the float32 result, clamp, transform, target
+    and padding columns -inf, online max / sum-exp; per-(split, row) partials combined
+    across splits here. With ``NEED_U`` (x needs a gradient) it also accumulates, with
+    the same online rescaling, u_i = sum_j softmax_ij g'(c_ij) w_hat_j = d lse_i / d x_hat_i,
+    so the backward's grad x is ``grad_lse[:, None] * u`` (fwd+bwd: 4 matmuls, x W and
+    P W^T forward, x W and x^T G backward, against the floor's 3; without the saved u,
+    ``state=None`` in :func:`backward`, 5). Loading: without u the x block is loaded once
+    per program and each W tile once (``RESIDENT``); with u the logits are a K-loop over
+    D that reloads x per class tile and u's dot loads the W tile again, unless
+    ``BlockConfig.fwd_resident`` (off by default: it spills on sm_90, see BlockConfig).
 
-    With ``NEED_U`` (training: x needs a gradient) it also accumulates, flash-attention
-    style with the same online rescaling,
+:mod:`.class_lse_triton_bwd`    ``bwd_w_kernel``, grid (class tiles, D groups): each
+    program holds its W tile (loaded once when all of D fits one group) and walks all
+    row blocks ``bwd_block_m`` rows at a time, each x block loaded once for both dots:
+    recompute the logits, G = exp(z - lse) g'(c) grad_lse (target column masked),
+    accumulate x^T G (D_GROUP x BLOCK_C float32) and the radial term
+    r_j = sum_i G_ij raw_ij, then write grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j||
+    once: no atomics, no second pass.
 
-        u_i = sum_j softmax_ij * g'(c_ij) * w_hat_j                        (B, D)
-
-    i.e. d lse_i / d x_hat_i (the clamp to [-1, 1] bounds the value only: no gradient
-    mask, as in ``class_common.add_target_grad``). Since grad_lse_i only scales row i,
-    the backward's grad_x is just ``grad_lse[:, None] * u``: the logits are recomputed once in the
-    backward instead of twice. Cost: forward 2 matmuls (x W, P W^T), backward 2 matmuls
-    (x W again, x^T G), so fwd+bwd = 4 matmuls against the floor of 3 (x W, dC W^T,
-    x^T dC) plus the cheap elementwise work. Recomputing instead (``state=None`` in
-    :func:`backward`, used when the forward did not save u) costs 5.
-
-``_bwd_w_kernel``     grid (class blocks, D groups). Each program holds its class tile of
-    W and loops over all row blocks (``bwd_block_m`` rows at a time; when all of D fits
-    one group, the W tile is loaded once and each x block once for both dots, see
-    ``cost_model`` design "v2"): recompute the logits, G = exp(z - lse) * g'(c) *
-    grad_lse (target column masked; no mask at the clamp), accumulate x^T G in registers
-    (D_GROUP x BLOCK_C float32) and the radial term r_j = sum_i G_ij raw_ij
-    (= <grad_w_hat_j, w_hat_j>, so it needs no full-D accumulator), then writes
-    grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once: no atomics, no second pass.
-
-D handling: the logits are a K-loop over D in ``block_d`` steps (what Triton pipelines
-best). The second-stage accumulators (u: BLOCK_M x D, x^T G: D x BLOCK_C) hold all of D
-when the padded D is at most ``d_group`` (default 512). Larger D is split into
-``d_group`` slices over a grid axis; each slice program recomputes the logits over all
-of D (one extra logits matmul per additional slice: the price of bounded registers).
+D handling: the second-stage accumulators (u: BLOCK_M x D, x^T G: D x BLOCK_C) hold all
+of D when the padded D is at most ``d_group`` (512; 256 for float32 operands). Larger D
+is split into ``d_group`` slices over a grid axis; each slice program recomputes the
+logits over all of D with the K-loop (one extra logits matmul per additional slice).
 
 The target column's own gradient (grad_cos) is added in PyTorch afterwards, exactly as in
-``_backward_torch``.
+``_backward_torch`` (``class_common.add_target_grad``; on CUDA without atomics, so in the
+same order on every run).
 
 Precision: accumulation is float32. The matmul operands follow the operand policy
 (:func:`pml_extras.ops.precision.operand_dtype`: autocast's dtype, else bf16/fp16
 embeddings' dtype, else float32), W rounded to it tile by tile; for 16-bit operands the
-second-stage operands (the softmax weights P and G) are rounded to
-that dtype too, as flash attention does. Float32 inputs use IEEE float32 dots unless
-torch's float32 matmul precision says TF32 (``precision.tf32_enabled``), mirroring what PyTorch's
-own matmuls would do, so the torch path is a like-for-like oracle. Float64 is not
-supported (``impl="auto"`` never picks Triton for it).
+second-stage operands (the softmax weights P and G) are rounded to that dtype too, as
+flash attention does. Float32 inputs use IEEE float32 dots unless torch's float32 matmul
+precision says TF32 (``precision.tf32_enabled``), mirroring what PyTorch's own matmuls
+would do, so the torch path is a like-for-like oracle. Float64 is not supported
+(``impl="auto"`` never picks Triton for it).
 
 Interpreter (``TRITON_INTERPRET=1``, CPU): triton 3.9's interpreter multiplies bfloat16
 tensors as their raw uint16 storage in ``tl.dot``, so under the interpreter bf16

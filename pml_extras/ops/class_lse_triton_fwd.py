@@ -8,18 +8,17 @@ walks the BLOCK_C-class tiles of its split:
     online max m and sum-exp l (flash style)
     u  += softmax * dz @ w_hat^T              (only with NEED_U: training)
 
-Resident layout (``RESIDENT``: all of D in one group, the production case D <= d_group):
-the x block is loaded once per program (it stays in shared memory across the class
-loop) and each W tile once, feeding both dots: the logits read it as ``W_tile``, u's
-dot as its transpose, so the tile is staged in shared memory once. For that the
-normalisation 1/||w|| goes on the softmax side (``P_SIDE``: P_ij = e_ij dz_ij / ||w_j||,
-then P @ W^T) instead of scaling a second copy of the tile. Float16 keeps the W side
-(w_hat = W / ||w|| in [-1, 1]: P / ||w|| could pass fp16's 65504 for a near-zero proxy);
-bfloat16 and float32 have float32's range.
+``RESIDENT`` (all of D in one group; the launcher sets it for the forward without u, and
+for training only with ``BlockConfig.fwd_resident``): the x block is loaded once per
+program and each W tile once, feeding both dots: the logits read it as ``W_tile``, u's
+dot as its transpose. For that the normalisation 1/||w|| goes on the softmax side
+(``P_SIDE``: P_ij = e_ij dz_ij / ||w_j||, then P @ W^T) instead of scaling a second copy
+of the tile. Float16 keeps the W side (w_hat = W / ||w|| in [-1, 1]: P / ||w|| could pass
+fp16's 65504 for a near-zero proxy); bfloat16 and float32 have float32's range.
 
-Otherwise (D split over programs, e.g. float32 operands at D = 512 or D > 512) the
-logits are a K-loop over D (:func:`~.class_lse_triton_tiles.logits_k_loop`), each D slice
-program recomputing them, and u's dot loads its slice of the W tile.
+Otherwise the logits are a K-loop over D (:func:`~.class_lse_triton_tiles.logits_k_loop`,
+reloading the x block per class tile; each D-slice program recomputes them when D is
+split) and u's dot loads its slice of the W tile again, scaled on the W side.
 
 Since grad_lse_i only scales row i, the backward's grad x is grad_lse[:, None] * u: no
 second pass over W for x (see :mod:`.class_lse_triton`). Imports only the tile helpers.
