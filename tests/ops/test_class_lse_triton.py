@@ -315,6 +315,30 @@ class TestInterpretedKernels:
         p_side = dtype != torch.float16
         assert (True, True, p_side) in seen and (False, True, False) in seen, seen
 
+    def test_selfcheck_runs_both_forward_loadings(self, monkeypatch):
+        """The self-check (kernel_check) launches what training and evaluation launch: the
+        forward with u on the K-loop loading (RESIDENT=False) and the no-grad forward on
+        the resident one (RESIDENT=True), both with bf16-stored W."""
+        from pml_extras.ops import kernel_check
+
+        monkeypatch.setattr(
+            kernel_check, "_CLASS_KINDS", {"scaled": kernel_check._CLASS_KINDS["scaled"]}
+        )
+        seen = set()
+
+        def hook(*args, **kwargs):
+            seen.add((kwargs.get("NEED_U"), kwargs.get("RESIDENT"), kwargs.get("P_SIDE")))
+
+        clt._fwd_kernel.add_pre_run_hook(hook)
+        try:
+            result = kernel_check.run_kernel_check(
+                "class_lse", "cpu", torch.bfloat16, torch.bfloat16
+            )
+        finally:
+            clt._fwd_kernel.pre_run_hooks.remove(hook)
+        assert result.passed, result.describe()
+        assert {(True, False, False), (False, True, False)} <= seen, seen
+
     def test_fp16_and_mixed_dtypes(self):
         B, D, C, cfg = SHAPES["splits"]
         x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, "circle", cfg["block_c"])
