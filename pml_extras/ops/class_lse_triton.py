@@ -113,9 +113,10 @@ class BlockConfig:
     norm_block_d: int = 32
     num_warps: int = 8
     num_stages: int = 2
-    # Rows per step of the backward; None: min(block_m, 32). With all of D in one group
-    # the backward holds its W tile and a whole (rows x D) x block: at 64 rows that
-    # spills (228 bytes, bf16, D = 512), at 32 it fits in 183 registers (cost_model).
+    # Rows per step of the backward; None: block_m (64). With all of D in one group the
+    # backward holds its W tile and a whole (rows x D) x block: at 64 rows both of its
+    # dots run on wgmma and nothing spills (255 registers, bf16, D = 512; the softmax in
+    # its own branch, see class_lse_triton_bwd); at 32 the logits dot ran on mma.sync.
     bwd_block_m: Optional[int] = None
     # The training forward (with u) with its x block and each W tile loaded once for both
     # dots (when all of D fits one group): the loading scheme the cost model's "v3" needs.
@@ -147,7 +148,7 @@ def _check_config(cfg: BlockConfig) -> None:
 
 
 def _bwd_block_m(cfg: BlockConfig) -> int:
-    return min(cfg.block_m, 32) if cfg.bwd_block_m is None else cfg.bwd_block_m
+    return cfg.block_m if cfg.bwd_block_m is None else cfg.bwd_block_m
 
 
 def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:

@@ -8,9 +8,11 @@ grad_lse (target column masked; no mask at the clamp), accumulate x^T G in regis
 grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once: no atomics, no second pass.
 
 ``RESIDENT`` (all of D in one group, the production case): the W tile is loaded once per
-program and each x block once for both dots. Otherwise the logits are a K-loop over D
-(each D slice program recomputing them). ``RESCALE`` (float16 operands): each column of
-G is scaled into [-1, 1] before rounding and the scale applied to the float32 product.
+program and each x block once for both dots; at the default 64 x 32 steps both dots run
+on wgmma (bf16, D = 512: 255 registers, no spills, x double-buffered by cp.async).
+Otherwise the logits are a K-loop over D (each D slice program recomputing them).
+``RESCALE`` (float16 operands): each column of G is scaled into [-1, 1] before rounding
+and the scale applied to the float32 product.
 Imports only the tile helpers.
 """
 
@@ -114,15 +116,27 @@ def bwd_w_kernel(
                 BLOCK_C,
                 BLOCK_D,
             )
-        raw = s * rx[:, None] * inv[None, :]
-        c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
-        z, dz = transform(c, rp, p0, p1, KIND)
-        valid = col_ok[None, :] & (cols[None, :] != tgt[:, None])
-        g = tl.where(valid, tl.exp(z - lse[:, None]) * dz * glse[:, None], 0.0)
-        # <grad_w_hat_j, w_hat_j> = sum_i G_ij <x_hat_i, w_hat_j> = sum_i G_ij raw_ij.
-        radial += tl.sum(g * raw, axis=0)
-        # grad_w_hat_j = sum_i G_ij x_hat_i = sum_i (G_ij / ||x_i||) x_i: the raw x tile.
-        g = g * rx[:, None]
+        # The elementwise work sits in a branch of its own for Triton 3.9's sake: a dot
+        # whose result feeds another dot in the same region gets all its warps along M
+        # ([8, 1]), so a 64-row logits tile would be computed whole by both warpgroups
+        # (twice the tensor work; 464 spill bytes at 64 x 32). Behind the branch the
+        # logits dot splits its columns over the warpgroups and nothing spills. The
+        # branch is exact: with p0 = 0 every transform's dz is 0, so G and the radial
+        # term are 0 (the else branch, run by the tests).
+        if p0 != 0.0:
+            raw = s * rx[:, None] * inv[None, :]
+            c = tl.minimum(tl.maximum(raw, -1.0), 1.0)
+            z, dz = transform(c, rp, p0, p1, KIND)
+            valid = col_ok[None, :] & (cols[None, :] != tgt[:, None])
+            g = tl.where(valid, tl.exp(z - lse[:, None]) * dz * glse[:, None], 0.0)
+            # <grad_w_hat_j, w_hat_j> = sum_i G_ij <x_hat_i, w_hat_j> = sum_i G_ij raw_ij.
+            radial_part = tl.sum(g * raw, axis=0)
+            # grad_w_hat_j = sum_i G_ij x_hat_i = sum_i (G_ij / ||x_i||) x_i: the raw x tile.
+            g = g * rx[:, None]
+        else:
+            g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            radial_part = tl.zeros([BLOCK_C], dtype=tl.float32)
+        radial += radial_part
         if RESCALE:
             # fp16 operands: each column scaled into [-1, 1] before rounding, the scale
             # applied to the float32 product. Without it, G ~ 1e-9 (C = 1M, mean

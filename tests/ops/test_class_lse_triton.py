@@ -339,6 +339,26 @@ class TestInterpretedKernels:
         assert result.passed, result.describe()
         assert {(True, False, False), (False, True, False)} <= seen, seen
 
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_zero_scale_branch(self, kind):
+        """p0 = 0 makes every dz/dc zero: the backward kernel then skips the softmax (its
+        else branch, which exists to give Triton a region boundary) and G is exactly 0,
+        so grad W outside the target columns is exactly 0 and every output agrees with
+        the PyTorch path."""
+        B, D, C, cfg = SHAPES["splits"]
+        x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, kind, cfg["block_c"], seed=4)
+        p1 = PARAMS[kind][1]
+        with clt.block_config(**cfg):
+            lse, cos_y, st = clt.forward(x, W, t, rp, kind, 0.0, p1, need_state=True)
+            gx, gw = clt.backward(x, W, t, rp, kind, 0.0, p1, lse, gl, gc, state=st)
+        r_lse, r_cos = class_lse._forward_torch(x, W, t, rp, kind, 0.0, p1, 3)
+        r_gx, r_gw = class_lse._backward_torch(x, W, t, rp, kind, 0.0, p1, 3, r_lse, gl, gc)
+        for ours, ref in ((lse, r_lse), (cos_y, r_cos), (gx, r_gx), (gw, r_gw)):
+            assert rel_err(ours, ref) <= TOL[torch.float32]["torch"]
+        others = torch.ones(C, dtype=torch.bool)
+        others[t[t >= 0]] = False
+        assert others.any() and torch.equal(gw[:, others], torch.zeros_like(gw[:, others]))
+
     def test_fp16_and_mixed_dtypes(self):
         B, D, C, cfg = SHAPES["splits"]
         x, W, t, rp, gl, gc = make_case(B, D, C, torch.float32, "circle", cfg["block_c"])

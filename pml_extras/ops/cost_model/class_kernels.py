@@ -61,13 +61,20 @@ V1 = ClassDesign()
 # wait_group 1 pipelines the logits' K steps); tests/gpu/test_sm90_spills.py
 # (test_class_overlap_in_the_model_is_what_the_ptx_does) checks it.
 V2 = ClassDesign(name="v2", bwd_block_m=32, bwd_resident=True)
-# Built, off by default (BlockConfig(fwd_resident=True)): v2 with the forward's x block
+# v2 with 64-row backward steps (class_lse_triton's default since this branch): both
+# backward dots on wgmma, the logits' columns split over the two warpgroups (PTX: 32
+# m64n16k16 per thread per 64 x 32 x 512 step, 16 m64n32k16 for x^T G), x double-buffered
+# by cp.async, 255 registers and no spills. Triton 3.9 only gives the logits dot that
+# layout with the softmax in a branch of its own (see class_lse_triton_bwd); without it,
+# the tile is computed by both warpgroups and spills 464 B.
+V2_BWD64 = ClassDesign(name="v2-bwd64", bwd_block_m=64, bwd_resident=True)
+# Built, off by default (BlockConfig(fwd_resident=True)): v2-bwd64 with the forward's x block
 # resident and each W tile loaded once for both dots (1/||w|| on the P side). Spills in
 # Triton 3.9 (232 B bf16, 784 B with fp32 W, see PTXAS_SM90) and computes its logits
 # tile twice (logits_copies).
 V2_FULL = ClassDesign(
     name="v2-full",
-    bwd_block_m=32,
+    bwd_block_m=64,
     fwd_resident=True,
     bwd_resident=True,
     p_side_scale=True,
@@ -101,7 +108,7 @@ V3 = ClassDesign(
 )
 # The design the kernels in class_lse_triton implement now (tests/ops/test_cost_model.py
 # checks its tiles against class_lse_triton.BlockConfig).
-CURRENT_CLASS = V2
+CURRENT_CLASS = V2_BWD64
 
 
 def wave_splits(per_split: int, n_tiles: int, slots: int, most: int) -> Tuple[int, int]:

@@ -17,13 +17,18 @@ PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
     ("class_fwd", "v2", "bf16", "fp32"): (255, 472, 131072),
     ("class_bwd", "v2", "bf16", "bf16"): (183, 0, 68352),
     ("class_bwd", "v2", "bf16", "fp32"): (254, 0, 68352),
+    # v2-bwd64 (the default since this branch): v2's forward, 64-row backward steps
+    ("class_fwd", "v2-bwd64", "bf16", "bf16"): (255, 40, 131072),
+    ("class_fwd", "v2-bwd64", "bf16", "fp32"): (255, 472, 131072),
+    ("class_bwd", "v2-bwd64", "bf16", "bf16"): (255, 0, 169472),
+    ("class_bwd", "v2-bwd64", "bf16", "fp32"): (255, 0, 169472),
     # v2-full: the forward with its x block resident as well spills; built as
     # BlockConfig(fwd_resident=True) (test_sm90_spills.py: class_fwd_resident). Before it
     # was built, an earlier version of the same idea measured (255, 816, 131328).
     ("class_fwd", "v2-full", "bf16", "bf16"): (255, 232, 131200),
     ("class_fwd", "v2-full", "bf16", "fp32"): (255, 784, 163968),
-    ("class_bwd", "v2-full", "bf16", "bf16"): (183, 0, 68352),
-    ("class_bwd", "v2-full", "bf16", "fp32"): (254, 0, 68352),
+    ("class_bwd", "v2-full", "bf16", "bf16"): (255, 0, 169472),
+    ("class_bwd", "v2-full", "bf16", "fp32"): (255, 0, 169472),
     # The no-grad forward (resident, NEED_U=False; not in the training model)
     ("class_fwd_nograd", "v2", "bf16", "bf16"): (103, 0, 131584),
     ("class_fwd_nograd", "v2", "bf16", "fp32"): (175, 0, 163840),
@@ -34,7 +39,7 @@ PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
     ("class_fwd", "64x128 (1 stage)", "bf16", "bf16"): (255, 3876, 196608),
     ("class_bwd", "64x64", "bf16", "bf16"): (255, 2664, 206336),
     ("class_bwd", "128x64 (1 stage)", "bf16", "bf16"): (255, 2228, 212992),
-    ("class_bwd", "64x32", "bf16", "bf16"): (255, 464, 169472),
+    ("class_bwd", "64x32 (softmax not in its own branch)", "bf16", "bf16"): (255, 464, 169472),
     ("class_bwd", "32x64", "bf16", "bf16"): (255, 1244, 103168),
     # pair kernels as they are (bf16, self-comparison with labels)
     ("pair_fwd", "v1", "bf16", "bf16"): (137, 0, 49152),
