@@ -21,10 +21,10 @@ Modules
     the same online rescaling, u_i = sum_j softmax_ij g'(c_ij) w_hat_j = d lse_i / d x_hat_i,
     so the backward's grad x is ``grad_lse[:, None] * u`` (fwd+bwd: 4 matmuls, x W and
     P W^T forward, x W and x^T G backward, against the floor's 3; without the saved u,
-    ``state=None`` in :func:`backward`, 5). Loading: without u the x block is loaded once
-    per program and each W tile once (``RESIDENT``); with u the logits are a K-loop over
-    D that reloads x per class tile and u's dot loads the W tile again, unless
-    ``BlockConfig.fwd_resident`` (off by default: it spills on sm_90, see BlockConfig).
+    ``state=None`` in :func:`backward`, 5). Loading: when all of D fits one group the x
+    block is loaded once per program and each W tile once (``RESIDENT``); otherwise the
+    logits are a K-loop over D that reloads x per class tile and u's dot loads the W
+    tile again (D split over programs, or ``BlockConfig(fwd_resident=False)``).
 
 :mod:`.class_lse_triton_bwd`    ``bwd_w_kernel``, grid (class tiles, D groups): each
     program holds its W tile (loaded once when all of D fits one group) and walks all
@@ -118,12 +118,11 @@ class BlockConfig:
     # dots run on wgmma and nothing spills (255 registers, bf16, D = 512; the softmax in
     # its own branch, see class_lse_triton_bwd); at 32 the logits dot ran on mma.sync.
     bwd_block_m: Optional[int] = None
-    # The training forward (with u) with its x block and each W tile loaded once for both
-    # dots (when all of D fits one group): the loading scheme the cost model's "v3" needs.
-    # Off by default: Triton 3.9 spills it on sm_90 (bf16, D = 512: 232 bytes at 64 x 32
-    # tiles, 636 at 64 x 64, 3872 at 64 x 128, much of it inside the class loop; see
-    # docs/kernels/cost_model.md). The no-grad forward is always resident (no spills).
-    fwd_resident: bool = False
+    # The forward with u loads its x block once per program and each W tile once for
+    # both dots when all of D fits one group (the no-grad forward always does): 243
+    # registers, no spills (bf16, D = 512; 88 B with fp32 W). False: the K-loop logits
+    # that reload x per class tile and a second load of the W tile for u (cost_model v2).
+    fwd_resident: bool = True
 
 
 _configs = ConfigSlot(BlockConfig())
@@ -220,9 +219,7 @@ def _forward_impl(x_op, inv_x, weight, inv, target, row_param, kind, p0, p1, nee
     device = x_op.device
     op, dot, precision = operand_types(x_op.dtype, INTERPRETED, "class_logsumexp")
     block_d, d_group, n_groups = _d_layout(d, cfg, op == tl.float32)
-    # Resident x block and W tiles when all of D fits one group: always without u (the
-    # no-grad forward: 103 registers, no spills, bf16 at D = 512), with u only when asked
-    # (``fwd_resident``: it spills, see BlockConfig).
+    # Resident x block and W tiles when all of D fits one group (see BlockConfig).
     resident = n_groups == 1 and (cfg.fwd_resident or not need_u)
     if not need_u:
         n_groups = 1  # without u the D slices are not needed

@@ -8,8 +8,8 @@ walks the BLOCK_C-class tiles of its split:
     online max m and sum-exp l (flash style)
     u  += softmax * dz @ w_hat^T              (only with NEED_U: training)
 
-``RESIDENT`` (all of D in one group; the launcher sets it for the forward without u, and
-for training only with ``BlockConfig.fwd_resident``): the x block is loaded once per
+``RESIDENT`` (all of D in one group, the production case; ``BlockConfig.fwd_resident``
+turns it off for training): the x block is loaded once per
 program and each W tile once, feeding both dots: the logits read it as ``W_tile``, u's
 dot as its transpose. For that the normalisation 1/||w|| goes on the softmax side
 (``P_SIDE``: P_ij = e_ij dz_ij / ||w_j||, then P @ W^T) instead of scaling a second copy
@@ -30,6 +30,34 @@ import triton
 import triton.language as tl
 
 from .class_lse_triton_tiles import NEG_BIG, logits_k_loop, transform
+
+
+@triton.jit
+def online_step(
+    z,
+    dz,
+    keep,
+    m_i,
+    l_i,
+    inv,
+    OP_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    P_SIDE: tl.constexpr,
+):
+    """One class tile of the online logsumexp: (new running max, new sum-exp, the factor
+    alpha that rescales earlier sums, u's dot operand P = e * dz/dc, times 1/||w|| when
+    ``P_SIDE``, rounded to the operand dtype). Masked columns (``keep`` False) add 0."""
+    z = tl.where(keep, z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    e = tl.exp(z - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(e, axis=1)
+    # Softmax weight times dz/dc (at most ~2 * p0). The clamp bounds the value only (no
+    # gradient mask: see class_common.add_target_grad).
+    pw = e * dz
+    if P_SIDE:
+        pw = pw * inv[None, :]
+    return m_new, l_i, alpha, pw.to(OP_DTYPE).to(DOT_DTYPE)  # fmt: skip
 
 
 @triton.jit
@@ -131,23 +159,32 @@ def fwd_kernel(
                 BLOCK_C,
                 BLOCK_D,
             )
-        # Both normalisations outside the dot, on its float32 result.
-        c = tl.minimum(tl.maximum(s * rx[:, None] * inv[None, :], -1.0), 1.0)
-        z, dz = transform(c, rp, p0, p1, KIND)
         keep = col_ok[None, :] & (cols[None, :] != tgt[:, None])
-        z = tl.where(keep, z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        e = tl.exp(z - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(e, axis=1)
+        # The elementwise work sits in a branch of its own for Triton 3.9's sake (as in
+        # the backward): a dot whose result feeds another dot in the same region gets all
+        # its warps along M, so a 64-row logits tile would be computed whole by both
+        # warpgroups (and the resident forward spilled 232 B). Behind the branch the
+        # logits dot splits its columns over the warpgroups and nothing spills. The
+        # branch is exact: with p0 = 0 every transform gives z = 0 and dz/dc = 0, which
+        # is what the else branch feeds the same online step.
+        if p0 != 0.0:
+            # Both normalisations outside the dot, on its float32 result.
+            c = tl.minimum(tl.maximum(s * rx[:, None] * inv[None, :], -1.0), 1.0)
+            z, dz = transform(c, rp, p0, p1, KIND)
+            m_new, l_i, alpha, pw = online_step(
+                z, dz, keep, m_i, l_i, inv, OP_DTYPE, DOT_DTYPE, P_SIDE
+            )
+        else:
+            # p0 = 0: z = 0 on every kept column, and P = e * dz/dc = 0.
+            zero = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            m_new, l_i, alpha, _ = online_step(
+                zero, zero, keep, m_i, l_i, inv, OP_DTYPE, DOT_DTYPE, P_SIDE
+            )
+            pw = tl.zeros([BLOCK_M, BLOCK_C], dtype=DOT_DTYPE)
         if NEED_U:
-            # Softmax weight times dz/dc (at most ~2 * p0). The clamp bounds the value
-            # only (no gradient mask: see class_common.add_target_grad).
-            pw = e * dz
+            u_acc = u_acc * alpha[:, None]
             if P_SIDE:
-                # 1/||w|| on the P side: u's dot reads the tile the logits read.
-                pw = (pw * inv[None, :]).to(OP_DTYPE).to(DOT_DTYPE)
-                u_acc = u_acc * alpha[:, None]
+                # 1/||w|| is in pw: u's dot reads the tile the logits read.
                 u_acc = tl.dot(pw, tl.trans(w_tile), u_acc, input_precision=PRECISION)
             else:
                 # 1/||w|| on the W side, so w_hat's entries lie in [-1, 1]: a near-zero
@@ -159,8 +196,6 @@ def fwd_kernel(
                 )
                 w_hat = w_hat.to(OP_DTYPE).to(tl.float32) * inv[None, :]
                 w_hat = w_hat.to(OP_DTYPE).to(DOT_DTYPE)
-                pw = pw.to(OP_DTYPE).to(DOT_DTYPE)
-                u_acc = u_acc * alpha[:, None]
                 u_acc = tl.dot(pw, tl.trans(w_hat), u_acc, input_precision=PRECISION)
         m_i = m_new
 
@@ -176,4 +211,4 @@ def fwd_kernel(
         )
 
 
-__all__ = ["fwd_kernel"]
+__all__ = ["fwd_kernel", "online_step"]

@@ -94,17 +94,24 @@ def test_mma_and_occupancy_hand_counts():
 
 
 def test_duplicated_logits_hand_count():
-    """v2-full (BlockConfig(fwd_resident=True)) computes its 64 x 32 logits tile on both
-    warpgroups (Triton 3.9's [8, 1] warps for a dot feeding another dot; PTX: 64
-    m64n16k16 per thread at K = 512). At B = 128, C = 64, D = 64 (4 steps, 8192 logits):
-    FLOPs 3 * 2 * 8192 * 64 (logits twice, u once); the logits' operand reads per step are
-    2 warpgroups * 4 k16 steps * (A 64 * 16 * 2 + B 16 * 32 * 2 = 3072 B) = 24576 B
-    (v1's split tile: 20480 B), u's 4096 B as in the v1 hand count."""
-    full = cm.class_kernels(128, 64, 64, "bf16", "bf16", cm.V2_FULL, cm.H100_SXM)[1]
-    v1 = cm.class_kernels(128, 64, 64, "bf16", "bf16", cm.V1, cm.H100_SXM)[1]
-    assert full.flops == 3 * 2 * 8192 * 64 == 1.5 * v1.flops
+    """A 64 x 32 logits tile computed by both warpgroups (Triton 3.9's [8, 1] warps for a
+    dot feeding another dot in the same region; PTX of the resident forward with its
+    softmax inline: 64 m64n16k16 per thread at K = 512), against v2-full as built (the
+    softmax in a branch: one copy). At B = 128, C = 64, D = 64 (4 steps, 8192 logits):
+    FLOPs 3 * 2 * 8192 * 64 (logits twice, u once) against 2 * 2 * 8192 * 64; the logits'
+    operand reads per step are 2 warpgroups * 4 k16 steps * (A 64 * 16 * 2 + B 16 * 32 * 2
+    = 3072 B) = 24576 B, against v1's split tile, 2 * 4 * (2048 + 512) = 20480 B; u's
+    4096 B as in the v1 hand count."""
+    import dataclasses
+
+    dup = dataclasses.replace(cm.V2_FULL, logits_copies=2)
+    twice = cm.class_kernels(128, 64, 64, "bf16", "bf16", dup, cm.H100_SXM)[1]
+    once = cm.class_kernels(128, 64, 64, "bf16", "bf16", cm.V2_FULL, cm.H100_SXM)[1]
+    assert twice.flops == 3 * 2 * 8192 * 64 and once.flops == 2 * 2 * 8192 * 64
     # staged: x once per program (2 programs x 8192 B), each W tile once (4 x 4096 B)
-    assert full.smem == 2 * 8192 + 4 * 4096 + 4 * (2 * 4 * 3072 + 4096)
+    staged = 2 * 8192 + 4 * 4096
+    assert twice.smem == staged + 4 * (2 * 4 * 3072 + 4096)
+    assert once.smem == staged + 4 * (20480 + 4096)
     assert cm.mma_smem_bytes(64, 32, 64, 2, 4) == 4 * 3072
 
 

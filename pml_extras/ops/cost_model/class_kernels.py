@@ -45,10 +45,11 @@ class ClassDesign:
     # 1/||w|| computed from the W tile the forward holds (no separate pass over W).
     fused_norms: bool = False
     # Warpgroups computing the same forward logits tile. Triton 3.9 gives a dot whose
-    # result feeds another dot in the same loop body warps [num_warps, 1] (all along M);
-    # a 64-row tile with 8 warps is then computed by both warpgroups (PTX of the resident
-    # forward at 64 x 32 x 512: 64 m64n16k16 per thread, the whole tile each). The K-loop
-    # logits of v1 / v2 sit in an inner loop and get [4, 2] (4 m64n16k16 per K step).
+    # result feeds another dot in the same region warps [num_warps, 1] (all along M); a
+    # 64-row tile with 8 warps is then computed by both warpgroups (PTX of the resident
+    # forward at 64 x 32 x 512 with the softmax inline: 64 m64n16k16 per thread, the
+    # whole tile each; 232 B of spills). The K-loop logits of v1 / v2 sit in an inner
+    # loop and the built v2-full's softmax in a branch: both get [4, 2], one copy.
     logits_copies: int = 1
 
 
@@ -61,41 +62,43 @@ V1 = ClassDesign()
 # wait_group 1 pipelines the logits' K steps); tests/gpu/test_sm90_spills.py
 # (test_class_overlap_in_the_model_is_what_the_ptx_does) checks it.
 V2 = ClassDesign(name="v2", bwd_block_m=32, bwd_resident=True)
-# v2 with 64-row backward steps (class_lse_triton's default since this branch): both
+# v2 with 64-row backward steps (a step of this branch, then v2-full): both
 # backward dots on wgmma, the logits' columns split over the two warpgroups (PTX: 32
 # m64n16k16 per thread per 64 x 32 x 512 step, 16 m64n32k16 for x^T G), x double-buffered
 # by cp.async, 255 registers and no spills. Triton 3.9 only gives the logits dot that
 # layout with the softmax in a branch of its own (see class_lse_triton_bwd); without it,
 # the tile is computed by both warpgroups and spills 464 B.
 V2_BWD64 = ClassDesign(name="v2-bwd64", bwd_block_m=64, bwd_resident=True)
-# Built, off by default (BlockConfig(fwd_resident=True)): v2-bwd64 with the forward's x block
-# resident and each W tile loaded once for both dots (1/||w|| on the P side). Spills in
-# Triton 3.9 (232 B bf16, 784 B with fp32 W, see PTXAS_SM90) and computes its logits
-# tile twice (logits_copies).
+# The kernels as built now (the default BlockConfig): v2-bwd64 with the forward's x block
+# resident as well and each W tile loaded once for both of its dots (1/||w|| on the P
+# side), all of the softmax in a branch of its own (see class_lse_triton_fwd): the
+# logits dot splits its columns over the two warpgroups (logits_copies 1). 243
+# registers, no spills (bf16 W; 88 B with fp32 W). overlap = 0: as in v2, no exponential
+# is issued under an open wgmma group (tests/gpu/test_sm90_spills.py checks it).
 V2_FULL = ClassDesign(
     name="v2-full",
     bwd_block_m=64,
     fwd_resident=True,
     bwd_resident=True,
     p_side_scale=True,
-    logits_copies=2,
 )
 # Not built: what the model says a fused design needs for the 1.5x target. 128-class
 # forward tiles (its W tile, 128 KB, single-buffered in shared memory next to the 64 KB
 # x block), 64 x 64 backward steps, 1/||w|| on the P side, and half the softmax hidden
 # under the matmuls. What Triton 3.9 makes of each part (sm_90a, bf16, D = 512; figures
 # in PTXAS_SM90 and docs/kernels/cost_model.md):
-# * the tiles spill: forward 64 x 64 636 B, 64 x 128 (one stage: two do not fit) 3876 B;
-#   backward 64 x 64 2664 B, 128 x 64 (one stage) 2228 B, 64 x 32 464 B. The 64 x 512
-#   float32 accumulator (u, or x^T G at 64 classes) takes 128 of the 255 registers, and a
+# * the tiles spill: forward 64 x 64 120 B, 64 x 128 (one stage: two do not fit)
+#   1072 B; backward 64 x 64 1992 B, 128 x 64 (one stage) 2312 B. The 64 x 512 float32
+#   accumulator (u, or x^T G at 64 classes) takes 128 of the 255 registers, and a
 #   single-buffered tile goes through registers (no cp.async) on its way to shared memory;
-# * a 64-row logits tile feeding a second dot is computed by both warpgroups (see
-#   logits_copies); the transposed forward (S^T = W^T x^T, 128 classes along M) avoids
-#   that but spills 2240 B (an experiment, not kept);
+# * a 64-row logits tile feeding a second dot in the same region is computed by both
+#   warpgroups (see logits_copies); the built kernels move the softmax into a branch to
+#   avoid it. The transposed forward (S^T = W^T x^T, 128 classes along M) avoids it too
+#   but spills 2240 B (an experiment, not kept);
 # * the overlap: tl.range(..., warp_specialize=True) compiles to the same PTX on sm_90
 #   (the option is Blackwell-only in 3.9), and issuing the next tile's logits before this
-#   tile's softmax by hand keeps wait_group 0 before the softmax (0 of 10 exponentials in
-#   flight) and doubles the forward's spills (80 B).
+#   tile's softmax by hand (both tried on the v2 forward) keeps wait_group 0 before the
+#   softmax (0 of 10 exponentials in flight) and doubles the forward's spills (80 B).
 V3 = ClassDesign(
     name="v3 (hypothetical)",
     block_c=128,
@@ -108,7 +111,7 @@ V3 = ClassDesign(
 )
 # The design the kernels in class_lse_triton implement now (tests/ops/test_cost_model.py
 # checks its tiles against class_lse_triton.BlockConfig).
-CURRENT_CLASS = V2_BWD64
+CURRENT_CLASS = V2_FULL
 
 
 def wave_splits(per_split: int, n_tiles: int, slots: int, most: int) -> Tuple[int, int]:
