@@ -240,11 +240,6 @@ def cuda_extra_memory(case: Case, mode: str, device: torch.device) -> int:
     return int(extra)
 
 
-# Peak-memory primitives: one home, pml_extras._env (shared with the retrieval benchmark).
-_proc_status_kb = _env.proc_status_kb
-_reset_hwm = _env.reset_peak_rss
-
-
 def _pin_malloc() -> None:
     """Fixed mmap threshold (no dynamic raise): freed big blocks go back to the OS."""
     try:
@@ -272,25 +267,17 @@ def _memory_child(conn, spec: dict) -> None:
         provider = providers_for(setup.level)[spec["provider"]]
         inputs = Inputs(setup, device)
         case = provider.build(setup, inputs, device, spec["opts"])
-        can_reset = _reset_hwm()
+        can_reset = _env.reset_peak_rss()
         if can_reset:
             case.step(spec["mode"])  # warm-up: lazy initialisation is not the loss's memory
         case.reset()
         gc.collect()
         _malloc_trim()
-        before_kb = _proc_status_kb("VmRSS")
-        if can_reset:
-            _reset_hwm()
-        case.step(spec["mode"])
-        if can_reset:
-            peak_kb = _proc_status_kb("VmHWM")
-            method = "VmHWM after clear_refs"
-        else:
-            import resource
-
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            method = "ru_maxrss (no warm-up; clear_refs unavailable)"
-        conn.send({"extra_mem": max(0, peak_kb - before_kb) * 1024, "method": method})
+        with _env.PeakRSSGrowth() as peak:
+            case.step(spec["mode"])
+        extra_kb = peak.bytes // 1024
+        method = peak.method if peak.reset else peak.method + ", no warm-up"
+        conn.send({"extra_mem": extra_kb * 1024, "method": method})
     except BaseException as exc:  # noqa: B036 - everything goes back to the parent
         status = "skipped" if is_oom(exc) else "error"
         reason = f"{type(exc).__name__}: {exc}".strip()[:300]
