@@ -571,7 +571,9 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
         sample_rate: fraction of each shard used per step, in (0, 1]. seed: sampling seed.
         shard_sizes: optional classes per rank (default: as even as possible).
         process_group: the group to shard over (default: the world).
-        chunk_size, impl: as in the single-GPU loss.
+        chunk_size, impl: as in the single-GPU loss ("auto", "torch", "triton", or the
+            opt-in "hybrid": each rank's shard through library matmuls plus one fused
+            Triton epilogue).
         init_seed: base seed of the shard initialisation (default: one draw from the global
             generator); rank r initialises its shard from mix(init_seed, r).
         weight_init_func: as in PML; the default is the single-device loss's (PML's
