@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from proxy_rows import fp16_rows_on_own_proxy, placement_patterns, rows_on_proxies
 
 from pml_extras.functional import curricular_face_loss, curricular_target, update_t
 from pml_extras.losses import CurricularFaceLoss
@@ -278,7 +279,7 @@ def test_gradcheck_module():
     # Not much below 0.05: the normalisation's gradient grows like 1/|x| (gamma/|x| in
     # all), beyond fp16's range for |x| ~ 1e-3 even where the exact gradient is finite.
     magnitude=st.sampled_from([0.05, 1.0, 30.0]),
-    pattern=st.lists(st.sampled_from(["own", "minus_own", "other", "minus_other"]), min_size=6),
+    pattern=placement_patterns,
     training=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -289,12 +290,7 @@ def test_finite_at_cos_plus_minus_one(
     W = torch.randn(D, C, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
     other = torch.randint(0, C, (B,), generator=g)
-    rows = []
-    for i in range(B):
-        kind = pattern[i % len(pattern)]
-        col = y[i] if kind.endswith("own") else other[i]
-        rows.append((-1.0 if kind.startswith("minus") else 1.0) * magnitude * W[:, col])
-    x = torch.stack(rows).to(dtype).requires_grad_(True)
+    x = rows_on_proxies(W, y, other, pattern, magnitude).to(dtype).requires_grad_(True)
     loss_fn = make_loss(W.to(torch.float32 if params_fp32 else dtype), scale=64.0)
     loss_fn.train(training)
     losses = loss_fn.compute_loss(x, y, None, x, y)["loss"]["losses"]
@@ -313,11 +309,7 @@ def test_finite_at_cos_plus_minus_one(
 def test_fp16_embedding_on_its_proxy_has_finite_gradients(D, sign):
     """Regression: x = +-0.05 * w_y in fp16 gave NaN gradients while the unit vector was
     computed in fp16 (the gradient w.r.t. it overflowed before the projection)."""
-    g = torch.Generator().manual_seed(D)
-    W = torch.randn(D, 6, generator=g)
-    y = torch.tensor([4, 1])
-    x = (sign * 0.05 * W[:, y].t()).half().requires_grad_(True)
-    W16 = W.half()
+    x, y, W16 = fp16_rows_on_own_proxy(D, sign)
     loss_fn = make_loss(W16, scale=64.0)
     loss_fn.eval()
     loss_fn.compute_loss(x, y, None, x, y)["loss"]["losses"].sum().backward()

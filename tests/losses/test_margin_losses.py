@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from proxy_rows import placement_patterns, rows_on_proxies  # noqa: E402
 from pytorch_metric_learning import losses as pml_losses  # noqa: E402
 from pytorch_metric_learning import miners as pml_miners  # noqa: E402
 from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
@@ -264,7 +265,7 @@ def test_chunks_against_pml_fp32(chunk, shape, kind):
     # Not much below 0.05: the normalisation's gradient grows like 1/|x| (s/|x| in all),
     # beyond fp16's range for |x| ~ 1e-3 even where the exact gradient is finite.
     magnitude=st.sampled_from([0.05, 1.0, 30.0]),
-    pattern=st.lists(st.sampled_from(["own", "minus_own", "other", "minus_other"]), min_size=6),
+    pattern=placement_patterns,
     seed=st.integers(0, 2**31 - 1),
 )
 def test_finite_at_cos_plus_minus_one(
@@ -279,12 +280,7 @@ def test_finite_at_cos_plus_minus_one(
         W = torch.randn(D, C, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
     other = torch.randint(0, C, (B,), generator=g)
-    rows = []
-    for i in range(B):
-        which = pattern[i % len(pattern)]
-        col = y[i] if which.endswith("own") else other[i]
-        rows.append((-1.0 if which.startswith("minus") else 1.0) * magnitude * W[:, col])
-    x = torch.stack(rows).to(dtype).requires_grad_(True)
+    x = rows_on_proxies(W, y, other, pattern, magnitude).to(dtype).requires_grad_(True)
     loss_fn = make_loss(kind, W.to(torch.float32 if params_fp32 else dtype), scale=64.0)
     losses = per_sample(loss_fn, x, y)
     losses.mean().backward()
