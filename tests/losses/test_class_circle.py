@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from proxy_rows import fp16_rows_on_own_proxy, placement_patterns, rows_on_proxies
+from proxy_cases import fp16_rows_on_own_proxy, make_data, placement_patterns, rows_on_proxies
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 
@@ -33,14 +33,6 @@ PAPER_SETTINGS = [(0.25, 256.0), (0.25, 128.0), (0.4, 80.0)]  # faces, re-ID, fi
 
 margins = st.sampled_from([0.25, 0.4]) | st.floats(0.05, 0.6)
 gammas = st.sampled_from([256.0, 128.0, 80.0]) | st.floats(1.0, 256.0)
-
-
-def make_data(B, D, C, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=F64).to(dtype)
-    W = torch.randn(D, C, generator=g, dtype=F64).to(dtype)
-    y = torch.randint(0, C, (B,), generator=g)
-    return x, W, y
 
 
 def make_loss(W, m, gamma, **kwargs):

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from proxy_rows import fp16_rows_on_own_proxy, placement_patterns, rows_on_proxies
+from proxy_cases import (
+    facing_away,
+    fp16_rows_on_own_proxy,
+    make_data,
+    placement_patterns,
+    rows_on_proxies,
+)
 
 from pml_extras.functional import curricular_face_loss, curricular_target, update_t
 from pml_extras.losses import CurricularFaceLoss
@@ -27,14 +33,6 @@ F64 = torch.float64
 
 margins = st.just(0.5) | st.floats(0.1, 0.8)
 scales = st.just(64.0) | st.floats(1.0, 64.0)
-
-
-def make_data(B, D, C, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=F64).to(dtype)
-    W = torch.randn(D, C, generator=g, dtype=F64).to(dtype)
-    y = torch.randint(0, C, (B,), generator=g)
-    return x, W, y
 
 
 def make_loss(W, **kwargs):
@@ -104,11 +102,8 @@ def test_functional_matches_reference(B, D, C, t, margin, scale, chunk, seed):
 def test_fallback_branch_when_theta_plus_m_exceeds_pi(margin):
     """Targets with c_y < cos(pi - m) take c_y - m*sin(pi - m), not cos(theta + m)."""
     x, W, y = make_data(6, 5, 4, seed=11)
-    g = torch.Generator().manual_seed(5)
     # Half the rows point almost exactly away from their own proxy.
-    w_y = F.normalize(W[:, y].t(), dim=1)
-    x[:3] = -w_y[:3] + 0.02 * torch.randn(3, 5, generator=g, dtype=F64)
-    cos_y = (F.normalize(x, dim=1) * w_y).sum(1)
+    x, cos_y = facing_away(x, W, y, rows=3, noise=0.02)
     assert (cos_y[:3] < math.cos(math.pi - margin)).all()
     assert (cos_y[3:] > math.cos(math.pi - margin)).all()
     f, cos_theta_m = curricular_target(cos_y, margin)

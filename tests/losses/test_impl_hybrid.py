@@ -5,7 +5,9 @@ sharded twins) hand "hybrid" to the hybrid class logsumexp; the pair-level ``Cir
 has no hybrid path and rejects it with an error naming the value (it used to run the
 PyTorch path silently). The hybrid op's own numerics, and ``SparseCircleLoss`` through it,
 are tests/ops/test_class_lse_hybrid.py; here the other modules give impl="torch"'s loss,
-gradients and buffers, in a TRITON_INTERPRET=1 child (``test_interpreter_child``):
+gradients and buffers, under the interpreter: class ``TestInterpreted`` runs in the one
+TRITON_INTERPRET=1 child of tests/ops/test_class_lse_triton.py::test_interpreter_suite, or
+directly:
 
     TRITON_INTERPRET=1 python -m pytest tests/losses/test_impl_hybrid.py -k Interpreted
 """
@@ -13,11 +15,8 @@ gradients and buffers, in a TRITON_INTERPRET=1 child (``test_interpreter_child``
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 
-_CHILD = "PML_EXTRAS_HYBRID_LOSSES_CHILD"
+_CHILD = "PML_EXTRAS_TRITON_INTERPRET_CHILD"  # set by test_class_lse_triton.py
 if os.environ.get(_CHILD) == "1":
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
@@ -76,20 +75,6 @@ def _close(name, a, b):
     scale = a.abs().max().clamp_min(1e-30)
     err = float((a.double() - b.double()).abs().max() / scale)
     assert err <= RTOL, f"{name}: relative error {err:.3g} > {RTOL}"
-
-
-def test_interpreter_child():
-    if INTERPRET:
-        pytest.skip("already under TRITON_INTERPRET=1")
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD: "1"})
-    cmd = [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-rfEs"]
-    cmd += ["-p", "no:cacheprovider", "-o", "addopts=", "-k", "Interpreted"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"interpreted hybrid loss tests failed:\n{out[-6000:]}"
-    passed = re.search(r"(\d+) passed", out.strip().splitlines()[-1])
-    assert passed and int(passed.group(1)) == len(MODULES) + len(FUNCTIONALS) + 1, out[-3000:]
 
 
 def test_pair_circle_loss_rejects_hybrid_naming_the_value():

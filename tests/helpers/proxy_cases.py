@@ -1,7 +1,8 @@
-"""Embeddings placed on class proxies: the cos = +-1 cases of the class-level loss tests.
+"""Embeddings, proxies and labels for the class-level loss tests: random problems, rows
+placed on proxies (the cos = +-1 cases) and rows facing away from their own proxy.
 
 One home for tests/losses/test_class_circle.py, test_curricular_face.py and
-test_margin_losses.py (issue 19: the same row-building loop stood in all three). Plain
+test_margin_losses.py (issue 19: the same builders stood in two or three of them). Plain
 torch and hypothesis; it never imports ``pml_extras``.
 
 Example:
@@ -16,8 +17,34 @@ from __future__ import annotations
 from typing import Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor
+
+F64 = torch.float64
+
+
+def make_data(B: int, D: int, C: int, seed: int, dtype=F64) -> Tuple[Tensor, Tensor, Tensor]:
+    """(x (B, D), W (D, C), labels (B,)) drawn in float64 at ``seed``, then cast to
+    ``dtype`` (so every dtype rounds the same values)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=F64).to(dtype)
+    W = torch.randn(D, C, generator=g, dtype=F64).to(dtype)
+    y = torch.randint(0, C, (B,), generator=g)
+    return x, W, y
+
+
+def facing_away(
+    x: Tensor, W: Tensor, labels: Tensor, rows: int, noise: float, seed: int = 5
+) -> Tuple[Tensor, Tensor]:
+    """Sets ``x``'s first ``rows`` rows (in place) to minus their own unit proxy plus
+    ``noise`` times Gaussian noise drawn at ``seed``: targets past pi - m for the margin
+    losses' fallback branch. Returns (x, the cosines of all rows to their own proxy)."""
+    g = torch.Generator().manual_seed(seed)
+    w_y = F.normalize(W[:, labels].t(), dim=1)
+    x[:rows] = -w_y[:rows] + noise * torch.randn(rows, x.shape[1], generator=g, dtype=x.dtype)
+    return x, (F.normalize(x, dim=1) * w_y).sum(1)
+
 
 PLACEMENTS = ("own", "minus_own", "other", "minus_other")
 #: Which proxy each row sits on (cycled over the rows): its own class's, another class's,
