@@ -43,6 +43,7 @@ from typing import Callable, List, Optional
 import torch
 from torch.utils import benchmark
 from torch.utils.benchmark import Measurement
+from torch.utils.benchmark.utils.common import TaskSpec
 
 from pml_extras import _env
 
@@ -190,7 +191,12 @@ def triton_do_bench_measurement(
     )
     if not ms:
         raise RuntimeError("triton.testing.do_bench returned no times")
-    spec = benchmark.Timer(stmt="case.step(mode)", **_task_label(mode, name))._task_spec
+    spec = TaskSpec(
+        stmt="case.step(mode)",
+        setup="pass",
+        num_threads=torch.get_num_threads(),
+        **_task_label(mode, name),
+    )
     case.reset()
     return TimeMeasurement(Measurement(1, [t / 1e3 for t in ms], spec), None)
 
