@@ -38,17 +38,21 @@ import multiprocessing
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import torch
-from torch.utils import benchmark
-from torch.utils.benchmark import Measurement
-from torch.utils.benchmark.utils.common import TaskSpec
 
 from pml_extras import _env
 
 from .providers import Case, Inputs, providers_for
 from .setups import Setup
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import Measurement
+
+# torch.utils.benchmark is imported where a measurement is taken: it pulls in
+# torch.utils.cpp_extension and setuptools (tenths of a second), which `speed.py --help`,
+# the checks and the device-wheel audit (tests/gpu/test_gpu_checks_script.py) do not need.
 
 
 def available_bytes(device: torch.device) -> int:
@@ -143,6 +147,8 @@ def torch_timer_measurement(
     case: Case, mode: str, device: torch.device, min_run_time: float, name: str = ""
 ) -> TimeMeasurement:
     """``torch.utils.benchmark.Timer.blocked_autorange`` of ``case.step(mode)``."""
+    from torch.utils import benchmark
+
     kwargs = dict(
         stmt="case.step(mode)",
         globals={"case": case, "mode": mode},
@@ -168,7 +174,7 @@ def torch_timer_measurement(
                 f"block ({len(wall.raw_times)} blocks)"
             )
         cpu_raw = [b - a for a, b in zip(marks[::2], marks[1::2])]
-        cpu = Measurement(wall.number_per_run, cpu_raw, wall.task_spec)
+        cpu = benchmark.Measurement(wall.number_per_run, cpu_raw, wall.task_spec)
     case.reset()
     return TimeMeasurement(wall, cpu)
 
@@ -180,6 +186,9 @@ def triton_do_bench_measurement(
     per-call milliseconds wrapped in a ``Measurement`` of one call per block.
 
     ``do_bench`` defaults to triton's; the tests pass a stand-in with its contract."""
+    from torch.utils.benchmark import Measurement
+    from torch.utils.benchmark.utils.common import TaskSpec
+
     if do_bench is None:
         from triton.testing import do_bench
     ms = do_bench(
@@ -214,6 +223,8 @@ def summarise(rounds: List[TimeMeasurement]) -> dict:
     """A row's time fields from its rounds: the pooled per-call median and IQR
     (``Measurement.merge``), the minimum, one median per round, and how many calls and
     blocks were timed. Milliseconds."""
+    from torch.utils.benchmark import Measurement
+
     wall = Measurement.merge([r.wall for r in rounds])[0]
     out = {
         "time_ms": wall.median * 1e3,
