@@ -35,6 +35,10 @@ from pml_extras.losses import (  # noqa: E402
     CurricularFaceLoss,
     SparseCircleLoss,
 )
+from pml_extras.ops.pair_circle import (  # noqa: E402
+    all_pairs_circle_loss,
+    mined_pairs_circle_loss,
+)
 from pml_extras.ops.tolerances import CLASS_KERNEL  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -82,6 +86,18 @@ def test_pair_circle_loss_rejects_hybrid_naming_the_value():
         CircleLoss(impl="hybrid")
     with pytest.raises(ValueError, match=r"got 'hybrid'"):
         CircleLoss(m=0.25, gamma=256, impl="hybrid")
+
+
+def test_pair_functional_forms_reject_hybrid_naming_the_value():
+    """The stateless pair ops have no hybrid path either: an error, not the PyTorch path."""
+    x = torch.randn(6, 4)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match=r"impl='hybrid' exists for .* not 'pair_circle'"):
+        all_pairs_circle_loss(x, x, labels, labels, self_compare=True, impl="hybrid")
+    a1, p = torch.tensor([0, 2]), torch.tensor([1, 3])
+    a2, n = torch.tensor([0, 4]), torch.tensor([2, 1])
+    with pytest.raises(ValueError, match=r"impl='hybrid' exists for .* not 'pair_circle'"):
+        mined_pairs_circle_loss(x, x, a1, p, a2, n, impl="hybrid")
     for impl in ("auto", "torch", "triton"):  # the pair loss's choices still construct
         assert CircleLoss(impl=impl).impl == impl
 
