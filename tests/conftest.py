@@ -96,6 +96,8 @@ CORE_FILES = frozenset(
         "test_distributed_sync.py",
         "test_margin_losses.py",
         "test_pair_circle_loss.py",
+        "test_pair_circle_mined.py",
+        "test_pair_gather.py",
         "test_pml_integration.py",
     }
 )
