@@ -105,20 +105,17 @@ def _pair_variants():
     import triton.language as tl
 
     cfg = pct.BlockConfig()
-    block_d, d_group, _ = pct._d_layout(512, cfg, False)
+    fwd, bwd = pct.tile_constexprs(512, cfg, False)  # what the launchers pass at D = 512
     consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None)
-    consts.update(BLOCK_D=block_d, D_GROUP=d_group)
     ptrs = {"X": "*bf16", "Y": "*bf16", "LAB": "*i64", "REF": "*i64", "POS": "*u8"}
     ptrs["NEG"] = "*u8"
     for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptrs[name] = "*fp32"
     for name, kernel, tiles in (
-        ("pair_fwd", pct._fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)),
-        ("pair_bwd_row", pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                               COLUMN_SIDE=False)),
-        ("pair_bwd_column", pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                                  COLUMN_SIDE=True)),
-    ):  # fmt: skip
+        ("pair_fwd", pct._fwd_kernel, fwd),
+        ("pair_bwd_row", pct._bwd_kernel, dict(bwd, COLUMN_SIDE=False)),
+        ("pair_bwd_column", pct._bwd_kernel, dict(bwd, COLUMN_SIDE=True)),
+    ):
         yield pytest.param(
             name, "bf16", kernel, ptrs, dict(consts, **tiles), ("m", "gamma"), cfg, id=name
         )

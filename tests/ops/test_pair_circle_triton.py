@@ -357,24 +357,22 @@ def test_kernels_compile_for_sm90(dtype, d, mode):
     import triton.language as tl
 
     cfg = pct.BlockConfig()
-    block_d, d_group, _ = pct._d_layout(d, cfg, dtype == "fp32")
+    fwd, bwd = pct.tile_constexprs(d, cfg, dtype == "fp32")
     op = {"bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
     consts = dict(
         SELF=mode == 0,
         MODE=mode,
         DOT_DTYPE=op,
         PRECISION="ieee" if dtype == "fp32" else None,
-        BLOCK_D=block_d,
-        D_GROUP=d_group,
     )
     ptr = {"X": f"*{dtype}", "Y": f"*{dtype}", "LAB": "*i64", "REF": "*i64"}
     ptr.update(POS="*u8", NEG="*u8")
     for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptr[name] = "*fp32"
     launches = [
-        (pct._fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)),
-        (pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COLUMN_SIDE=False)),
-        (pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COLUMN_SIDE=True)),
+        (pct._fwd_kernel, fwd),
+        (pct._bwd_kernel, dict(bwd, COLUMN_SIDE=False)),
+        (pct._bwd_kernel, dict(bwd, COLUMN_SIDE=True)),
     ]
     for kernel, tiles in launches:
         compile_for_sm90(
