@@ -57,6 +57,11 @@ import torch
 import triton
 from torch import Tensor
 
+try:  # triton >= 3.3: host-side TMA descriptors (also understood by the interpreter)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 from ._triton_common import (
     ConfigSlot,
     check_tile_sizes,
@@ -76,15 +81,18 @@ _LABELS, _MASKS = 0, 1  # MODE: where positives / negatives come from
 class BlockConfig:
     """Tile sizes; powers of two, and >= 16 on a GPU (``tl.dot``).
 
-    Not timed yet (no GPU so far). Chosen by compiling for sm_90a (D = 512, bf16, Triton
-    3.9) and reading ptxas's register / spill counts (tests/gpu/test_sm90_spills.py):
+    Not timed yet (no GPU so far). Chosen by compiling for sm_90a (D = 512, Triton 3.9)
+    and reading ptxas's register / spill counts (tests/gpu/test_sm90_spills.py prints
+    them; pml_extras/ops/cost_model's PTXAS_SM90 holds them):
 
     * forward, 128 x 32 with the 128 x 512 row block resident (128 KB of shared memory
-      next to two 32 x 512 column buffers): 94 registers, no spills. 64 x 64 also fits
+      next to two 32 x 512 column buffers): 94 registers, no spills. 64 x 64 fits too
       (124 registers) but reads the column tiles twice as often; 128 x 64 needs 256 KB.
     * backward, each side holding a 64-row block and its (64, D <= 512) float32
-      accumulator (128 registers per thread): 64 x 32 steps use 222 (row side) and 240
-      (column side) registers without spills; 64 x 64 steps spill 40 and 96 bytes.
+      accumulator (128 registers per thread): with TMA loads (bf16/fp16, aligned rows)
+      64 x 64 steps fit in 247 (row side) and 255 (column side) registers without
+      spills; with pointer loads the per-element addresses and masks do not fit at 64 x 64
+      (628 spill bytes), so those paths stream ``block_n_pointer`` = 32 rows per step.
 
     ``block_m`` / ``block_n`` of the backward are the held (outer) block and the streamed
     (inner) tile, on both sides: batch rows / reference rows on the row side, reference
@@ -94,7 +102,8 @@ class BlockConfig:
     fwd_block_m: int = 128  # forward: batch rows held
     fwd_block_n: int = 32  # forward: reference rows streamed
     block_m: int = 64  # backward: rows held (the accumulator's rows)
-    block_n: int = 32  # backward: rows streamed
+    block_n: int = 64  # backward: rows streamed, TMA loads
+    block_n_pointer: int = 32  # backward: rows streamed, pointer loads
     block_d: int = 64  # K step when D does not fit one group (no resident block)
     d_group: int = 512
     d_group_fp32: int = 256
@@ -152,10 +161,11 @@ def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
     return d_layout(d, cfg.block_d, group, INTERPRETED)
 
 
-def tile_constexprs(d: int, cfg: BlockConfig, fp32: bool):
+def tile_constexprs(d: int, cfg: BlockConfig, fp32: bool, tma: bool = True):
     """(forward, backward) tile constexprs of the kernels for embedding size ``d``: what the
     launchers pass, and what tests/gpu/test_sm90_spills.py compiles. Resident (the held
-    block loaded once, s one ``tl.dot`` over all of D) when all of D fits one group."""
+    block loaded once, s one ``tl.dot`` over all of D) when all of D fits one group; the
+    backward's tiles come by TMA when ``tma`` and the path is resident."""
     block_d, d_group, n_groups = _d_layout(d, cfg, fp32)
     resident = n_groups == 1
     fwd = dict(
@@ -164,11 +174,29 @@ def tile_constexprs(d: int, cfg: BlockConfig, fp32: bool):
         BLOCK_D=d_group if resident else block_d,
         RESIDENT=resident,
     )
+    tma = tma and resident
     bwd = dict(
-        BLOCK_O=cfg.block_m, BLOCK_I=cfg.block_n, BLOCK_D=block_d, D_GROUP=d_group,
-        RESIDENT=resident,
+        BLOCK_O=cfg.block_m, BLOCK_I=cfg.block_n if tma else cfg.block_n_pointer,
+        BLOCK_D=block_d, D_GROUP=d_group, RESIDENT=resident, TMA=tma,
     )  # fmt: skip
     return fwd, bwd
+
+
+def _use_tma(xo: Tensor, yo: Tensor, resident: bool) -> bool:
+    """Whether the backward loads its tiles by TMA: the resident path, rows whose bytes are
+    a multiple of 16 on 16-byte aligned storage (TMA's rules), and a GPU that has TMA
+    (compute capability >= 9.0) or the interpreter, which runs the same kernel code."""
+    if not resident or TensorDescriptor is None:
+        return False
+    if xo.device.type == "cuda" and torch.cuda.get_device_capability(xo.device)[0] < 9:
+        return False
+    d = xo.shape[1]
+    return (d * xo.element_size()) % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (xo, yo))
+
+
+def _descriptor(t: Tensor, rows: int, d_group: int):
+    """TMA descriptor of (rows, d_group) tiles of ``t``; zero fill past its edges."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, d_group])
 
 
 def _splits(n_programs: int, n_tiles: int, backward: bool, device, cfg):
@@ -283,8 +311,11 @@ def backward(
         return grad_x, grad_y
     xo, yo = _operands(x, y, operand_dtype)
     lab, ref, pos, neg, self_compare, mode = source.kernel_args()
-    _, tiles = tile_constexprs(d, cfg, operand_dtype == torch.float32)
+    fp32 = operand_dtype == torch.float32
+    resident = _d_layout(d, cfg, fp32)[2] == 1
+    _, tiles = tile_constexprs(d, cfg, fp32, _use_tma(xo, yo, resident))
     n_groups = triton.cdiv(d, tiles["D_GROUP"])
+    tma = tiles["TMA"]
     lse_p = lse_p.to(torch.float32).contiguous()
     lse_n = lse_n.to(torch.float32).contiguous()
     g_row = g_row.to(torch.float32)
@@ -301,13 +332,23 @@ def backward(
     def launch(column_side: bool, row_factor: Tensor) -> Tensor:
         """Sum over splits of one side's float32 partial gradients."""
         size, other = (num_cols, batch) if column_side else (batch, num_cols)
-        n_outer, n_inner = triton.cdiv(size, cfg.block_m), triton.cdiv(other, cfg.block_n)
+        n_outer, n_inner = triton.cdiv(size, cfg.block_m), triton.cdiv(other, tiles["BLOCK_I"])
         splits, per_split = _splits(n_outer * n_groups, n_inner, True, device, cfg)
         part = torch.empty(splits, size, d, device=device, dtype=torch.float32)
+        held, streamed = (yo, xo) if column_side else (xo, yo)
+        if tma:
+            group = tiles["D_GROUP"]
+            descs = (
+                _descriptor(held, cfg.block_m, group),
+                _descriptor(streamed, tiles["BLOCK_I"], group),
+            )
+        else:
+            descs = (None, None)
         with launch_device(xo):
             _bwd_kernel[(n_outer, splits, n_groups)](
                 xo,
                 yo,
+                *descs,
                 lab,
                 ref,
                 pos,

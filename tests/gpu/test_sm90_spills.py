@@ -106,9 +106,12 @@ def _pair_variants():
 
     cfg = pct.BlockConfig()
     fwd, bwd = pct.tile_constexprs(512, cfg, False)  # what the launchers pass at D = 512
-    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None)
+    # The backward's tiles come by TMA at D = 512 (bf16 rows of 1024 bytes, H100).
+    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None, TMA=True)
     ptrs = {"X": "*bf16", "Y": "*bf16", "LAB": "*i64", "REF": "*i64", "POS": "*u8"}
     ptrs["NEG"] = "*u8"
+    ptrs["AD"] = f"tensordesc<bf16[{cfg.block_m}, {bwd['D_GROUP']}]>"
+    ptrs["BD"] = f"tensordesc<bf16[{cfg.block_n}, {bwd['D_GROUP']}]>"
     for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptrs[name] = "*fp32"
     for name, kernel, tiles in (

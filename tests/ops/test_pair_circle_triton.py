@@ -47,7 +47,7 @@ interpreted = pytest.mark.skipif(
     "(test_class_lse_triton.py::test_interpreter_suite)",
 )
 
-SMALL = dict(fwd_block_m=8, fwd_block_n=4, block_m=4, block_n=8, block_d=4)
+SMALL = dict(fwd_block_m=8, fwd_block_n=4, block_m=4, block_n=8, block_n_pointer=4, block_d=4)
 # name -> (B, N or None for self-comparison, D, number of classes, block config overrides)
 SHAPES = {
     "self": (13, None, 10, 3, SMALL),
@@ -55,6 +55,8 @@ SHAPES = {
     "dgroups": (11, None, 16, 3, dict(SMALL, d_group=8, d_group_fp32=8)),
     "splits": (6, 41, 5, 5, dict(SMALL, n_splits=3)),
     "one_row": (1, 5, 3, 2, SMALL),
+    # D = 16: 16-byte rows in every dtype, so the backward loads its tiles by TMA
+    "tma": (14, 19, 16, 3, SMALL),
 }
 # Per operand dtype: (loss rtol, gradient tolerance relative to the largest entry)
 TOL = PAIR_KERNEL
@@ -142,11 +144,43 @@ class TestInterpretedPairCircle:
         x, y, labels, ref_labels = make_case(B, N, D, classes, seed=seed)
         want = run(x, y, labels, ref_labels, "torch", m=m, gamma=gamma)
         fwd_m, bwd_n, bd = tiles
-        with pct.block_config(fwd_block_m=fwd_m, block_n=bwd_n, block_d=bd, block_m=4):
+        cfg = dict(fwd_block_m=fwd_m, block_n=bwd_n, block_n_pointer=bwd_n, block_d=bd, block_m=4)
+        with pct.block_config(**cfg):
             got = run(x, y, labels, ref_labels, "triton", m=m, gamma=gamma)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert_close_grads(got[1], want[1], 1e-5)
         assert_close_grads(got[2], want[2], 1e-5)
+
+    @pytest.mark.parametrize("d,want_tma", [(16, True), (8, True), (10, False), (16, False)])
+    def test_backward_tile_loads_tma_or_pointers(self, monkeypatch, d, want_tma):
+        """The backward loads its tiles by TMA descriptors exactly when the path is resident
+        and the rows are 16-byte multiples (bf16 D = 8, 16; not 10; D groups are never
+        TMA: the last case splits D = 16 into groups of 8); both agree with the PyTorch
+        path, and the TMA path streams ``block_n`` rows per step, the other
+        ``block_n_pointer``."""
+        x, y, labels, ref_labels = make_case(9, 13, d, 3, seed=d)
+        seen = []
+        real = pct._bwd_kernel
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.append((kwargs["TMA"], kwargs["BLOCK_I"], args[2] is not None))
+                    return real[grid](*args, **kwargs)
+
+                return launch
+
+        monkeypatch.setattr(pct, "_bwd_kernel", Spy())
+        cfg = dict(SMALL, d_group=16 if want_tma or d != 16 else 8)
+        want = run(x, y, labels, ref_labels, "torch", operand_dtype=torch.bfloat16)
+        with pct.block_config(**cfg):
+            got = run(x, y, labels, ref_labels, "triton", operand_dtype=torch.bfloat16)
+        block = SMALL["block_n"] if want_tma else SMALL["block_n_pointer"]
+        assert seen == [(want_tma, block, want_tma)] * 2  # row side, column side
+        rtol, gtol = TOL[torch.bfloat16]
+        torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=1e-5)
+        assert_close_grads(got[1], want[1], gtol)
+        assert_close_grads(got[2], want[2], gtol)
 
     def test_matches_float64_reference(self):
         x, y, labels, ref_labels = make_case(10, 17, 6, 3, seed=4)
@@ -369,6 +403,11 @@ def test_kernels_compile_for_sm90(dtype, d, mode):
     ptr.update(POS="*u8", NEG="*u8")
     for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptr[name] = "*fp32"
+    if bwd["TMA"]:  # bf16 at D = 512: host-made descriptors of the held / streamed tiles
+        ptr["AD"] = f"tensordesc<{dtype}[{bwd['BLOCK_O']}, {bwd['D_GROUP']}]>"
+        ptr["BD"] = f"tensordesc<{dtype}[{bwd['BLOCK_I']}, {bwd['D_GROUP']}]>"
+    else:  # the launcher passes None
+        consts.update(AD=None, BD=None)
     launches = [
         (pct._fwd_kernel, fwd),
         (pct._bwd_kernel, dict(bwd, COLUMN_SIDE=False)),
