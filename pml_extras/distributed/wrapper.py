@@ -5,7 +5,7 @@ gradient, puts the local ones first, computes the loss on the gathered batch and
 ``world_size * loss``, so that the local embeddings' gradient survives DDP's averaging.
 The factor also multiplies the gradient of the loss's own parameters (proxies W, centers),
 which are not averaged by anything: with N ranks each replica receives N times the
-single-process gradient (``tests/distributed/test_distributed.py`` measures it). The
+single-process gradient (``tests/distributed/test_wrapper_gradients.py`` measures it). The
 wrappers here avoid that while keeping PML's calling convention.
 """
 

@@ -24,7 +24,7 @@ from pml_extras.losses import StandaloneCenterLoss
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _dist_sync_worker as sw  # noqa: E402
 import _dist_worker as worker  # noqa: E402
-from test_distributed import close, objective_reference, spawn  # noqa: E402
+from _dist_harness import close, objective_reference, spawn  # noqa: E402
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "_dist_sync_worker.py"
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_distributed import spawn  # noqa: E402
+from _dist_harness import spawn  # noqa: E402
 
 WORKER = Path(__file__).resolve().parents[1] / "helpers" / "_dist_wrapper_worker.py"
 WORLD = 2

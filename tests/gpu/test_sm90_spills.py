@@ -4,7 +4,7 @@ CPU (Triton -> PTX, then ptxas -v; no GPU needed), at the production specialisat
 than its recorded budget: 0 everywhere except the forward's two known spills below.
 
 Run ``python -m pytest -s tests/gpu/test_sm90_spills.py`` to see the report (one line per
-variant); docs/kernels/cost_model.md quotes it, and pml_extras/ops/cost_model.py's
+variant); docs/kernels/cost_model.md quotes it, and pml_extras/ops/cost_model/ptxas_figures.py's
 PTXAS_SM90 holds the figures the model's occupancy uses."""
 
 from __future__ import annotations

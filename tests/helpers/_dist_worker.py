@@ -1,4 +1,5 @@
-"""One rank of the multi-process tests in ``test_distributed.py`` (gloo, CPU, loopback).
+"""One rank of the multi-process tests in tests/distributed (gloo, CPU, loopback):
+``test_sharded_losses.py``, ``test_distributed_clip.py``, ``test_wrapper_gradients.py``.
 
 Run as ``python tests/helpers/_dist_worker.py SUITE WORLD RANK PORT OUTDIR``. Every scenario of the
 suite runs in this one process group and stores plain tensors in a dict; the dict is
@@ -263,13 +264,17 @@ def suite_errors(rank, world, sizes, num_classes, dim):
 
 
 # --------------------------------------------------------------------------- wrappers
-def wrapped_step(loss, wrapper, xs, ys, sizes, rank, steps=1, miner=None, lr=0.0):
+def record_steps(loss, call, xs, ys, steps=1, miner=None, lr=0.0):
+    """Per step: ``call(x, y, indices)`` on ``xs[step]``, ``ys[step]`` (indices from ``miner``),
+    backward, then record the loss, the grads of x and of ``loss``'s parameters, and the
+    state after an SGD step of size ``lr`` on those parameters. The worker's wrapped runs
+    and the tests' single-process references both take their steps here."""
     out = {"loss": [], "x_grad": [], "p_grad": [], "state": []}
     for step in range(steps):
-        x = xs[step][rows(sizes, rank)].clone().requires_grad_(True)
-        y = ys[step][rows(sizes, rank)]
+        x = xs[step].clone().requires_grad_(True)
+        y = ys[step]
         indices = miner(x, y) if miner is not None else None
-        value = wrapper(x, y, indices)
+        value = call(x, y, indices)
         value.backward()
         out["loss"].append(value.detach())
         out["x_grad"].append(x.grad.clone())
@@ -280,6 +285,13 @@ def wrapped_step(loss, wrapper, xs, ys, sizes, rank, steps=1, miner=None, lr=0.0
                 p.grad = None
         out["state"].append({k: v.clone() for k, v in loss.state_dict().items()})
     return out
+
+
+def wrapped_step(loss, wrapper, xs, ys, sizes, rank, steps=1, miner=None, lr=0.0):
+    """``record_steps`` of ``wrapper`` on this rank's rows of each step's batch."""
+    mine = rows(sizes, rank)
+    xs, ys = [x[mine] for x in xs[:steps]], [y[mine] for y in ys[:steps]]
+    return record_steps(loss, wrapper, xs, ys, steps, miner, lr)
 
 
 def suite_wrappers(rank, world, sizes, num_classes, dim):

@@ -1,4 +1,4 @@
-"""The cost model (pml_extras/ops/cost_model.py): its arithmetic against a hand count, its
+"""The cost model (the package pml_extras/ops/cost_model/): its arithmetic against a hand count, its
 properties, the table in docs/kernels/cost_model.md, and the benchmark hook that prints
 its predictions (benchmarks/speed_bench/predicted.py). Everything here is CPU arithmetic;
 the model's times are predictions, never measured here."""

@@ -1,0 +1,280 @@
+"""The class logsumexp kernels (``class_lse_triton``) and the cuBLAS hybrid, as launches
+for the roofline, and the class matmul floor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import List, Optional, Tuple
+
+from .ptxas_figures import ptxas
+from .roofline import (
+    ALU_PER_LOGIT_CLASS_BWD,
+    ALU_PER_LOGIT_CLASS_FWD,
+    DTYPE_BYTES,
+    H100_SXM,
+    Hardware,
+    KernelCost,
+    mma_smem_bytes,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassDesign:
+    """Tile sizes and loading scheme of the class logsumexp kernels (see class_lse_triton).
+
+    ``fwd_resident`` False: the forward's logits K-loop reloads the x block (BLOCK_D
+    columns at a time) for every class tile and u's dot reads the W tile a second time.
+    True: the x block is loaded once per program and each W tile once for both dots.
+    ``bwd_resident`` False: the backward's logits K-loop reloads its W tile for every row
+    block and the x block is loaded twice (logits, x^T G). True: the W tile is loaded
+    once per program and each x block once for both dots."""
+
+    name: str = "v1"
+    block_m: int = 64
+    block_c: int = 32
+    bwd_block_m: int = 64
+    bwd_block_c: int = 32
+    num_warps: int = 8
+    fwd_resident: bool = False
+    bwd_resident: bool = False
+    overlap: float = 0.0
+    # 1/||w|| applied to the softmax weights instead of the W tile, so the tile goes from
+    # global memory straight to shared memory, staged once (no register copy).
+    p_side_scale: bool = False
+    # 1/||w|| computed from the W tile the forward holds (no separate pass over W).
+    fused_norms: bool = False
+
+
+# Today's kernels at d00838b (main).
+V1 = ClassDesign()
+# This branch: the backward keeps its W tile and loads each 32-row x block once.
+V2 = ClassDesign(name="v2", bwd_block_m=32, bwd_resident=True)
+# Both sides resident (spills in Triton 3.9 at D = 512: 816 bytes stored + loaded in the
+# forward, see
+# PTXAS_SM90): what the model says the loading scheme alone would buy.
+V2_FULL = ClassDesign(name="v2-full", bwd_block_m=32, fwd_resident=True, bwd_resident=True)
+# Not built: what the model says a fused design needs for the 1.5x target. 128-class
+# forward tiles (its W tile, 128 KB, single-buffered in shared memory next to the 64 KB
+# x block), 64 x 64 backward steps, 1/||w|| on the P side, and half the softmax hidden
+# under the matmuls (warp specialisation / ping-pong, beyond what Triton 3.9 schedules).
+V3 = ClassDesign(
+    name="v3 (hypothetical)",
+    block_c=128,
+    bwd_block_c=64,
+    fwd_resident=True,
+    bwd_resident=True,
+    overlap=0.5,
+    p_side_scale=True,
+    fused_norms=True,
+)
+# The design the kernels in class_lse_triton implement now (tests/ops/test_cost_model.py
+# checks its tiles against class_lse_triton.BlockConfig).
+CURRENT_CLASS = V2
+
+
+def wave_splits(per_split: int, n_tiles: int, slots: int, most: int) -> Tuple[int, int]:
+    """(splits, tiles per split) filling whole waves, as ``_triton_common.wave_splits``:
+    the fewest splits whose waves are >= 95 % full, else the fullest."""
+    per_split, slots = max(1, per_split), max(1, slots)
+    best = (-1.0, 1, max(1, n_tiles))
+    for want in range(1, max(1, min(most, n_tiles)) + 1):
+        tiles = math.ceil(n_tiles / want)
+        splits = math.ceil(n_tiles / tiles)
+        programs = per_split * splits
+        fill = programs / (math.ceil(programs / slots) * slots)
+        if fill >= 0.95:
+            return splits, tiles
+        if fill > best[0]:
+            best = (fill, splits, tiles)
+    return best[1], best[2]
+
+
+def _splits(batch: int, classes: int, bm: int, bc: int, w_bytes: int, hw: Hardware) -> int:
+    """Class splits of the forward, as ``class_lse_triton._n_splits`` (one program per
+    SM, up to 4 waves, u's partials no larger than W)."""
+    rb, tiles = math.ceil(batch / bm), math.ceil(classes / bc)
+    most = 4 * math.ceil(hw.sms / rb)
+    most = min(most, max(1, (classes * w_bytes) // (batch * 4)))
+    return wave_splits(rb, tiles, hw.sms, most)[0]
+
+
+def class_kernels(
+    batch: int,
+    classes: int,
+    dim: int,
+    op: str = "bf16",
+    w_dtype: Optional[str] = None,
+    design: ClassDesign = V1,
+    hw: Hardware = H100_SXM,
+) -> List[KernelCost]:
+    """The launches of one training step (forward with u, backward for W) of
+    :func:`pml_extras.ops.class_lse.class_logsumexp` on the Triton path."""
+    w_dtype = w_dtype or op
+    e, ew = DTYPE_BYTES[op], DTYPE_BYTES[w_dtype]
+    bm, bc, nw = design.block_m, design.block_c, design.num_warps
+    rb = math.ceil(batch / bm)
+    tiles = math.ceil(classes / bc)
+    pairs = rb * tiles  # (row block, class tile) steps of the forward
+    # Work on padded tiles: masked rows and columns still go through the tensor cores
+    # and the CUDA cores (bytes are not padded: masked lanes load nothing).
+    logits = rb * bm * tiles * bc
+    x_bytes, w_bytes = batch * dim * e, classes * dim * ew
+    splits = _splits(batch, classes, bm, bc, ew, hw)
+    # Forward ---------------------------------------------------------------------------
+    if design.fwd_resident:
+        fwd_l2 = rb * splits * bm * dim * e + pairs * bc * (dim * ew + 4)
+        w_staged = 1 if design.p_side_scale else 2
+        staged = rb * splits * bm * dim * e + pairs * w_staged * bc * dim * ew
+    else:
+        fwd_l2 = pairs * (bm * dim * e + 2 * bc * dim * ew + 4 * bc)
+        staged = pairs * (bm * dim * e + 2 * bc * dim * ew)
+    partials = splits * batch * (dim + 2) * 4  # u and (max, sum) partials, float32
+    fwd_mma = mma_smem_bytes(bm, bc, dim, e, nw) + mma_smem_bytes(bm, dim, bc, e, nw, True)
+    regs, _, smem = ptxas("class_fwd", design.name, op, w_dtype)
+    fwd = KernelCost(
+        name="class forward (logsumexp + u)",
+        programs=rb * splits,
+        num_warps=nw,
+        regs_per_thread=regs,
+        smem_per_program=smem,
+        flops=2 * 2.0 * logits * dim,
+        dot_dtype=op,
+        hbm=w_bytes + x_bytes + classes * 4 + partials,
+        l2=fwd_l2 + partials,
+        smem=staged + pairs * fwd_mma,
+        alu=logits * ALU_PER_LOGIT_CLASS_FWD,
+        sfu=logits,
+        overlap=design.overlap,
+    )
+    # Backward (grad W; grad x = grad_lse * u needs no kernel) ---------------------------
+    bbm, bbc = design.bwd_block_m, design.bwd_block_c
+    brb, btiles = math.ceil(batch / bbm), math.ceil(classes / bbc)
+    steps = brb * btiles
+    if design.bwd_resident:
+        bwd_l2 = btiles * bbc * dim * ew + steps * bbm * dim * e
+        staged = btiles * bbc * dim * ew + steps * bbm * dim * e
+    else:
+        bwd_l2 = btiles * bbc * dim * ew + steps * (2 * bbm * dim * e + bbc * dim * ew)
+        staged = btiles * bbc * dim * ew + steps * (2 * bbm * dim * e + bbc * dim * ew)
+    bwd_l2 += classes * dim * ew  # grad W written once
+    bwd_mma = mma_smem_bytes(bbm, bbc, dim, e, nw) + mma_smem_bytes(dim, bbc, bbm, e, nw)
+    # The logits dot of a tile under 64 rows runs as mma.sync (x^T G has D rows: wgmma).
+    logits = brb * bbm * btiles * bbc
+    bwd_sync = 2.0 * logits * dim if bbm < 64 else 0.0
+    g_tile = bbm * bbc * e  # G stored to shared memory as the B operand of x^T G
+    regs, _, smem = ptxas("class_bwd", design.name, op, w_dtype)
+    bwd = KernelCost(
+        name="class backward (grad W)",
+        programs=btiles,
+        num_warps=nw,
+        regs_per_thread=regs,
+        smem_per_program=smem,
+        flops=2 * 2.0 * logits * dim - bwd_sync,
+        flops_mma_sync=bwd_sync,
+        dot_dtype=op,
+        hbm=2 * w_bytes + x_bytes,
+        l2=bwd_l2,
+        smem=staged + steps * (bwd_mma + g_tile),
+        alu=logits * ALU_PER_LOGIT_CLASS_BWD,
+        sfu=logits,
+        overlap=design.overlap,
+    )
+    # 1/||w|| (a C-sized pass over W, forward and backward share it); the split combine
+    # and the target column's gradient are small PyTorch ops: counted as launches.
+    norms = KernelCost(
+        name="inverse norms of W",
+        programs=math.ceil(classes / 256),
+        num_warps=4,
+        regs_per_thread=64,
+        smem_per_program=0,
+        flops=0.0,
+        dot_dtype=op,
+        hbm=w_bytes + classes * 4,
+        l2=w_bytes + classes * 4,
+        smem=0.0,
+        alu=2.0 * math.ceil(classes / 256) * 256 * dim,
+        sfu=0.0,
+        launches=12,  # + ~11 small PyTorch launches (combine, target column, projection)
+    )
+    if design.fused_norms:  # each forward program squares its W tiles (ALU only)
+        fwd = dataclasses.replace(fwd, alu=fwd.alu + 2.0 * rb * classes * dim)
+        small = dataclasses.replace(
+            norms, name="small PyTorch ops", launches=11, hbm=0.0, l2=0.0, alu=0.0
+        )
+        return [small, fwd, bwd]
+    return [norms, fwd, bwd]
+
+
+def class_floor(batch, classes, dim, op="bf16", w_dtype=None, hw=H100_SXM) -> float:
+    """Seconds of the 3 B*C*D matmuls fwd+bwd cannot avoid (x W, G W^T, x^T G), each at
+    max(FLOPs / tensor peak, its operands' DRAM bytes / HBM bandwidth)."""
+    ew = DTYPE_BYTES[w_dtype or op]
+    flops = 2.0 * batch * classes * dim / (hw.tensor_tflops[op] * 1e12)
+    w_io = classes * dim * ew / (hw.hbm_tbps * 1e12)  # W read, or grad W written
+    return 3 * max(flops, w_io)
+
+
+# ------------------------------------------------------------------ the hybrid (model only)
+
+# cuBLAS reaches about this fraction of the tensor peak on these shapes (an assumption,
+# not measured here: K = D = 512 is short for a GEMM).
+CUBLAS_FRACTION = 0.8
+
+
+def hybrid_class_kernels(
+    batch: int,
+    classes: int,
+    dim: int,
+    op: str = "bf16",
+    w_dtype: Optional[str] = None,
+    chunk: int = 8192,
+    hw: Hardware = H100_SXM,
+    as_built: bool = False,
+) -> List[KernelCost]:
+    """The alternative the issue names: per chunk of ``chunk`` classes, cuBLAS matmuls
+    (float32 logits S = x W_c, in L2 when B * chunk * 4 bytes fits: 32 MB at B = 1024)
+    and one fused Triton epilogue per pass over S. Forward: S, epilogue (max, sum-exp).
+    Backward: S again, epilogue (G, rounded to the operand dtype, and the radial term),
+    grad W_c = x^T G, grad x += G W_c^T. Not built: the model ranks it below a fused
+    design (the logits and G cross L2 as float32 / 16-bit tensors, and each chunk costs
+    six launches).
+
+    ``as_built``: add the PyTorch glue of ``class_lse_hybrid`` as it is (a functional
+    version, not a tuned one): per chunk about 15 launches in the forward and 30 in the
+    backward (W chunk rounding, its norms and W_hat, G's roundings and scalings, the
+    radial projection), about 10 passes over the W chunk and 6 over the float32
+    (B, chunk) G tensor, all through L2 (chunks of W also from HBM)."""
+    w_dtype = w_dtype or op
+    e, ew = DTYPE_BYTES[op], DTYPE_BYTES[w_dtype]
+    n = math.ceil(classes / chunk)
+    bc = batch * classes
+    mm = 2.0 * bc * dim / CUBLAS_FRACTION
+    w_bytes = classes * dim * ew
+
+    def k(name, flops=0.0, l2=0.0, hbm=0.0, alu=0.0, sfu=0.0):
+        return KernelCost(name, 8 * hw.sms, 4, 128, 0, flops, op, hbm, l2, l2, alu, sfu,
+                          launches=n)  # fmt: skip
+
+    return [
+        k("hybrid: S = x W (fwd)", mm, 4.0 * bc + w_bytes, w_bytes),
+        k("hybrid: epilogue (fwd)", l2=4.0 * bc, alu=ALU_PER_LOGIT_CLASS_FWD * bc, sfu=bc),
+        k("hybrid: S = x W (bwd)", mm, 4.0 * bc + w_bytes, w_bytes),
+        k("hybrid: epilogue (bwd)", l2=(4.0 + e) * bc, alu=ALU_PER_LOGIT_CLASS_BWD * bc, sfu=bc),
+        k("hybrid: grad W = x^T G", mm, e * bc + w_bytes, w_bytes),
+        k("hybrid: grad x += G W^T", mm, e * bc + w_bytes, w_bytes),
+    ] + (
+        [
+            dataclasses.replace(
+                k(
+                    "hybrid: PyTorch glue (as built)",
+                    l2=10.0 * w_bytes + 24.0 * bc,
+                    hbm=10.0 * w_bytes,
+                    alu=12.0 * bc,
+                ),
+                launches=44 * n,
+            )  # fmt: skip
+        ]
+        if as_built
+        else []
+    )
