@@ -156,3 +156,40 @@ def test_bf16_kernels_do_not_spill(name, w, kernel, ptrs, consts, floats, cfg):
         f"{r['registers']} registers"
     )
     assert r["wgmma"] > 0, f"{name}: no wgmma instruction, the matmuls left the tensor cores"
+
+
+def wgmma_waits(ptx: str) -> list:
+    """The pending-group counts N of every ``wgmma.wait_group.sync.aligned N`` in ``ptx``."""
+    return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+
+
+def test_wgmma_waits_are_read_from_ptx():
+    ptx = "wgmma.wait_group.sync.aligned 0;\n  wgmma.wait_group.sync.aligned  1;\nwgmma.fence"
+    assert wgmma_waits(ptx) == [0, 1]
+    assert wgmma_waits("mma.sync.aligned.m16n8k16") == []
+
+
+@pytest.mark.parametrize(
+    "name,w,kernel,ptrs,consts,floats,cfg", list(_pair_variants()) if pct is not None else []
+)
+def test_pair_overlap_in_the_cost_model_is_what_the_ptx_allows(
+    name, w, kernel, ptrs, consts, floats, cfg
+):
+    """Issue 21: the cost model's ``overlap`` for the built pair kernels must be justified
+    by the PTX. Softmax work can only run under a wgmma if some wait leaves groups in
+    flight (``wgmma.wait_group.sync.aligned N`` with N > 0); a kernel whose every wait is
+    ``0`` gets overlap 0 in the model, and overlap > 0 needs such a wait."""
+    nvidia_backend_or_skip()
+    from pml_extras.ops import cost_model as cm
+
+    compiled = compile_for_sm90(
+        kernel, ptrs, consts, floats, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+    waits = wgmma_waits(compiled.asm["ptx"])
+    print(f"\n{name}: wgmma.wait_group pending counts {sorted(set(waits))}")
+    assert waits, f"{name}: no wgmma.wait_group (the dots left the tensor cores?)"
+    overlap = cm.CURRENT_PAIR.overlap
+    if max(waits) == 0:
+        assert overlap == 0.0, f"{name}: only wait_group 0 in the PTX, but overlap {overlap}"
+    else:
+        assert overlap > 0.0, f"{name}: waits {sorted(set(waits))} allow overlap; model says 0"
