@@ -315,6 +315,33 @@ def test_block_config_validation():
             pct._check_config(pct.BlockConfig(block_m=8))
 
 
+@needs_triton
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_self_check_covers_the_tma_and_pointer_paths(monkeypatch, device):
+    """The kernel self-check runs both ways the backward loads its tiles: its edge problem
+    (D = 261: rows of 522 bf16 bytes) by pointers, its training problem (D = 512 on a GPU,
+    64 under the interpreter) by TMA, in bf16 and fp16 (float32 at D = 512 uses D groups:
+    never TMA)."""
+    from pml_extras.ops import _triton_common, kernel_check
+
+    monkeypatch.setattr(_triton_common, "sm_count", lambda device: 132)  # no GPU needed
+    edge_d = kernel_check._pair_inputs(torch.device("cpu"))[0].shape[1]
+    train_d = kernel_check.production_shapes(torch.device(device))["pair"][1]
+    cfg = pct.BlockConfig()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        fp32 = dtype == torch.float32
+        paths = []
+        for d in (edge_d, train_d):
+            x = torch.zeros(8, d, dtype=dtype)  # the check's operands: fresh, contiguous
+            resident = pct._d_layout(d, cfg, fp32)[2] == 1
+            paths.append(pct.tile_constexprs(d, cfg, fp32, pct._use_tma(x, x, resident))[1])
+        assert not paths[0]["TMA"] and paths[0]["BLOCK_I"] == cfg.block_n_pointer
+        want = not (fp32 and device == "cuda")
+        assert paths[1]["TMA"] == want and paths[1]["BLOCK_I"] == (
+            cfg.block_n if want else cfg.block_n_pointer
+        )
+
+
 def test_impl_resolution_and_errors():
     x = F.normalize(torch.randn(4, 3), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
