@@ -92,7 +92,8 @@ class BlockConfig:
       accumulator (128 registers per thread): with TMA loads (bf16/fp16, aligned rows)
       64 x 64 steps fit in 247 (row side) and 255 (column side) registers without
       spills; with pointer loads the per-element addresses and masks do not fit at 64 x 64
-      (628 spill bytes), so those paths stream ``block_n_pointer`` = 32 rows per step.
+      (the column side spills 96 bytes), so those paths stream ``block_n_pointer`` = 32
+      rows per step (216 / 240 registers, no spills; 224 / 224 with D groups, D = 1024).
 
     ``block_m`` / ``block_n`` of the backward are the held (outer) block and the streamed
     (inner) tile, on both sides: batch rows / reference rows on the row side, reference

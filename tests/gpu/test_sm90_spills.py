@@ -124,10 +124,31 @@ def _pair_variants():
         )
 
 
+def _pair_fallback_variants():
+    """The pair backward's other bf16 paths: pointer loads (no TMA: rows that are not
+    16-byte multiples, GPUs before Hopper; 32 rows streamed) and D groups (D = 1024)."""
+    import triton.language as tl
+
+    cfg = pct.BlockConfig()
+    ptrs = {"X": "*bf16", "Y": "*bf16", "LAB": "*i64", "REF": "*i64", "POS": "*u8"}
+    ptrs["NEG"] = "*u8"
+    for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
+        ptrs[name] = "*fp32"
+    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None, AD=None, BD=None)
+    for d, label in ((512, "pointer"), (1024, "dgroups")):
+        _, bwd = pct.tile_constexprs(d, cfg, False, tma=False)
+        for side in ("row", "column"):
+            tiles = dict(bwd, COLUMN_SIDE=side == "column")
+            yield pytest.param(
+                f"pair_bwd_{side}_{label}", "bf16", pct._bwd_kernel, ptrs,
+                dict(consts, **tiles), ("m", "gamma"), cfg, id=f"pair_bwd_{side}_{label}",
+            )  # fmt: skip
+
+
 def _variants():
     if clt is None:
         return []
-    return list(_class_variants()) + list(_pair_variants())
+    return list(_class_variants()) + list(_pair_variants()) + list(_pair_fallback_variants())
 
 
 @pytest.mark.parametrize("name,w,kernel,ptrs,consts,floats,cfg", _variants())
