@@ -31,7 +31,10 @@ Kernels
     a column block, walks row tiles), accumulating sum_i g_i w_ij dz_ij x_i. Each streamed
     tile is loaded once for both of a step's dots (s, then w @ tile) when all of D fits
     one group (bf16/fp16 up to D = 512, fp32 up to 256); otherwise (D groups) s comes
-    from a K-loop that reloads both tiles, as in v1.
+    from a K-loop that reloads both tiles, as in v1. On that resident path the tiles
+    come by TMA from host-made descriptors (:func:`_use_tma`: rows that are 16-byte
+    multiples, compute capability >= 9.0 or the interpreter), 64 x 64 per step; with
+    pointer loads 64 x 32 (``BlockConfig``).
 
 fwd+bwd is therefore 5 matmul-sized passes (1 forward, 2 + 2 backward) against the
 floor of 3, plus elementwise work on register tiles. With ``x is y`` (the usual
