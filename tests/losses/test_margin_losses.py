@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from proxy_cases import facing_away, make_data, placement_patterns, rows_on_proxies  # noqa: E402
 from pytorch_metric_learning import losses as pml_losses  # noqa: E402
 from pytorch_metric_learning import miners as pml_miners  # noqa: E402
 from pytorch_metric_learning import reducers as pml_reducers  # noqa: E402
@@ -58,14 +59,6 @@ def functional_margin(kind, margin):
 
 def functional(kind):
     return arcface_loss if kind == "arcface" else cosface_loss
-
-
-def make_data(B, D, C, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=F64).to(dtype)
-    W = torch.randn(D, C, generator=g, dtype=F64).to(dtype)
-    y = torch.randint(0, C, (B,), generator=g)
-    return x, W, y
 
 
 def make_loss(kind, W, pml=False, margin=None, **kwargs):
@@ -155,10 +148,7 @@ def test_arcface_fallback_past_pi_minus_m(margin):
     """Targets with theta_y > pi - m take c_y - m*sin(m) (PML's monotonic fallback), the
     others cos(theta_y + m); ours, the reference and PML agree on both branches."""
     x, W, y = make_data(8, 5, 6, seed=11)
-    g = torch.Generator().manual_seed(5)
-    w_y = F.normalize(W[:, y].t(), dim=1)
-    x[:4] = -w_y[:4] + 0.05 * torch.randn(4, 5, generator=g, dtype=F64)
-    cos_y = (F.normalize(x, dim=1) * w_y).sum(1)
+    x, cos_y = facing_away(x, W, y, rows=4, noise=0.05)
     assert (cos_y[:4] < math.cos(math.pi - margin)).all()
     assert (cos_y[4:] > math.cos(math.pi - margin)).all()
     ours = arcface_loss(x, W, y, margin, 64.0, impl="torch")
@@ -264,7 +254,7 @@ def test_chunks_against_pml_fp32(chunk, shape, kind):
     # Not much below 0.05: the normalisation's gradient grows like 1/|x| (s/|x| in all),
     # beyond fp16's range for |x| ~ 1e-3 even where the exact gradient is finite.
     magnitude=st.sampled_from([0.05, 1.0, 30.0]),
-    pattern=st.lists(st.sampled_from(["own", "minus_own", "other", "minus_other"]), min_size=6),
+    pattern=placement_patterns,
     seed=st.integers(0, 2**31 - 1),
 )
 def test_finite_at_cos_plus_minus_one(
@@ -279,12 +269,7 @@ def test_finite_at_cos_plus_minus_one(
         W = torch.randn(D, C, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
     other = torch.randint(0, C, (B,), generator=g)
-    rows = []
-    for i in range(B):
-        which = pattern[i % len(pattern)]
-        col = y[i] if which.endswith("own") else other[i]
-        rows.append((-1.0 if which.startswith("minus") else 1.0) * magnitude * W[:, col])
-    x = torch.stack(rows).to(dtype).requires_grad_(True)
+    x = rows_on_proxies(W, y, other, pattern, magnitude).to(dtype).requires_grad_(True)
     loss_fn = make_loss(kind, W.to(torch.float32 if params_fp32 else dtype), scale=64.0)
     losses = per_sample(loss_fn, x, y)
     losses.mean().backward()
