@@ -46,6 +46,7 @@ from distributed_train import shutdown
 
 # Before init_process_group: importing torch._dynamo (pml_extras does) after it keeps a
 # reference to the group, and gloo's threads then outlive destroy_process_group().
+from pml_extras import _env
 from pml_extras.distributed import ShardedSparseCircleLoss
 
 MiB = float(1 << 20)
@@ -66,25 +67,9 @@ def formula(C, D, N, B_g, r=1.0, states=1, k=8.0):
     return dict(train=train, predict=predict, old_predict=old_predict, partial_fc=partial_fc)
 
 
-def _status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-class Peak:
-    """Peak resident memory of the block above the resident memory before it."""
-
-    def __enter__(self):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        self.base = _status("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        self.bytes = _status("VmHWM") - self.base
+# Peak resident memory of a block above the resident memory before it: the one home of
+# peak-memory measurement, shared with the speed benchmark.
+Peak = _env.PeakRSSGrowth
 
 
 def measure(args, rank, world):

@@ -38,6 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from pml_extras import _env
 from pml_extras.distributed import (
     GlobalGradScaler,
     ShardedCurricularFaceLoss,
@@ -101,19 +102,6 @@ def setup(backend: str):
 def make_batch(labels, freq, phase, noise, generator):
     x = torch.sin(labels[:, None].to(freq.dtype) * freq[None, :] + phase[None, :])
     return x + noise * torch.randn(x.shape, generator=generator, device=x.device)
-
-
-def peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def counted_bytes(params, optimizer) -> dict:
@@ -298,9 +286,9 @@ def evaluate(args, rank, world, device, model, loss_fn, freq, phase):
 
 def report_memory(rank, world, device, loss_params, optimizer, step):
     counted = counted_bytes(loss_params, optimizer)
-    cuda_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    cuda_peak = _env.cuda_peak_bytes(device) if device.type == "cuda" else 0
     local = torch.tensor(
-        [counted["total"], peak_rss_mb() * MB, cuda_peak], dtype=torch.float64, device=device
+        [counted["total"], _env.peak_rss_bytes(), cuda_peak], dtype=torch.float64, device=device
     )
     rows = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(rows, local)

@@ -35,14 +35,6 @@ import time
 IMPLS = ("ours", "ours-dense", "ours-sparse", "pml")
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def _pairs(labels, density: float, seed: int):
     import torch
     from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
@@ -63,6 +55,7 @@ def measure(impl: str, batch: int, dim: int, density: float, threads: int) -> st
     import torch
     from pytorch_metric_learning import losses as pml_losses
 
+    from pml_extras import _env
     from pml_extras.losses.circle_loss import CircleLoss
 
     libc = ctypes.CDLL("libc.so.6")
@@ -88,13 +81,11 @@ def measure(impl: str, batch: int, dim: int, density: float, threads: int) -> st
     x.grad = None
     gc.collect()
     libc.malloc_trim(0)
-    before = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - t0
-    extra_mib = (_status_kb("VmHWM") - before) / 1024
+    with _env.PeakRSSGrowth() as peak:  # the one home of peak-memory measurement
+        t0 = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - t0
+    extra_mib = peak.bytes / 2**20
     path = ""
     if impl == "ours":
         from pml_extras.ops.pair_circle import choose_mined_path

@@ -13,7 +13,9 @@ results file and a bug report name things alike.
 * peak memory: on CUDA :func:`cuda_peak_extra_bytes` (``max_memory_allocated`` minus what
   was allocated before); on CPU the process's resident high-water mark,
   :func:`peak_rss_bytes` (``VmHWM``, else ``ru_maxrss``), with :func:`reset_peak_rss`
-  (``clear_refs``) and :func:`proc_status_kb` to measure one call's growth.
+  (``clear_refs``) and :func:`proc_status_kb`; :class:`PeakRSSGrowth` measures one
+  block's growth with them (every CPU memory figure of the benchmarks comes from it), and
+  :func:`cuda_peak_bytes` is ``max_memory_allocated``.
 
 Example:
     >>> sorted(versions())[:3]
@@ -129,10 +131,48 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class PeakRSSGrowth:
+    """Context manager: the growth of the resident high-water mark over a block, above the
+    resident set before it, in bytes (``.bytes``, after the block).
+
+    It resets the high-water mark on entry (:func:`reset_peak_rss`); where the kernel does
+    not allow that, the figure is the process's lifetime peak minus the resident set before
+    (``.reset`` is False and ``.method`` says so). Run a warm-up call first (lazy
+    initialisation is not the measured code's memory) and pin glibc's mmap threshold
+    (``MALLOC_MMAP_THRESHOLD_``) so that freed buffers leave the resident set.
+
+    Example:
+        >>> with PeakRSSGrowth() as peak:
+        ...     block = bytearray(1 << 20)
+        >>> peak.bytes >= 0
+        True
+    """
+
+    bytes: int = 0
+
+    def __enter__(self) -> PeakRSSGrowth:
+        self.reset = reset_peak_rss()
+        self.method = (
+            "VmHWM after clear_refs" if self.reset else "lifetime peak RSS (clear_refs unavailable)"
+        )
+        self.before = proc_status_kb("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.peak = peak_rss_bytes()
+        self.bytes = max(0, self.peak - self.before)
+
+
+def cuda_peak_bytes(device: torch.device) -> int:
+    """``torch.cuda.max_memory_allocated(device)``: the peak since the last
+    ``torch.cuda.reset_peak_memory_stats``."""
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def cuda_peak_extra_bytes(device: torch.device, before: int) -> int:
     """Peak bytes allocated on ``device`` above ``before`` (``memory_allocated`` read
     before the measured call, after ``torch.cuda.reset_peak_memory_stats``)."""
-    return int(torch.cuda.max_memory_allocated(device) - before)
+    return cuda_peak_bytes(device) - int(before)
 
 
 def cpu_count() -> Optional[int]:
@@ -140,7 +180,9 @@ def cpu_count() -> Optional[int]:
 
 
 __all__ = [
+    "PeakRSSGrowth",
     "cpu_model",
+    "cuda_peak_bytes",
     "cuda_peak_extra_bytes",
     "device_description",
     "device_name",

@@ -95,7 +95,11 @@ CORE_FILES = frozenset(
         "test_distributed_recipe.py",
         "test_distributed_sync.py",
         "test_margin_losses.py",
+        "test_margin_losses_in_pml.py",
+        "test_proxy_loss_base.py",
         "test_pair_circle_loss.py",
+        "test_pair_circle_mined.py",
+        "test_pair_gather.py",
         "test_pml_integration.py",
     }
 )

@@ -159,3 +159,17 @@ def make_model(
             info["weights"] = _load_weights(model, weights)
         return model, info
     raise ValueError(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")
+
+
+def model_for(args, image_shape: Sequence[int]) -> Tuple[nn.Module, dict]:
+    """:func:`make_model` with the command line's choices (``--model``,
+    ``--embedding-dim``, and ``--weights`` / ``--pretrained`` where the options have
+    them): the one place the training runs and the untrained baseline build their model,
+    so that both start from the same network."""
+    return make_model(
+        args.model,
+        image_shape,
+        args.embedding_dim,
+        weights=getattr(args, "weights", None),
+        pretrained=getattr(args, "pretrained", False),
+    )

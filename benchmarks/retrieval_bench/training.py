@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .env import seed_everything
 from .evaluation import autocast, classification_accuracy, embed, retrieval_metrics
 from .losses import LOSSES, build_method
-from .models import make_model
+from .models import model_for
 
 __all__ = [
     "choose_m_per_class",
@@ -139,13 +139,7 @@ def train_and_evaluate(
     spec = LOSSES[name]
     seed_everything(seed)  # identical init + batches for every loss, whatever the order
     t0 = time.perf_counter()
-    model, model_info = make_model(
-        args.model,
-        protocol.image_shape,
-        args.embedding_dim,
-        weights=getattr(args, "weights", None),
-        pretrained=getattr(args, "pretrained", False),
-    )
+    model, model_info = model_for(args, protocol.image_shape)
     model = model.to(device)
     freeze_bn = bool(getattr(args, "freeze_bn", False))
     if freeze_bn:

@@ -14,10 +14,14 @@ Structure: setup x provider x mode, one idea per module:
   ``CircleLoss``), PML's ``ArcFaceLoss``, ``CosFaceLoss`` and ``CircleLoss``, the dense
   versions of ``benchmarks/naive.py``, and the ``floor``: the three matmuls x @ W, dC @ W^T,
   x^T @ dC in the operand dtype (pair level: x @ x^T, dS @ x, dS^T @ x).
-* :mod:`.timing`: how. Median wall time over ``--repeats`` calls after warm-up (CUDA events
-  on GPU, ``perf_counter`` and process CPU time on CPU); gradients dropped before each call,
-  so allocating them is part of it. Extra peak memory above what is held before the call:
-  ``max_memory_allocated`` on GPU, the RSS high-water mark of a fresh process per case on CPU.
+* :mod:`.timing`: how. ``--repeats`` rounds, round-robin over the cases; each round is one
+  ``torch.utils.benchmark.Timer.blocked_autorange`` measurement of at least
+  ``--min-run-time`` (CPU; on CPU its clock also reads the process CPU time), or on CUDA
+  ``triton.testing.do_bench`` (``--timer``); the median per call over the pooled rounds is
+  reported, with the IQR and the number of timed calls. Gradients are dropped before each
+  call, so allocating them is part of it. Extra peak memory above what is held before the
+  call: ``max_memory_allocated`` on GPU, the RSS high-water mark of a fresh process per
+  case on CPU.
 * :mod:`.sweep`: runs every case of a setup (round-robin timing) and computes the ratios
   ``time / floor time`` and ``extra memory / (bytes of dW + dx)``.
 * :mod:`.report`: JSON, CSV and Markdown with device, versions and command.

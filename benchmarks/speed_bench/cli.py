@@ -41,7 +41,7 @@ from .targets import (
     parse_limits,
     specialisations_outcome,
 )
-from .timing import ChildRunner
+from .timing import TIMERS, ChildRunner, resolve_timer
 
 
 def _ints(text: str) -> List[int]:
@@ -86,8 +86,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         f"{', '.join(all_provider_names())}. The floor is always measured.",
     )
     p.add_argument("--modes", type=_names, help="fwd,fwd+bwd (default both)")
-    p.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="measurement rounds per case, round-robin over the cases; each round is one "
+        "torch.utils.benchmark / do_bench measurement (median of the pooled calls reported)",
+    )
     p.add_argument("--warmup", type=int, help="untimed calls before timing")
+    p.add_argument(
+        "--timer",
+        default="auto",
+        choices=list(TIMERS),
+        help="'torch': torch.utils.benchmark.Timer.blocked_autorange; 'triton': "
+        "triton.testing.do_bench (CUDA only); 'auto': triton on CUDA, torch on CPU",
+    )
+    p.add_argument(
+        "--min-run-time",
+        dest="min_run_time",
+        type=float,
+        help="seconds of timed calls per measurement (blocked_autorange's min_run_time, "
+        "do_bench's rep); default: the device's grid",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--memory",
@@ -163,11 +182,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _methods(device: torch.device, args) -> Tuple[str, str]:
     """How time and memory were measured, for the report."""
+    rounds = (
+        f"{args.repeats} rounds of >= {args.min_run_time * 1e3:.0f} ms each, round-robin, "
+        f"after {args.warmup} warm-up calls; median per call over the pooled calls"
+    )
+    if args.timer == "triton":
+        timing = f"triton.testing.do_bench (CUDA events, L2 flushed before each call), {rounds}"
+    else:
+        clock = "synchronised perf_counter" if device.type == "cuda" else "perf_counter"
+        timing = f"torch.utils.benchmark.Timer.blocked_autorange ({clock}), {rounds}"
     if device.type == "cuda":
-        timing = f"CUDA-event median of {args.repeats} after {args.warmup} warm-up"
         memory = "torch.cuda.max_memory_allocated minus memory_allocated before the call"
     else:
-        timing = f"perf_counter median of {args.repeats} after {args.warmup} warm-up"
         memory = (
             "peak RSS growth (VmHWM after clear_refs, minus VmRSS before the call) in a "
             "fresh forkserver process per case, after one warm-up call"
@@ -205,6 +231,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.repeats = grid["repeats"]
     if args.warmup is None:
         args.warmup = grid["warmup"]
+    if args.min_run_time is None:
+        args.min_run_time = grid["min_run_time"]
+    try:
+        args.timer = resolve_timer(args.timer, device)
+    except ValueError as exc:
+        raise SystemExit(f"--timer: {exc}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.providers or default_providers(device)

@@ -85,41 +85,32 @@ def _floor_case(setup: Setup, inputs: Inputs, device: torch.device) -> Case:
     return Case(step, [], keep=(x, w, grad_out))
 
 
-def _sparse_circle(impl):
-    def build(setup, inputs, device, opts):
-        from pml_extras.losses import SparseCircleLoss
-
-        fn = SparseCircleLoss(
-            setup.C, setup.D, m=0.25, gamma=256.0, impl=impl, chunk_size=opts.get("chunk_size")
-        )
-        return _loss_case(fn, inputs, setup)
-
-    return build
-
-
-def _curricular(impl):
-    def build(setup, inputs, device, opts):
-        from pml_extras.losses import CurricularFaceLoss
-
-        fn = CurricularFaceLoss(
-            setup.C, setup.D, margin=0.5, scale=64.0, impl=impl, chunk_size=opts.get("chunk_size")
-        )
-        return _loss_case(fn, inputs, setup)
-
-    return build
-
-
-def _margin(name, impl):
-    """Ours: ArcFaceLoss / CosFaceLoss with PML's default margin and scale."""
+def _ours(name, impl, **hyper_parameters):
+    """One of our class-level losses (``pml_extras.losses.<name>``) with the given
+    hyper-parameters (none: the loss's defaults)."""
 
     def build(setup, inputs, device, opts):
         from pml_extras import losses
 
         cls = getattr(losses, name)
-        fn = cls(setup.C, setup.D, impl=impl, chunk_size=opts.get("chunk_size"))
+        fn = cls(setup.C, setup.D, impl=impl, chunk_size=opts.get("chunk_size"), **hyper_parameters)
         return _loss_case(fn, inputs, setup)
 
     return build
+
+
+def _sparse_circle(impl):
+    """The paper's face-recognition settings, stated (not "auto")."""
+    return _ours("SparseCircleLoss", impl, m=0.25, gamma=256.0)
+
+
+def _curricular(impl):
+    return _ours("CurricularFaceLoss", impl, margin=0.5, scale=64.0)
+
+
+def _margin(name, impl):
+    """Ours: ArcFaceLoss / CosFaceLoss with PML's default margin and scale."""
+    return _ours(name, impl)
 
 
 def _pml(name, **kwargs):

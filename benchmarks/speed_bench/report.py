@@ -155,6 +155,9 @@ CSV_FIELDS = [
     "floor_time_ms",
     "time_ratio",
     "time_min_ms",
+    "time_iqr_ms",
+    "time_runs",
+    "time_blocks",
     "cpu_time_ms",
     "floor_cpu_time_ms",
     "cpu_time_ratio",
@@ -200,11 +203,13 @@ def write_results(result: dict, out_dir: str, name: str, note: str) -> Dict[str,
         f"Load average (1/5/15 min) before {meta['loadavg_1_5_15_before']}, after "
         f"{meta['loadavg_1_5_15_after']} on {meta['cpu_count']} CPUs; {meta['elapsed_s']} s.",
         "",
-        "time ms: median wall-clock; cpu ms (CPU runs): median process CPU time, less "
-        "sensitive to other processes on a shared machine; `x floor`: divided by the same "
-        "figure for the bare matmuls of the same shapes and mode, operands in the matmul "
-        "dtype (`autocast_*`: the autocast dtype); extra MiB: peak memory "
-        "above what is held before the call; its "
+        "time ms: median wall-clock per call over the pooled measurements "
+        "(torch.utils.benchmark or triton.testing.do_bench; the JSON and CSV add the IQR "
+        "and the number of timed calls); cpu ms (CPU runs): median process CPU time of "
+        "the same calls, less sensitive to other processes on a shared machine; "
+        "`x floor`: divided by the same figure for the bare matmuls of the same shapes "
+        "and mode, operands in the matmul dtype (`autocast_*`: the autocast dtype); "
+        "extra MiB: peak memory above what is held before the call; its "
         "`x floor`: extra / (bytes of dW + dx); extra-floor: extra minus that floor, i.e. "
         "the memory beyond the gradients the call must produce. `fwd` is the training "
         "forward (autograd recording), `fwd+bwd` includes the backward.",

@@ -32,8 +32,9 @@ DEFAULT_GRIDS = {
         "pair_B": [16384],
         "pair_D": [512],
         "pair_dtype": None,  # None: the class-level dtypes
-        "repeats": 20,
+        "repeats": 10,
         "warmup": 5,
+        "min_run_time": 0.05,
     },
     # A few minutes on 2 idle cores (add --C 10000,100000,300000 for the C sweep).
     "cpu": {
@@ -46,6 +47,7 @@ DEFAULT_GRIDS = {
         "pair_dtype": None,
         "repeats": 5,
         "warmup": 1,
+        "min_run_time": 0.05,
     },
 }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import statistics
 import time
 import traceback
 from typing import Dict, List
@@ -21,7 +20,7 @@ import torch
 from .providers import Case, Inputs, estimate_bytes, providers_for
 from .report import case_key, short_line
 from .setups import FLOOR, MB, Setup
-from .timing import available_bytes, cuda_extra_memory, is_oom, sync, time_call
+from .timing import available_bytes, cuda_extra_memory, is_oom, summarise, sync, time_case
 
 
 def make_row(setup: Setup, provider: str, mode: str, **fields) -> dict:
@@ -38,6 +37,9 @@ def make_row(setup: Setup, provider: str, mode: str, **fields) -> dict:
         "time_ms": None,
         "time_samples_ms": [],
         "time_min_ms": None,
+        "time_iqr_ms": None,
+        "time_runs": None,
+        "time_blocks": None,
         "cpu_time_ms": None,
         "cpu_time_samples_ms": [],
         "floor_time_ms": None,
@@ -127,25 +129,25 @@ def run_setup(setup, names, modes, device, args, runner, log, counter=None) -> L
             cases.pop(name, None)
             log(f"  {name:<22} {new[0]['status']}: {new[0]['reason']}")
     sync(device)
+    # One measurement (many timed calls) per case per round; the rounds are pooled.
+    measured: Dict[int, list] = {id(row): [] for row in rows}
     for _ in range(args.repeats):
         for row in rows:
             case = cases.get(row["provider"])
             if row["status"] != "ok" or case is None:
                 continue
             try:
-                wall, cpu = time_call(case, row["mode"], device)
-                row["time_samples_ms"].append(wall)
-                if cpu is not None:
-                    row["cpu_time_samples_ms"].append(cpu)
+                measured[id(row)].append(
+                    time_case(
+                        case, row["mode"], device, args.timer, args.min_run_time, row["provider"]
+                    )
+                )
             except Exception as exc:  # noqa: BLE001
                 case.reset()
                 _fail(row, exc, log)
     for row in rows:
-        if row["status"] == "ok" and row["time_samples_ms"]:
-            row["time_ms"] = statistics.median(row["time_samples_ms"])
-            row["time_min_ms"] = min(row["time_samples_ms"])
-        if row["status"] == "ok" and row["cpu_time_samples_ms"]:
-            row["cpu_time_ms"] = statistics.median(row["cpu_time_samples_ms"])
+        if row["status"] == "ok" and measured[id(row)]:
+            row.update(summarise(measured[id(row)]))
     # Memory, one case at a time.
     for row in rows:
         name, mode = row["provider"], row["mode"]

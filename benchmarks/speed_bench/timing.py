@@ -1,8 +1,24 @@
 """How time and memory are measured.
 
-Time: :func:`time_call` times one ``case.step(mode)``: CUDA events on GPU; on CPU wall time
-(``perf_counter``) and process CPU time, the latter less sensitive to other processes on a
-shared machine. The gradients are dropped afterwards, outside the timed region.
+Time: :func:`time_case` takes one measurement of ``case.step(mode)`` per round; the sweep
+runs ``--repeats`` rounds, round-robin over the cases, and pools them
+(:func:`summarise`). Two timers, chosen by ``--timer``:
+
+* ``torch`` (CPU, and CUDA where asked): ``torch.utils.benchmark.Timer.blocked_autorange``
+  with ``min_run_time = --min-run-time``. It picks the block size (calls per timed block)
+  so that the timer's overhead is negligible, synchronises CUDA itself, and returns a
+  ``Measurement`` (per-call median, IQR, blocks x calls per block). On CPU its clock also
+  records the process CPU time at each block's start and end, so the CPU time comes from
+  the same blocks as the wall time; it is less sensitive to other processes on a shared
+  machine.
+* ``triton`` (the CUDA default when triton imports): ``triton.testing.do_bench`` with
+  ``rep = --min-run-time``: CUDA events around each call, the L2 cache flushed and the
+  gradients set to None before each call, outside the timed region. Its per-call times
+  are wrapped in the same ``Measurement``, so both timers report alike.
+
+Each call drops the gradients of the previous one first (``Case.step``), so allocating them
+is part of the time. Every row of a run uses the same timer, the floor included, so the
+ratios compare like with like.
 
 Peak memory, as *extra* bytes above what is held before the call (the inputs, W and the
 loss module): on GPU ``torch.cuda.max_memory_allocated()`` minus
@@ -21,7 +37,8 @@ import gc
 import multiprocessing
 import time
 import traceback
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import torch
 
@@ -29,6 +46,13 @@ from pml_extras import _env
 
 from .providers import Case, Inputs, providers_for
 from .setups import Setup
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import Measurement
+
+# torch.utils.benchmark is imported where a measurement is taken: it pulls in
+# torch.utils.cpp_extension and setuptools (tenths of a second), which `speed.py --help`,
+# the checks and the device-wheel audit (tests/gpu/test_gpu_checks_script.py) do not need.
 
 
 def available_bytes(device: torch.device) -> int:
@@ -65,27 +89,158 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(case: Case, mode: str, device: torch.device) -> Tuple[float, Optional[float]]:
-    """(wall ms, process CPU ms or None on GPU) of one ``case.step(mode)``.
+TIMERS = ("auto", "torch", "triton")
 
-    The gradients are dropped afterwards, outside the timed region.
-    """
+
+def resolve_timer(name: str, device: torch.device) -> str:
+    """``auto``: ``triton`` (``do_bench``) on CUDA when triton imports, else ``torch``."""
+    if name not in TIMERS:
+        raise ValueError(f"unknown timer {name!r}; expected one of {TIMERS}")
+    if name == "triton" and device.type != "cuda":
+        raise ValueError(f"timer 'triton' (triton.testing.do_bench) needs CUDA, got {device}")
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        case.step(mode)
-        end.record()
-        torch.cuda.synchronize(device)
-        elapsed, cpu = start.elapsed_time(end), None
-    else:
-        c0, t0 = time.process_time(), time.perf_counter()
-        case.step(mode)
-        elapsed = (time.perf_counter() - t0) * 1e3
-        cpu = (time.process_time() - c0) * 1e3
+        try:
+            import inspect
+
+            from triton.testing import do_bench
+
+            # return_mode="all" (per-call times) is needed; an old triton without it
+            # falls back to torch.utils.benchmark.
+            if '"all"' in inspect.getsource(do_bench):
+                return "triton"
+        except (ImportError, OSError, TypeError):
+            pass
+    return "torch"
+
+
+@dataclass
+class TimeMeasurement:
+    """One round's measurement of one case: per-call wall seconds as a
+    ``torch.utils.benchmark`` ``Measurement``, and on CPU the process CPU seconds of the
+    same blocks (None on CUDA)."""
+
+    wall: Measurement
+    cpu: Optional[Measurement]
+
+
+class _Clocks:
+    """The Timer's clock: ``perf_counter`` for the wall time, and the process CPU time read
+    at the same instants. ``timeit`` reads its clock exactly twice per block (before and
+    after), so consecutive pairs of marks are the blocks' CPU times."""
+
+    def __init__(self):
+        self.cpu_marks: List[float] = []
+
+    def __call__(self) -> float:
+        self.cpu_marks.append(time.process_time())
+        return time.perf_counter()
+
+
+def _task_label(mode: str, name: str) -> dict:
+    # Labels as torch.utils.benchmark.Compare groups them: provider (row) x mode (column).
+    return {"label": "speed_bench", "sub_label": name, "description": mode}
+
+
+def torch_timer_measurement(
+    case: Case, mode: str, device: torch.device, min_run_time: float, name: str = ""
+) -> TimeMeasurement:
+    """``torch.utils.benchmark.Timer.blocked_autorange`` of ``case.step(mode)``."""
+    from torch.utils import benchmark
+
+    kwargs = dict(
+        stmt="case.step(mode)",
+        globals={"case": case, "mode": mode},
+        num_threads=torch.get_num_threads(),
+        **_task_label(mode, name),
+    )
+    clocks = None
+    if device.type != "cuda":
+        clocks = _Clocks()
+        kwargs["timer"] = clocks  # default timer on CUDA: it synchronises the device
+    timer = benchmark.Timer(**kwargs)
+    if clocks is not None:
+        clocks.cpu_marks.clear()
+    wall = timer.blocked_autorange(min_run_time=min_run_time)
+    cpu = None
+    if clocks is not None:
+        # The last len(raw_times) pairs of marks are the measured blocks (the block-size
+        # estimate before them is a warm-up).
+        marks = clocks.cpu_marks[-2 * len(wall.raw_times) :]
+        if len(marks) != 2 * len(wall.raw_times):
+            raise RuntimeError(
+                f"timer read its clock {len(clocks.cpu_marks)} times, fewer than twice per "
+                f"block ({len(wall.raw_times)} blocks)"
+            )
+        cpu_raw = [b - a for a, b in zip(marks[::2], marks[1::2])]
+        cpu = benchmark.Measurement(wall.number_per_run, cpu_raw, wall.task_spec)
     case.reset()
-    return elapsed, cpu
+    return TimeMeasurement(wall, cpu)
+
+
+def triton_do_bench_measurement(
+    case: Case, mode: str, min_run_time: float, name: str = "", do_bench: Optional[Callable] = None
+) -> TimeMeasurement:
+    """``triton.testing.do_bench(return_mode="all")`` of ``case.step(mode)`` (CUDA), its
+    per-call milliseconds wrapped in a ``Measurement`` of one call per block.
+
+    ``do_bench`` defaults to triton's; the tests pass a stand-in with its contract."""
+    from torch.utils.benchmark import Measurement
+    from torch.utils.benchmark.utils.common import TaskSpec
+
+    if do_bench is None:
+        from triton.testing import do_bench
+    ms = do_bench(
+        lambda: case.step(mode),
+        warmup=max(1, round(min_run_time * 250)),
+        rep=max(1, round(min_run_time * 1000)),
+        grad_to_none=case.leaves,
+        return_mode="all",
+    )
+    if not ms:
+        raise RuntimeError("triton.testing.do_bench returned no times")
+    spec = TaskSpec(
+        stmt="case.step(mode)",
+        setup="pass",
+        num_threads=torch.get_num_threads(),
+        **_task_label(mode, name),
+    )
+    case.reset()
+    return TimeMeasurement(Measurement(1, [t / 1e3 for t in ms], spec), None)
+
+
+def time_case(
+    case: Case, mode: str, device: torch.device, timer: str, min_run_time: float, name: str = ""
+) -> TimeMeasurement:
+    """One round's measurement of ``case.step(mode)`` with the resolved ``timer``."""
+    if timer == "triton":
+        return triton_do_bench_measurement(case, mode, min_run_time, name)
+    return torch_timer_measurement(case, mode, device, min_run_time, name)
+
+
+def summarise(rounds: List[TimeMeasurement]) -> dict:
+    """A row's time fields from its rounds: the pooled per-call median and IQR
+    (``Measurement.merge``), the minimum, one median per round, and how many calls and
+    blocks were timed. Milliseconds."""
+    from torch.utils.benchmark import Measurement
+
+    wall = Measurement.merge([r.wall for r in rounds])[0]
+    out = {
+        "time_ms": wall.median * 1e3,
+        "time_iqr_ms": wall.iqr * 1e3,
+        "time_min_ms": min(wall.times) * 1e3,
+        "time_samples_ms": [r.wall.median * 1e3 for r in rounds],
+        "time_runs": sum(r.wall.number_per_run * len(r.wall.raw_times) for r in rounds),
+        "time_blocks": len(wall.raw_times),
+        "cpu_time_ms": None,
+        "cpu_time_samples_ms": [],
+    }
+    if all(r.cpu is not None for r in rounds):
+        cpu = Measurement.merge([r.cpu for r in rounds])[0]
+        out["cpu_time_ms"] = cpu.median * 1e3
+        out["cpu_time_samples_ms"] = [r.cpu.median * 1e3 for r in rounds]
+    return out
 
 
 def cuda_extra_memory(case: Case, mode: str, device: torch.device) -> int:
@@ -100,11 +255,6 @@ def cuda_extra_memory(case: Case, mode: str, device: torch.device) -> int:
     extra = _env.cuda_peak_extra_bytes(device, before)
     case.reset()
     return int(extra)
-
-
-# Peak-memory primitives: one home, pml_extras._env (shared with the retrieval benchmark).
-_proc_status_kb = _env.proc_status_kb
-_reset_hwm = _env.reset_peak_rss
 
 
 def _pin_malloc() -> None:
@@ -134,25 +284,17 @@ def _memory_child(conn, spec: dict) -> None:
         provider = providers_for(setup.level)[spec["provider"]]
         inputs = Inputs(setup, device)
         case = provider.build(setup, inputs, device, spec["opts"])
-        can_reset = _reset_hwm()
+        can_reset = _env.reset_peak_rss()
         if can_reset:
             case.step(spec["mode"])  # warm-up: lazy initialisation is not the loss's memory
         case.reset()
         gc.collect()
         _malloc_trim()
-        before_kb = _proc_status_kb("VmRSS")
-        if can_reset:
-            _reset_hwm()
-        case.step(spec["mode"])
-        if can_reset:
-            peak_kb = _proc_status_kb("VmHWM")
-            method = "VmHWM after clear_refs"
-        else:
-            import resource
-
-            peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            method = "ru_maxrss (no warm-up; clear_refs unavailable)"
-        conn.send({"extra_mem": max(0, peak_kb - before_kb) * 1024, "method": method})
+        with _env.PeakRSSGrowth() as peak:
+            case.step(spec["mode"])
+        extra_kb = peak.bytes // 1024
+        method = peak.method if peak.reset else peak.method + ", no warm-up"
+        conn.send({"extra_mem": extra_kb * 1024, "method": method})
     except BaseException as exc:  # noqa: B036 - everything goes back to the parent
         status = "skipped" if is_oom(exc) else "error"
         reason = f"{type(exc).__name__}: {exc}".strip()[:300]

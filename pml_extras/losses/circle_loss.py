@@ -59,7 +59,8 @@ class CircleLoss(BaseMetricLossFunction):
             elsewhere and for float64), "torch" or "triton".  The kernels multiply the
             normalised embeddings in their own dtype (bf16/fp16 tensor cores) with float32
             accumulation; the PyTorch path multiplies in float32.  Sparse mining always
-            runs in PyTorch.
+            runs in PyTorch.  ``"hybrid"`` exists for the class-level losses only; here
+            it raises ValueError.
         **kwargs: as for any PML loss: ``reducer`` (default ``AvgNonZeroReducer``),
             ``distance`` (must be ``CosineSimilarity``, the default, with ``power=1``),
             ``embedding_regularizer``, ``embedding_reg_weight``, ``collect_stats``.
@@ -93,6 +94,13 @@ class CircleLoss(BaseMetricLossFunction):
         super().__init__(**kwargs)
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl == "hybrid":
+            # dispatch.IMPLS is shared by both families; the pair ops have no hybrid path.
+            raise ValueError(
+                "CircleLoss: impl='hybrid' exists for the class-level losses only "
+                "(SparseCircleLoss, CurricularFaceLoss, ArcFaceLoss, CosFaceLoss); the "
+                "pair-level loss takes 'auto', 'torch' or 'triton', got 'hybrid'"
+            )
         self.impl = impl
         if not isinstance(self.distance, CosineSimilarity):
             raise ValueError(

@@ -32,6 +32,8 @@ Families (:data:`~pml_extras.ops.dispatch.FAMILIES`):
   of the kernels too (:func:`~pml_extras.ops.pair_circle.mined_pairs_circle_loss`,
   ``path="dense"``). Same-label rows straddle the tile edges 31/32, 63/64, 127/128;
   a positive pair at s = +1, a negative at s = +1 and one at s = -1, a zero row.
+  D = 261 (rows of 522 bf16 bytes, not a multiple of 16): the backward's pointer-load
+  path; the training problem's D = 512 (64 under the interpreter) takes its TMA path.
   Outputs: the losses and the embeddings' gradients.
 
 Each family also runs a problem shaped like training's launches

@@ -95,6 +95,8 @@ def resolve_operand_dtype(
 
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "hybrid":  # dispatch owns which families have it: it raises, naming both
+        resolve_impl(impl, x.device, operand_dtype, family="pair_circle")
     if operand_dtype is None:
         operand_dtype = pair_operand_dtype(x, y)
     supported = operand_dtype in precision.TRITON_DTYPES

@@ -1,4 +1,7 @@
-"""Fused Triton kernels for the all-pairs (and dense mined) pair-level Circle loss.
+"""Fused Triton kernels for the all-pairs (and dense mined) pair-level Circle loss: tile
+configuration and host launchers. The kernels live in ``pair_circle_triton_fwd`` (forward)
+and ``pair_circle_triton_bwd`` (backward, both sides), their tile-level pieces in
+``pair_circle_triton_tiles``.
 
 Same contract as ``_BlockwiseCircle`` in ``pair_circle.py`` (that module's docstring
 defines the loss): for rows x_i (B, D) and reference rows y_j (N, D), both already
@@ -14,16 +17,24 @@ lives in registers only, like attention scores in flash attention.
 
 Kernels
 -------
-``_fwd_kernel``   grid (row blocks, column splits). Each program takes BLOCK_M rows and
-    walks the BLOCK_N-column tiles of its split: similarities by ``tl.dot`` over D in
-    BLOCK_D steps (float32 accumulator), masks, logits, and two online logsumexps
-    (positives, negatives). Per-split (max, sum) partials are combined in PyTorch.
+``_fwd_kernel``   grid (row blocks, column splits). Each program holds BLOCK_M rows
+    (loaded once when D fits one tile: "resident") and walks the BLOCK_N-row reference
+    tiles of its split: similarities by ``tl.dot`` over all of D (float32 accumulator),
+    masks, logits, and two online logsumexps (positives, negatives). Per-split (max, sum)
+    partials are combined in PyTorch.
 
-``_bwd_kernel``  row side, grid (row blocks, column splits, D groups): recomputes each
-    tile and accumulates sum_j w_ij dz_ij y_j, w_ij = exp(z_ij - lse_i) within the pair's
-    own set; the per-row factor g_i = dL_i/d(lse_p_i + lse_n_i) multiplies the result
-    afterwards. Column side, grid (column blocks, row splits, D groups): the same tiles
-    seen from the columns, sum_i g_i w_ij dz_ij x_i, accumulated as x^T (g w dz).
+``_bwd_kernel``  row side, grid (row blocks, column splits, D groups): holds a row block,
+    walks the column tiles, recomputes each similarity tile and accumulates
+    sum_j w_ij dz_ij y_j, w_ij = exp(z_ij - lse_i) within the pair's own set; the per-row
+    factor g_i = dL_i/d(lse_p_i + lse_n_i) multiplies the result afterwards. Column side,
+    grid (column blocks, row splits, D groups): the same loop with x and y swapped (holds
+    a column block, walks row tiles), accumulating sum_i g_i w_ij dz_ij x_i. Each streamed
+    tile is loaded once for both of a step's dots (s, then w @ tile) when all of D fits
+    one group (bf16/fp16 up to D = 512, fp32 up to 256); otherwise (D groups) s comes
+    from a K-loop that reloads both tiles, as in v1. On that resident path the tiles
+    come by TMA from host-made descriptors (:func:`_use_tma`: rows that are 16-byte
+    multiples, compute capability >= 9.0 or the interpreter), 64 x 64 per step; with
+    pointer loads 64 x 32 (``BlockConfig``).
 
 fwd+bwd is therefore 5 matmul-sized passes (1 forward, 2 + 2 backward) against the
 floor of 3, plus elementwise work on register tiles. With ``x is y`` (the usual
@@ -47,8 +58,12 @@ from typing import Optional, Tuple
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
+
+try:  # triton >= 3.3: host-side TMA descriptors (also understood by the interpreter)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 from ._triton_common import (
     ConfigSlot,
@@ -59,8 +74,9 @@ from ._triton_common import (
     operand_types,
     sm_count,
 )
+from .pair_circle_triton_bwd import _bwd_kernel
+from .pair_circle_triton_fwd import _fwd_kernel
 
-_NEG_BIG = tl.constexpr(-1.0e30)
 _LABELS, _MASKS = 0, 1  # MODE: where positives / negatives come from
 
 
@@ -68,18 +84,31 @@ _LABELS, _MASKS = 0, 1  # MODE: where positives / negatives come from
 class BlockConfig:
     """Tile sizes; powers of two, and >= 16 on a GPU (``tl.dot``).
 
-    Not timed yet (no GPU so far). Chosen by compiling for sm_90 (D = 512, bf16 and fp32)
-    and reading ptxas's register / spill counts: the backward kernels, which hold a
-    (64, D <= 512) float32 accumulator, use 231-233 registers and no spills at 64 x 32
-    tiles with 8 warps, and spill at 64 x 64 or with 4 warps; the forward, which holds no
-    D-sized accumulator, fits 128 x 64 tiles in 137 registers without spills.
+    Not timed yet (no GPU so far). Chosen by compiling for sm_90a (D = 512, Triton 3.9)
+    and reading ptxas's register / spill counts (tests/gpu/test_sm90_spills.py prints
+    them; pml_extras/ops/cost_model's PTXAS_SM90 holds them):
+
+    * forward, 128 x 32 with the 128 x 512 row block resident (128 KB of shared memory
+      next to two 32 x 512 column buffers): 94 registers, no spills. 64 x 64 fits too
+      (124 registers) but reads the column tiles twice as often; 128 x 64 needs 256 KB.
+    * backward, each side holding a 64-row block and its (64, D <= 512) float32
+      accumulator (128 registers per thread): with TMA loads (bf16/fp16, aligned rows)
+      64 x 64 steps fit in 247 (row side) and 255 (column side) registers without
+      spills; with pointer loads the per-element addresses and masks do not fit at 64 x 64
+      (the column side spills 96 bytes), so those paths stream ``block_n_pointer`` = 32
+      rows per step (216 / 240 registers, no spills; 224 / 224 with D groups, D = 1024).
+
+    ``block_m`` / ``block_n`` of the backward are the held (outer) block and the streamed
+    (inner) tile, on both sides: batch rows / reference rows on the row side, reference
+    rows / batch rows on the column side.
     """
 
-    fwd_block_m: int = 128  # forward tiles
-    fwd_block_n: int = 64
-    block_m: int = 64  # backward tiles
-    block_n: int = 32
-    block_d: int = 64
+    fwd_block_m: int = 128  # forward: batch rows held
+    fwd_block_n: int = 32  # forward: reference rows streamed
+    block_m: int = 64  # backward: rows held (the accumulator's rows)
+    block_n: int = 64  # backward: rows streamed, TMA loads
+    block_n_pointer: int = 32  # backward: rows streamed, pointer loads
+    block_d: int = 64  # K step when D does not fit one group (no resident block)
     d_group: int = 512
     d_group_fp32: int = 256
     n_splits: Optional[int] = None  # None: about two programs per SM
@@ -89,318 +118,6 @@ class BlockConfig:
 
 _configs = ConfigSlot(BlockConfig())
 block_config = _configs.override  # e.g. ``with block_config(block_m=16): ...`` (tests)
-
-
-# --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _similarity(
-    X,
-    Y,
-    rows,
-    row_ok,
-    cols,
-    col_ok,
-    D,
-    stride_x,
-    stride_y,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """(BLOCK_M, BLOCK_N) float32 tile of <x_i, y_j> (unit stride along D)."""
-    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_x
-    y_cols = Y + cols.to(tl.int64)[None, :] * stride_y
-    for d0 in range(0, D, BLOCK_D):
-        dk = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dk < D
-        xk = tl.load(x_rows + dk[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        yk = tl.load(y_cols + dk[:, None], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s = tl.dot(xk.to(DOT_DTYPE), yk.to(DOT_DTYPE), s, input_precision=PRECISION)
-    return s
-
-
-@triton.jit
-def _pair_masks(
-    LAB, REF, POS, NEG, rows, row_ok, cols, col_ok, N, SELF: tl.constexpr, MODE: tl.constexpr
-):
-    """(pos, neg) boolean tiles; both False outside the B x N range."""
-    inside = row_ok[:, None] & col_ok[None, :]
-    if MODE == 0:
-        lab = tl.load(LAB + rows, mask=row_ok, other=0)
-        ref = tl.load(REF + cols, mask=col_ok, other=0)
-        same = lab[:, None] == ref[None, :]
-        pos = same & inside
-        neg = (lab[:, None] != ref[None, :]) & inside
-        if SELF:
-            pos = pos & (rows[:, None] != cols[None, :])
-    else:
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        pos = tl.load(POS + offs, mask=inside, other=0) != 0
-        neg = tl.load(NEG + offs, mask=inside, other=0) != 0
-    return pos, neg
-
-
-@triton.jit
-def _circle_logits(s, pos, m, gamma):
-    """(z, dz/ds) with the [.]_+ weight detached; one form for both sets (see pair_circle)."""
-    u = tl.where(pos, 1.0 - s, s)
-    weight = tl.maximum(u + m, 0.0) * gamma
-    z = weight * (u - m)
-    return z, tl.where(pos, -weight, weight)
-
-
-@triton.jit
-def _set_weights(z, dz, pos, neg, lse_p, lse_n):
-    """exp(z - lse) of each pair within its own set, times dz; 0 for pairs in neither.
-
-    A pair in a set implies the set is non-empty, so its lse is finite and z <= lse."""
-    w = tl.where(pos, tl.exp(z - lse_p[:, None]), tl.exp(z - lse_n[:, None]))
-    return tl.where(pos | neg, w * dz, 0.0)
-
-
-@triton.jit
-def _logit_tile(
-    X,
-    Y,
-    LAB,
-    REF,
-    POS,
-    NEG,
-    rows,
-    row_ok,
-    cols,
-    col_ok,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    m,
-    gamma,
-    SELF: tl.constexpr,
-    MODE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """(z, dz/ds, pos, neg) of one (BLOCK_M, BLOCK_N) tile of pairs."""
-    s = _similarity(
-        X,
-        Y,
-        rows,
-        row_ok,
-        cols,
-        col_ok,
-        D,
-        stride_x,
-        stride_y,
-        DOT_DTYPE,
-        PRECISION,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_D,
-    )
-    pos, neg = _pair_masks(LAB, REF, POS, NEG, rows, row_ok, cols, col_ok, N, SELF, MODE)
-    z, dz = _circle_logits(s, pos, m, gamma)
-    return z, dz, pos, neg
-
-
-@triton.jit
-def _fwd_kernel(
-    X,
-    Y,
-    LAB,
-    REF,
-    POS,
-    NEG,
-    OUT,
-    B,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    m,
-    gamma,
-    tiles_per_split,
-    SELF: tl.constexpr,
-    MODE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    max_p = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
-    max_n = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
-    sum_p = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sum_n = tl.zeros([BLOCK_M], dtype=tl.float32)
-    t_start = pid_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(N, BLOCK_N))
-    for t in range(t_start, t_end):
-        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        z, _, pos, neg = _logit_tile(
-            X,
-            Y,
-            LAB,
-            REF,
-            POS,
-            NEG,
-            rows,
-            row_ok,
-            cols,
-            col_ok,
-            N,
-            D,
-            stride_x,
-            stride_y,
-            m,
-            gamma,
-            SELF,
-            MODE,
-            DOT_DTYPE,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-        )
-        zp = tl.where(pos, z, float("-inf"))
-        zn = tl.where(neg, z, float("-inf"))
-        new_p = tl.maximum(max_p, tl.max(zp, axis=1))
-        new_n = tl.maximum(max_n, tl.max(zn, axis=1))
-        sum_p = sum_p * tl.exp(max_p - new_p) + tl.sum(tl.exp(zp - new_p[:, None]), axis=1)
-        sum_n = sum_n * tl.exp(max_n - new_n) + tl.sum(tl.exp(zn - new_n[:, None]), axis=1)
-        max_p = new_p
-        max_n = new_n
-    # OUT is (4, splits, B): max_p, sum_p, max_n, sum_n.
-    out = pid_s * B + rows
-    plane = n_split * B
-    tl.store(OUT + out, max_p, mask=row_ok)
-    tl.store(OUT + plane + out, sum_p, mask=row_ok)
-    tl.store(OUT + 2 * plane + out, max_n, mask=row_ok)
-    tl.store(OUT + 3 * plane + out, sum_n, mask=row_ok)
-
-
-@triton.jit
-def _bwd_kernel(
-    X,
-    Y,
-    LAB,
-    REF,
-    POS,
-    NEG,
-    LSE_P,
-    LSE_N,
-    G,
-    GRAD,
-    B,
-    N,
-    D,
-    stride_x,
-    stride_y,
-    m,
-    gamma,
-    tiles_per_split,
-    COLUMN_SIDE: tl.constexpr,
-    SELF: tl.constexpr,
-    MODE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    D_GROUP: tl.constexpr,
-):
-    """grad x (row side: a row block, walking column tiles) or grad y (column side: a
-    column block, walking row tiles) of sum_i g_i (lse_p_i + lse_n_i), into float32
-    per-split partials GRAD (splits, B or N, D). The row side leaves out g (a per-row
-    factor, applied afterwards); the column side reads G, scaled into [-1, 1]."""
-    pid_o = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_g = tl.program_id(2)
-    dg = pid_g * D_GROUP + tl.arange(0, D_GROUP)
-    dg_ok = dg < D
-    if COLUMN_SIDE:
-        cols = pid_o * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        acc = tl.zeros([D_GROUP, BLOCK_N], dtype=tl.float32)
-        n_tiles = tl.cdiv(B, BLOCK_M)
-    else:
-        rows = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        acc = tl.zeros([BLOCK_M, D_GROUP], dtype=tl.float32)
-        n_tiles = tl.cdiv(N, BLOCK_N)
-    t_start = pid_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
-    for t in range(t_start, t_end):
-        if COLUMN_SIDE:
-            rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = rows < B
-        else:
-            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < N
-        lse_p = tl.load(LSE_P + rows, mask=row_ok, other=0.0)
-        lse_n = tl.load(LSE_N + rows, mask=row_ok, other=0.0)
-        z, dz, pos, neg = _logit_tile(
-            X,
-            Y,
-            LAB,
-            REF,
-            POS,
-            NEG,
-            rows,
-            row_ok,
-            cols,
-            col_ok,
-            N,
-            D,
-            stride_x,
-            stride_y,
-            m,
-            gamma,
-            SELF,
-            MODE,
-            DOT_DTYPE,
-            PRECISION,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-        )
-        w = _set_weights(z, dz, pos, neg, lse_p, lse_n)
-        if COLUMN_SIDE:
-            g = tl.load(G + rows, mask=row_ok, other=0.0)
-            x_group = tl.load(
-                X + rows.to(tl.int64)[:, None] * stride_x + dg[None, :],
-                mask=row_ok[:, None] & dg_ok[None, :],
-                other=0.0,
-            )
-            w = (w * g[:, None]).to(X.dtype.element_ty).to(DOT_DTYPE)
-            acc = tl.dot(tl.trans(x_group.to(DOT_DTYPE)), w, acc, input_precision=PRECISION)
-        else:
-            y_group = tl.load(
-                Y + cols.to(tl.int64)[:, None] * stride_y + dg[None, :],
-                mask=col_ok[:, None] & dg_ok[None, :],
-                other=0.0,
-            )
-            w = w.to(Y.dtype.element_ty).to(DOT_DTYPE)
-            acc = tl.dot(w, y_group.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    if COLUMN_SIDE:
-        out = (pid_s * N + cols).to(tl.int64)[None, :] * D + dg[:, None]
-        tl.store(GRAD + out, acc, mask=dg_ok[:, None] & col_ok[None, :])
-    else:
-        out = (pid_s * B + rows).to(tl.int64)[:, None] * D + dg[None, :]
-        tl.store(GRAD + out, acc, mask=row_ok[:, None] & dg_ok[None, :])
 
 
 INTERPRETED = is_interpreted(_fwd_kernel)
@@ -448,6 +165,44 @@ def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
     return d_layout(d, cfg.block_d, group, INTERPRETED)
 
 
+def tile_constexprs(d: int, cfg: BlockConfig, fp32: bool, tma: bool = True):
+    """(forward, backward) tile constexprs of the kernels for embedding size ``d``: what the
+    launchers pass, and what tests/gpu/test_sm90_spills.py compiles. Resident (the held
+    block loaded once, s one ``tl.dot`` over all of D) when all of D fits one group; the
+    backward's tiles come by TMA when ``tma`` and the path is resident."""
+    block_d, d_group, n_groups = _d_layout(d, cfg, fp32)
+    resident = n_groups == 1
+    fwd = dict(
+        BLOCK_M=cfg.fwd_block_m,
+        BLOCK_N=cfg.fwd_block_n,
+        BLOCK_D=d_group if resident else block_d,
+        RESIDENT=resident,
+    )
+    tma = tma and resident
+    bwd = dict(
+        BLOCK_O=cfg.block_m, BLOCK_I=cfg.block_n if tma else cfg.block_n_pointer,
+        BLOCK_D=block_d, D_GROUP=d_group, RESIDENT=resident, TMA=tma,
+    )  # fmt: skip
+    return fwd, bwd
+
+
+def _use_tma(xo: Tensor, yo: Tensor, resident: bool) -> bool:
+    """Whether the backward loads its tiles by TMA: the resident path, rows whose bytes are
+    a multiple of 16 on 16-byte aligned storage (TMA's rules), and a GPU that has TMA
+    (compute capability >= 9.0) or the interpreter, which runs the same kernel code."""
+    if not resident or TensorDescriptor is None:
+        return False
+    if xo.device.type == "cuda" and torch.cuda.get_device_capability(xo.device)[0] < 9:
+        return False
+    d = xo.shape[1]
+    return (d * xo.element_size()) % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in (xo, yo))
+
+
+def _descriptor(t: Tensor, rows: int, d_group: int):
+    """TMA descriptor of (rows, d_group) tiles of ``t``; zero fill past its edges."""
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [rows, d_group])
+
+
 def _splits(n_programs: int, n_tiles: int, backward: bool, device, cfg):
     """(splits, tiles per split) of a kernel's inner loop: about two programs per SM; in the
     backward at most 4, each split costing one (rows, D) float32 partial sum."""
@@ -489,7 +244,7 @@ def forward(
         return empty, empty.clone()
     xo, yo = _operands(x, y, operand_dtype)
     lab, ref, pos, neg, self_compare, mode = source.kernel_args()
-    block_d, _, _ = _d_layout(d, cfg, operand_dtype == torch.float32)
+    tiles, _ = tile_constexprs(d, cfg, operand_dtype == torch.float32)
     n_row_blocks = triton.cdiv(batch, cfg.fwd_block_m)
     n_splits, per_split = _splits(
         n_row_blocks, triton.cdiv(num_cols, cfg.fwd_block_n), False, device, cfg
@@ -516,9 +271,7 @@ def forward(
             MODE=mode,
             DOT_DTYPE=dot,
             PRECISION=precision,
-            BLOCK_M=cfg.fwd_block_m,
-            BLOCK_N=cfg.fwd_block_n,
-            BLOCK_D=block_d,
+            **tiles,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -562,7 +315,11 @@ def backward(
         return grad_x, grad_y
     xo, yo = _operands(x, y, operand_dtype)
     lab, ref, pos, neg, self_compare, mode = source.kernel_args()
-    block_d, d_group, n_groups = _d_layout(d, cfg, operand_dtype == torch.float32)
+    fp32 = operand_dtype == torch.float32
+    resident = _d_layout(d, cfg, fp32)[2] == 1
+    _, tiles = tile_constexprs(d, cfg, fp32, _use_tma(xo, yo, resident))
+    n_groups = triton.cdiv(d, tiles["D_GROUP"])
+    tma = tiles["TMA"]
     lse_p = lse_p.to(torch.float32).contiguous()
     lse_n = lse_n.to(torch.float32).contiguous()
     g_row = g_row.to(torch.float32)
@@ -571,29 +328,31 @@ def backward(
         MODE=mode,
         DOT_DTYPE=dot,
         PRECISION=precision,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d,
-        D_GROUP=d_group,
+        **tiles,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    n_row_blocks = triton.cdiv(batch, cfg.block_m)
-    n_col_blocks = triton.cdiv(num_cols, cfg.block_n)
 
     def launch(column_side: bool, row_factor: Tensor) -> Tensor:
         """Sum over splits of one side's float32 partial gradients."""
-        n_outer, n_inner, size = (
-            (n_col_blocks, n_row_blocks, num_cols)
-            if column_side
-            else (n_row_blocks, n_col_blocks, batch)
-        )
+        size, other = (num_cols, batch) if column_side else (batch, num_cols)
+        n_outer, n_inner = triton.cdiv(size, cfg.block_m), triton.cdiv(other, tiles["BLOCK_I"])
         splits, per_split = _splits(n_outer * n_groups, n_inner, True, device, cfg)
         part = torch.empty(splits, size, d, device=device, dtype=torch.float32)
+        held, streamed = (yo, xo) if column_side else (xo, yo)
+        if tma:
+            group = tiles["D_GROUP"]
+            descs = (
+                _descriptor(held, cfg.block_m, group),
+                _descriptor(streamed, tiles["BLOCK_I"], group),
+            )
+        else:
+            descs = (None, None)
         with launch_device(xo):
             _bwd_kernel[(n_outer, splits, n_groups)](
                 xo,
                 yo,
+                *descs,
                 lab,
                 ref,
                 pos,

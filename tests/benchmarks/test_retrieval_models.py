@@ -123,12 +123,17 @@ def test_pretrained_without_torchvision_says_what_to_do(monkeypatch):
 # ------------------------------------------------------------------------------------------
 
 
-def test_embed_batches_match_one_pass():
+def _model_and_source(kind, shape, dim, n):
+    """A seeded ``kind`` model and n random inputs of ``shape`` as an ArraySource."""
     torch.manual_seed(0)
-    model, _ = models.make_model("cnn", (1, 12, 12), 6)
+    model, _ = models.make_model(kind, shape, dim)
+    x = torch.randn(n, *shape)
+    return model, x, ArraySource(x.numpy(), np.zeros(n, dtype=np.int64))
+
+
+def test_embed_batches_match_one_pass():
+    model, x, src = _model_and_source("cnn", (1, 12, 12), 6, 37)
     model.train()
-    x = torch.randn(37, 1, 12, 12)
-    src = ArraySource(x.numpy(), np.zeros(37, dtype=np.int64))
     cpu = torch.device("cpu")
     batched = ev.embed(model, src.eval_batches(5, cpu), cpu)
     assert model.training  # embed restores the mode
@@ -140,11 +145,8 @@ def test_embed_batches_match_one_pass():
 
 
 def test_embed_under_bf16_autocast():
-    torch.manual_seed(0)
-    model, _ = models.make_model("mlp", (1, 8, 8), 16)
+    model, x, src = _model_and_source("mlp", (1, 8, 8), 16, 50)
     model.eval()
-    x = torch.randn(50, 1, 8, 8)
-    src = ArraySource(x.numpy(), np.zeros(50, dtype=np.int64))
     cpu = torch.device("cpu")
     amp = ev.embed(model, src.eval_batches(16, cpu), cpu, amp="bf16")
     ref = ev.embed(model, src.eval_batches(16, cpu), cpu)
@@ -161,25 +163,18 @@ def test_fp16_gradscaler_only_for_fp16():
     assert isinstance(training.make_scaler(cpu, "fp16"), torch.amp.GradScaler)
 
 
+def _train_digits(losses, epochs, amp, out):
+    """The retrieval benchmark on digits' sample split, quietly, with ``--amp amp``."""
+    return retrieval.main(
+        ["--losses", losses, "--epochs", str(epochs), "--amp", amp, "--split", "samples"]
+        + ["--no-progress", "--no-plots", "--out", str(out)]
+    )
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_training_under_autocast_on_cpu(tmp_path, amp):
     out = str(tmp_path / amp)
-    res = retrieval.main(
-        [
-            "--losses",
-            "sparsecircle,triplet,softmax",
-            "--epochs",
-            "2",
-            "--amp",
-            amp,
-            "--split",
-            "samples",
-            "--no-progress",
-            "--no-plots",
-            "--out",
-            out,
-        ]
-    )
+    res = _train_digits("sparsecircle,triplet,softmax", 2, amp, out)
     assert res["config"]["amp"] == amp
     for r in res["losses"]:
         assert r["diverged"] is None and not r.get("error"), r
@@ -192,22 +187,7 @@ def test_amp_changes_the_numbers(tmp_path):
     """The --amp flag reaches the training loop (bf16 and fp32 runs differ)."""
     runs = {}
     for amp in ("none", "bf16"):
-        runs[amp] = retrieval.main(
-            [
-                "--losses",
-                "softmax",
-                "--epochs",
-                "1",
-                "--amp",
-                amp,
-                "--split",
-                "samples",
-                "--no-progress",
-                "--no-plots",
-                "--out",
-                str(tmp_path / amp),
-            ]
-        )["losses"][0]
+        runs[amp] = _train_digits("softmax", 1, amp, tmp_path / amp)["losses"][0]
     assert runs["none"]["epoch_losses"] != runs["bf16"]["epoch_losses"]
     assert math.isclose(
         runs["none"]["epoch_losses"][0], runs["bf16"]["epoch_losses"][0], rel_tol=0.05

@@ -394,3 +394,135 @@ def test_compiled_variants_reads_triton_caches(monkeypatch):
     interpreted.k = types.SimpleNamespace(fn=body, add_pre_run_hook=lambda h: None)
     monkeypatch.setitem(sys.modules, "fake_interpreted", interpreted)
     assert compiled_variants(["fake_interpreted"]) is None  # the interpreter compiles nothing
+
+
+class _KnownCost:
+    """A stand-in case whose call costs a known time: ``sleep`` (wall time, almost no CPU
+    time) or ``spin`` (busy CPU time); it counts its calls and gradient resets."""
+
+    def __init__(self, seconds, kind):
+        self.seconds, self.kind, self.calls, self.resets = seconds, kind, 0, 0
+        self.leaves = [torch.zeros(3, requires_grad=True)]
+
+    def reset(self):
+        self.resets += 1
+        for t in self.leaves:
+            t.grad = None
+
+    def step(self, mode):
+        self.reset()
+        self.calls += 1
+        if self.kind == "sleep":
+            import time
+
+            time.sleep(self.seconds)
+        else:
+            import time
+
+            end = time.process_time() + self.seconds
+            while time.process_time() < end:
+                pass
+
+
+def test_timing_is_torch_utils_benchmark_with_known_costs():
+    """Each round is a torch.utils.benchmark Measurement of many calls (blocked_autorange),
+    not one hand-timed call; the wall clock sees a sleep, the CPU clock does not, and both
+    see a busy spin. A hand loop (one call per round) fails the run counts."""
+    from speed_bench.timing import summarise, time_case
+    from torch.utils.benchmark import Measurement
+
+    device, min_run_time, rounds = torch.device("cpu"), 0.03, 2
+    cases = {"sleep": _KnownCost(0.002, "sleep"), "spin": _KnownCost(0.002, "spin")}
+    measured = {name: [] for name in cases}
+    for _ in range(rounds):  # round-robin, as the sweep does
+        for name, case in cases.items():
+            measured[name].append(time_case(case, "fwd", device, "torch", min_run_time, name))
+    for name, case in cases.items():
+        for m in measured[name]:
+            assert isinstance(m.wall, Measurement) and isinstance(m.cpu, Measurement)
+            assert m.wall.task_spec.sub_label == name and m.wall.task_spec.description == "fwd"
+            timed = m.wall.number_per_run * len(m.wall.raw_times)
+            # blocked_autorange times calls until min_run_time is spent
+            assert sum(m.wall.raw_times) >= min_run_time and timed >= 10
+            assert len(m.cpu.raw_times) == len(m.wall.raw_times)
+        row = summarise(measured[name])
+        assert row["time_runs"] == sum(
+            m.wall.number_per_run * len(m.wall.raw_times) for m in measured[name]
+        )
+        assert case.calls > row["time_runs"] > rounds  # plus the block-size estimate
+        assert len(row["time_samples_ms"]) == len(row["cpu_time_samples_ms"]) == rounds
+        assert row["time_blocks"] >= rounds and row["time_iqr_ms"] >= 0
+        assert (
+            row["time_min_ms"]
+            <= row["time_ms"]
+            <= max(t * 1e3 for m in measured[name] for t in m.wall.times)
+        )
+        # Known costs: 2 ms per call (generous upper bounds for a loaded shared machine).
+        assert 2.0 <= row["time_ms"] < 12.0, row
+        if name == "sleep":
+            assert row["cpu_time_ms"] < 0.5, row
+        else:
+            assert 1.9 <= row["cpu_time_ms"] <= row["time_ms"] + 0.1, row
+        assert case.leaves[0].grad is None  # gradients dropped after the measurement
+
+
+def test_do_bench_timer_contract_and_choice():
+    """triton.testing.do_bench (CUDA only, so a stand-in with its contract here): per-call
+    milliseconds with return_mode="all", gradients reset by do_bench, wrapped in the same
+    Measurement; the timer choice and its errors."""
+    from speed_bench.timing import resolve_timer, summarise, triton_do_bench_measurement
+    from torch.utils.benchmark import Measurement
+
+    case = _KnownCost(0.001, "sleep")
+    seen = {}
+
+    def do_bench(fn, warmup=25, rep=100, grad_to_none=None, quantiles=None, return_mode="mean"):
+        import time
+
+        seen.update(warmup=warmup, rep=rep, grad_to_none=grad_to_none, mode=return_mode)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+
+    rounds = [triton_do_bench_measurement(case, "fwd+bwd", 0.04, "x", do_bench) for _ in "ab"]
+    assert seen == {"warmup": 10, "rep": 40, "grad_to_none": case.leaves, "mode": "all"}
+    for m in rounds:
+        assert isinstance(m.wall, Measurement) and m.cpu is None
+        assert m.wall.number_per_run == 1 and len(m.wall.raw_times) == 5
+        assert all(0.001 <= t < 0.05 for t in m.wall.raw_times)  # seconds, not ms
+    row = summarise(rounds)
+    assert row["time_runs"] == 10 and row["cpu_time_ms"] is None
+    assert 1.0 <= row["time_ms"] < 50.0
+    with pytest.raises(RuntimeError, match="no times"):
+        triton_do_bench_measurement(case, "fwd", 0.01, "x", lambda fn, **kw: [])
+
+    cpu = torch.device("cpu")
+    assert resolve_timer("auto", cpu) == "torch" and resolve_timer("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="needs CUDA, got cpu"):
+        resolve_timer("triton", cpu)
+    with pytest.raises(ValueError, match="'hand'"):
+        resolve_timer("hand", cpu)
+    with pytest.raises(SystemExit, match="--timer"):
+        speed.main(["--device", "cpu", "--timer", "triton", "--B", "4", "--pair-B", ""])
+
+
+def test_rows_carry_the_measurement_statistics(tmp_path):
+    """The JSON rows and the report say how the time was measured: pooled
+    torch.utils.benchmark measurements, each of at least --min-run-time."""
+    args = _tiny_args(tmp_path, "--providers", "sparse_circle_torch", "--modes", "fwd")
+    args[args.index("--pair-B") + 1] = ""
+    result = speed.main(args + ["--memory", "none", "--min-run-time", "0.02"])
+    assert "torch.utils.benchmark.Timer.blocked_autorange" in result["meta"]["timing"]
+    assert "2 rounds of >= 20 ms" in result["meta"]["timing"]
+    for row in result["rows"]:
+        assert row["status"] == "ok", row
+        assert row["time_blocks"] >= 2 and row["time_runs"] >= row["time_blocks"]
+        # each round timed at least min_run_time of calls
+        assert row["time_runs"] * row["time_ms"] >= 0.5 * 2 * 20.0, row
+        assert row["time_iqr_ms"] >= 0 and row["time_min_ms"] <= row["time_ms"]
+    with open(tmp_path / "tiny.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert {"time_iqr_ms", "time_runs", "time_blocks"} <= set(saved[0])

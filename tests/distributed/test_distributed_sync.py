@@ -239,7 +239,7 @@ def test_host_syncs_per_step(sync_run):
     the Tensor methods that wait for the device (item, tolist, __bool__, nonzero, __int__,
     __float__, unique); the code avoids boolean-mask indexing, which syncs unseen."""
     gather = ("tolist", "/distributed/_comm.py:all_gather_ints")
-    keep = ("__int__", "/distributed/sharded.py:_columns_and_targets")
+    keep = ("__int__", "/distributed/sharded_base.py:_columns_and_targets")
     for res in sync_run["results"]:
         got = res["host_syncs"]
         assert got["circle"] == [gather]

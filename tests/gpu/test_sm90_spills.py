@@ -114,29 +114,50 @@ def _pair_variants():
     import triton.language as tl
 
     cfg = pct.BlockConfig()
-    block_d, d_group, _ = pct._d_layout(512, cfg, False)
-    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None)
-    consts.update(BLOCK_D=block_d, D_GROUP=d_group)
+    fwd, bwd = pct.tile_constexprs(512, cfg, False)  # what the launchers pass at D = 512
+    # The backward's tiles come by TMA at D = 512 (bf16 rows of 1024 bytes, H100).
+    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None, TMA=True)
     ptrs = {"X": "*bf16", "Y": "*bf16", "LAB": "*i64", "REF": "*i64", "POS": "*u8"}
     ptrs["NEG"] = "*u8"
+    ptrs["AD"] = f"tensordesc<bf16[{cfg.block_m}, {bwd['D_GROUP']}]>"
+    ptrs["BD"] = f"tensordesc<bf16[{cfg.block_n}, {bwd['D_GROUP']}]>"
     for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptrs[name] = "*fp32"
     for name, kernel, tiles in (
-        ("pair_fwd", pct._fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)),
-        ("pair_bwd_row", pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                               COLUMN_SIDE=False)),
-        ("pair_bwd_column", pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                                  COLUMN_SIDE=True)),
-    ):  # fmt: skip
+        ("pair_fwd", pct._fwd_kernel, fwd),
+        ("pair_bwd_row", pct._bwd_kernel, dict(bwd, COLUMN_SIDE=False)),
+        ("pair_bwd_column", pct._bwd_kernel, dict(bwd, COLUMN_SIDE=True)),
+    ):
         yield pytest.param(
             name, "bf16", kernel, ptrs, dict(consts, **tiles), ("m", "gamma"), cfg, id=name
         )
 
 
+def _pair_fallback_variants():
+    """The pair backward's other bf16 paths: pointer loads (no TMA: rows that are not
+    16-byte multiples, GPUs before Hopper; 32 rows streamed) and D groups (D = 1024)."""
+    import triton.language as tl
+
+    cfg = pct.BlockConfig()
+    ptrs = {"X": "*bf16", "Y": "*bf16", "LAB": "*i64", "REF": "*i64", "POS": "*u8"}
+    ptrs["NEG"] = "*u8"
+    for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
+        ptrs[name] = "*fp32"
+    consts = dict(SELF=True, MODE=0, DOT_DTYPE=tl.bfloat16, PRECISION=None, AD=None, BD=None)
+    for d, label in ((512, "pointer"), (1024, "dgroups")):
+        _, bwd = pct.tile_constexprs(d, cfg, False, tma=False)
+        for side in ("row", "column"):
+            tiles = dict(bwd, COLUMN_SIDE=side == "column")
+            yield pytest.param(
+                f"pair_bwd_{side}_{label}", "bf16", pct._bwd_kernel, ptrs,
+                dict(consts, **tiles), ("m", "gamma"), cfg, id=f"pair_bwd_{side}_{label}",
+            )  # fmt: skip
+
+
 def _variants():
     if clt is None:
         return []
-    return list(_class_variants()) + list(_pair_variants())
+    return list(_class_variants()) + list(_pair_variants()) + list(_pair_fallback_variants())
 
 
 @pytest.mark.parametrize("name,w,kernel,ptrs,consts,floats,cfg", _variants())
@@ -265,3 +286,40 @@ def test_larger_class_tiles_still_spill():
 def _variant_names():
     for param in _class_variants():
         yield param.id, param
+
+
+def wgmma_waits(ptx: str) -> list:
+    """The pending-group counts N of every ``wgmma.wait_group.sync.aligned N`` in ``ptx``."""
+    return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+
+
+def test_wgmma_waits_are_read_from_ptx():
+    ptx = "wgmma.wait_group.sync.aligned 0;\n  wgmma.wait_group.sync.aligned  1;\nwgmma.fence"
+    assert wgmma_waits(ptx) == [0, 1]
+    assert wgmma_waits("mma.sync.aligned.m16n8k16") == []
+
+
+@pytest.mark.parametrize(
+    "name,w,kernel,ptrs,consts,floats,cfg", list(_pair_variants()) if pct is not None else []
+)
+def test_pair_overlap_in_the_cost_model_is_what_the_ptx_allows(
+    name, w, kernel, ptrs, consts, floats, cfg
+):
+    """Issue 21: the cost model's ``overlap`` for the built pair kernels must be justified
+    by the PTX. Softmax work can only run under a wgmma if some wait leaves groups in
+    flight (``wgmma.wait_group.sync.aligned N`` with N > 0); a kernel whose every wait is
+    ``0`` gets overlap 0 in the model, and overlap > 0 needs such a wait."""
+    nvidia_backend_or_skip()
+    from pml_extras.ops import cost_model as cm
+
+    compiled = compile_for_sm90(
+        kernel, ptrs, consts, floats, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+    waits = wgmma_waits(compiled.asm["ptx"])
+    print(f"\n{name}: wgmma.wait_group pending counts {sorted(set(waits))}")
+    assert waits, f"{name}: no wgmma.wait_group (the dots left the tensor cores?)"
+    overlap = cm.CURRENT_PAIR.overlap
+    if max(waits) == 0:
+        assert overlap == 0.0, f"{name}: only wait_group 0 in the PTX, but overlap {overlap}"
+    else:
+        assert overlap > 0.0, f"{name}: waits {sorted(set(waits))} allow overlap; model says 0"

@@ -32,7 +32,8 @@ def compile_for_sm90(
 ):
     """Compile ``kernel`` as a launch on large contiguous tensors would specialise it:
     ``unit_strides`` become the constant 1, pointers and other ints get 16-divisibility
-    hints (except ``no_divisibility``), ``float_args`` are fp32 scalars."""
+    hints (except ``no_divisibility``), ``float_args`` are fp32 scalars. A pointer type
+    such as ``"tensordesc<bf16[64, 512]>"`` is a host-made TMA descriptor of those tiles."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -45,7 +46,8 @@ def compile_for_sm90(
             signature[name] = "constexpr"
         elif name in pointer_types:
             signature[name] = pointer_types[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if not pointer_types[name].startswith("tensordesc"):  # TMA descriptors: no hint
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in float_args:
             signature[name] = "fp32"
         else:

@@ -53,20 +53,21 @@ def distance(p, power, normalize):
     return LpDistance(p=p, power=power, normalize_embeddings=normalize)
 
 
-def make_center(centers, **kwargs):
+def _with_centers(cls, centers, **kwargs):
+    """A ``cls`` (C, D) loss in the centers' dtype, holding a copy of ``centers``."""
     C, D = centers.shape
-    loss_fn = CenterLoss(C, D, **kwargs).to(centers.dtype)
+    loss_fn = cls(C, D, **kwargs).to(centers.dtype)
     with torch.no_grad():
         loss_fn.centers.copy_(centers)
     return loss_fn
+
+
+def make_center(centers, **kwargs):
+    return _with_centers(CenterLoss, centers, **kwargs)
 
 
 def make_standalone(centers, **kwargs):
-    C, D = centers.shape
-    loss_fn = StandaloneCenterLoss(C, D, **kwargs).to(centers.dtype)
-    with torch.no_grad():
-        loss_fn.centers.copy_(centers)
-    return loss_fn
+    return _with_centers(StandaloneCenterLoss, centers, **kwargs)
 
 
 def assert_close(a, b, rtol, atol, what=""):

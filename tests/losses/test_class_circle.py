@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from proxy_cases import fp16_rows_on_own_proxy, make_data, placement_patterns, rows_on_proxies
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import reducers as pml_reducers
 
@@ -32,14 +33,6 @@ PAPER_SETTINGS = [(0.25, 256.0), (0.25, 128.0), (0.4, 80.0)]  # faces, re-ID, fi
 
 margins = st.sampled_from([0.25, 0.4]) | st.floats(0.05, 0.6)
 gammas = st.sampled_from([256.0, 128.0, 80.0]) | st.floats(1.0, 256.0)
-
-
-def make_data(B, D, C, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=F64).to(dtype)
-    W = torch.randn(D, C, generator=g, dtype=F64).to(dtype)
-    y = torch.randint(0, C, (B,), generator=g)
-    return x, W, y
 
 
 def make_loss(W, m, gamma, **kwargs):
@@ -374,7 +367,7 @@ EXTREME_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
     # Not much below 0.05: the normalisation's gradient grows like 1/|x| (gamma/|x| in
     # all), beyond fp16's range for |x| ~ 1e-3 even where the exact gradient is finite.
     magnitude=st.sampled_from([0.05, 1.0, 30.0]),
-    pattern=st.lists(st.sampled_from(["own", "minus_own", "other", "minus_other"]), min_size=6),
+    pattern=placement_patterns,
     seed=st.integers(0, 2**31 - 1),
 )
 def test_finite_at_cos_plus_minus_one(
@@ -385,13 +378,7 @@ def test_finite_at_cos_plus_minus_one(
     W = torch.randn(D, C, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
     other = torch.randint(0, C, (B,), generator=g)
-    rows = []
-    for i in range(B):
-        kind = pattern[i % len(pattern)]
-        col = y[i] if kind.endswith("own") else other[i]
-        sign = -1.0 if kind.startswith("minus") else 1.0
-        rows.append(sign * magnitude * W[:, col])
-    x = torch.stack(rows).to(dtype).requires_grad_(True)
+    x = rows_on_proxies(W, y, other, pattern, magnitude).to(dtype).requires_grad_(True)
     loss_fn = make_loss(W.to(torch.float32 if params_fp32 else dtype), m, gamma)
     losses = per_sample(loss_fn, x, y)
     loss = losses.mean()
@@ -410,11 +397,7 @@ def test_finite_at_cos_plus_minus_one(
 def test_fp16_embedding_on_its_proxy_has_finite_gradients(D, sign):
     """Regression: x = +-0.05 * w_y in fp16 gave NaN gradients while the unit vector was
     computed in fp16 (the gradient w.r.t. it overflowed before the projection)."""
-    g = torch.Generator().manual_seed(D)
-    W = torch.randn(D, 6, generator=g)
-    y = torch.tensor([4, 1])
-    x = (sign * 0.05 * W[:, y].t()).half().requires_grad_(True)
-    W16 = W.half()
+    x, y, W16 = fp16_rows_on_own_proxy(D, sign)
     loss_fn = make_loss(W16, 0.25, 256.0)
     loss_fn.eval()
     loss_fn.compute_loss(x, y, None, x, y)["loss"]["losses"].sum().backward()

@@ -15,6 +15,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from proxy_cases import (
+    facing_away,
+    fp16_rows_on_own_proxy,
+    make_data,
+    placement_patterns,
+    rows_on_proxies,
+)
 
 from pml_extras.functional import curricular_face_loss, curricular_target, update_t
 from pml_extras.losses import CurricularFaceLoss
@@ -26,14 +33,6 @@ F64 = torch.float64
 
 margins = st.just(0.5) | st.floats(0.1, 0.8)
 scales = st.just(64.0) | st.floats(1.0, 64.0)
-
-
-def make_data(B, D, C, seed, dtype=F64):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, D, generator=g, dtype=F64).to(dtype)
-    W = torch.randn(D, C, generator=g, dtype=F64).to(dtype)
-    y = torch.randint(0, C, (B,), generator=g)
-    return x, W, y
 
 
 def make_loss(W, **kwargs):
@@ -103,11 +102,8 @@ def test_functional_matches_reference(B, D, C, t, margin, scale, chunk, seed):
 def test_fallback_branch_when_theta_plus_m_exceeds_pi(margin):
     """Targets with c_y < cos(pi - m) take c_y - m*sin(pi - m), not cos(theta + m)."""
     x, W, y = make_data(6, 5, 4, seed=11)
-    g = torch.Generator().manual_seed(5)
     # Half the rows point almost exactly away from their own proxy.
-    w_y = F.normalize(W[:, y].t(), dim=1)
-    x[:3] = -w_y[:3] + 0.02 * torch.randn(3, 5, generator=g, dtype=F64)
-    cos_y = (F.normalize(x, dim=1) * w_y).sum(1)
+    x, cos_y = facing_away(x, W, y, rows=3, noise=0.02)
     assert (cos_y[:3] < math.cos(math.pi - margin)).all()
     assert (cos_y[3:] > math.cos(math.pi - margin)).all()
     f, cos_theta_m = curricular_target(cos_y, margin)
@@ -278,7 +274,7 @@ def test_gradcheck_module():
     # Not much below 0.05: the normalisation's gradient grows like 1/|x| (gamma/|x| in
     # all), beyond fp16's range for |x| ~ 1e-3 even where the exact gradient is finite.
     magnitude=st.sampled_from([0.05, 1.0, 30.0]),
-    pattern=st.lists(st.sampled_from(["own", "minus_own", "other", "minus_other"]), min_size=6),
+    pattern=placement_patterns,
     training=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
@@ -289,12 +285,7 @@ def test_finite_at_cos_plus_minus_one(
     W = torch.randn(D, C, generator=g)
     y = torch.randint(0, C, (B,), generator=g)
     other = torch.randint(0, C, (B,), generator=g)
-    rows = []
-    for i in range(B):
-        kind = pattern[i % len(pattern)]
-        col = y[i] if kind.endswith("own") else other[i]
-        rows.append((-1.0 if kind.startswith("minus") else 1.0) * magnitude * W[:, col])
-    x = torch.stack(rows).to(dtype).requires_grad_(True)
+    x = rows_on_proxies(W, y, other, pattern, magnitude).to(dtype).requires_grad_(True)
     loss_fn = make_loss(W.to(torch.float32 if params_fp32 else dtype), scale=64.0)
     loss_fn.train(training)
     losses = loss_fn.compute_loss(x, y, None, x, y)["loss"]["losses"]
@@ -313,11 +304,7 @@ def test_finite_at_cos_plus_minus_one(
 def test_fp16_embedding_on_its_proxy_has_finite_gradients(D, sign):
     """Regression: x = +-0.05 * w_y in fp16 gave NaN gradients while the unit vector was
     computed in fp16 (the gradient w.r.t. it overflowed before the projection)."""
-    g = torch.Generator().manual_seed(D)
-    W = torch.randn(D, 6, generator=g)
-    y = torch.tensor([4, 1])
-    x = (sign * 0.05 * W[:, y].t()).half().requires_grad_(True)
-    W16 = W.half()
+    x, y, W16 = fp16_rows_on_own_proxy(D, sign)
     loss_fn = make_loss(W16, scale=64.0)
     loss_fn.eval()
     loss_fn.compute_loss(x, y, None, x, y)["loss"]["losses"].sum().backward()

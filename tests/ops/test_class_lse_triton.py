@@ -213,6 +213,7 @@ def check_all(
 
 _INTERPRETED_MODULES = (
     "losses/test_margin_losses.py",
+    "losses/test_impl_hybrid.py",
     "ops/test_pair_circle_triton.py",
     "gpu/test_gpu.py",
 )

@@ -61,3 +61,54 @@ def test_peak_rss_sees_an_allocation():
     assert peak - before >= 60 << 20, (peak, before)
     with pytest.raises(KeyError):
         _env.proc_status_kb("NoSuchField")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_peak_rss_growth_counts_the_block_and_not_what_was_held_before():
+    import mmap
+
+    def touched(size):
+        block = mmap.mmap(-1, size)  # fresh anonymous pages (see the test above)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
+        return block
+
+    touched(160 << 20).close()  # an earlier, higher peak: the reset on entry forgets it
+    held = touched(64 << 20)  # resident before the block: not its growth
+    with _env.PeakRSSGrowth() as quiet:
+        pass
+    with _env.PeakRSSGrowth() as busy:
+        inner = touched(48 << 20)
+        inner.close()  # freed inside: the peak still counts it
+    held.close()
+    assert quiet.reset and quiet.method == "VmHWM after clear_refs"
+    assert 0 <= quiet.bytes < 8 << 20, quiet.bytes
+    assert 44 << 20 <= busy.bytes < 64 << 20, busy.bytes
+    assert busy.peak - busy.before == busy.bytes
+
+
+def test_peak_memory_is_measured_only_in_env():
+    """One home: no other module of the package or the benchmarks reads the RSS high-water
+    mark, resets it, or reads CUDA's peak allocation itself."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    home = root / "pml_extras" / "_env.py"
+    offenders = []
+    for path in sorted([*root.glob("pml_extras/**/*.py"), *root.glob("benchmarks/**/*.py")]):
+        if path == home:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            found = None
+            if isinstance(node, ast.Attribute) and node.attr in (
+                "ru_maxrss",
+                "max_memory_allocated",
+            ):
+                found = node.attr
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if node.value.startswith(("VmHWM", "VmRSS", "/proc/self/clear_refs")):
+                    found = node.value
+            if found:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}: {found}")
+    assert offenders == []

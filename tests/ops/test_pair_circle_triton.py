@@ -47,7 +47,7 @@ interpreted = pytest.mark.skipif(
     "(test_class_lse_triton.py::test_interpreter_suite)",
 )
 
-SMALL = dict(fwd_block_m=8, fwd_block_n=4, block_m=4, block_n=8, block_d=4)
+SMALL = dict(fwd_block_m=8, fwd_block_n=4, block_m=4, block_n=8, block_n_pointer=4, block_d=4)
 # name -> (B, N or None for self-comparison, D, number of classes, block config overrides)
 SHAPES = {
     "self": (13, None, 10, 3, SMALL),
@@ -55,6 +55,8 @@ SHAPES = {
     "dgroups": (11, None, 16, 3, dict(SMALL, d_group=8, d_group_fp32=8)),
     "splits": (6, 41, 5, 5, dict(SMALL, n_splits=3)),
     "one_row": (1, 5, 3, 2, SMALL),
+    # D = 16: 16-byte rows in every dtype, so the backward loads its tiles by TMA
+    "tma": (14, 19, 16, 3, SMALL),
 }
 # Per operand dtype: (loss rtol, gradient tolerance relative to the largest entry)
 TOL = PAIR_KERNEL
@@ -142,11 +144,43 @@ class TestInterpretedPairCircle:
         x, y, labels, ref_labels = make_case(B, N, D, classes, seed=seed)
         want = run(x, y, labels, ref_labels, "torch", m=m, gamma=gamma)
         fwd_m, bwd_n, bd = tiles
-        with pct.block_config(fwd_block_m=fwd_m, block_n=bwd_n, block_d=bd, block_m=4):
+        cfg = dict(fwd_block_m=fwd_m, block_n=bwd_n, block_n_pointer=bwd_n, block_d=bd, block_m=4)
+        with pct.block_config(**cfg):
             got = run(x, y, labels, ref_labels, "triton", m=m, gamma=gamma)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert_close_grads(got[1], want[1], 1e-5)
         assert_close_grads(got[2], want[2], 1e-5)
+
+    @pytest.mark.parametrize("d,want_tma", [(16, True), (8, True), (10, False), (16, False)])
+    def test_backward_tile_loads_tma_or_pointers(self, monkeypatch, d, want_tma):
+        """The backward loads its tiles by TMA descriptors exactly when the path is resident
+        and the rows are 16-byte multiples (bf16 D = 8, 16; not 10; D groups are never
+        TMA: the last case splits D = 16 into groups of 8); both agree with the PyTorch
+        path, and the TMA path streams ``block_n`` rows per step, the other
+        ``block_n_pointer``."""
+        x, y, labels, ref_labels = make_case(9, 13, d, 3, seed=d)
+        seen = []
+        real = pct._bwd_kernel
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    seen.append((kwargs["TMA"], kwargs["BLOCK_I"], args[2] is not None))
+                    return real[grid](*args, **kwargs)
+
+                return launch
+
+        monkeypatch.setattr(pct, "_bwd_kernel", Spy())
+        cfg = dict(SMALL, d_group=16 if want_tma or d != 16 else 8)
+        want = run(x, y, labels, ref_labels, "torch", operand_dtype=torch.bfloat16)
+        with pct.block_config(**cfg):
+            got = run(x, y, labels, ref_labels, "triton", operand_dtype=torch.bfloat16)
+        block = SMALL["block_n"] if want_tma else SMALL["block_n_pointer"]
+        assert seen == [(want_tma, block, want_tma)] * 2  # row side, column side
+        rtol, gtol = TOL[torch.bfloat16]
+        torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=1e-5)
+        assert_close_grads(got[1], want[1], gtol)
+        assert_close_grads(got[2], want[2], gtol)
 
     def test_matches_float64_reference(self):
         x, y, labels, ref_labels = make_case(10, 17, 6, 3, seed=4)
@@ -281,6 +315,33 @@ def test_block_config_validation():
             pct._check_config(pct.BlockConfig(block_m=8))
 
 
+@needs_triton
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_self_check_covers_the_tma_and_pointer_paths(monkeypatch, device):
+    """The kernel self-check runs both ways the backward loads its tiles: its edge problem
+    (D = 261: rows of 522 bf16 bytes) by pointers, its training problem (D = 512 on a GPU,
+    64 under the interpreter) by TMA, in bf16 and fp16 (float32 at D = 512 uses D groups:
+    never TMA)."""
+    from pml_extras.ops import _triton_common, kernel_check
+
+    monkeypatch.setattr(_triton_common, "sm_count", lambda device: 132)  # no GPU needed
+    edge_d = kernel_check._pair_inputs(torch.device("cpu"))[0].shape[1]
+    train_d = kernel_check.production_shapes(torch.device(device))["pair"][1]
+    cfg = pct.BlockConfig()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        fp32 = dtype == torch.float32
+        paths = []
+        for d in (edge_d, train_d):
+            x = torch.zeros(8, d, dtype=dtype)  # the check's operands: fresh, contiguous
+            resident = pct._d_layout(d, cfg, fp32)[2] == 1
+            paths.append(pct.tile_constexprs(d, cfg, fp32, pct._use_tma(x, x, resident))[1])
+        assert not paths[0]["TMA"] and paths[0]["BLOCK_I"] == cfg.block_n_pointer
+        want = not (fp32 and device == "cuda")
+        assert paths[1]["TMA"] == want and paths[1]["BLOCK_I"] == (
+            cfg.block_n if want else cfg.block_n_pointer
+        )
+
+
 def test_impl_resolution_and_errors():
     x = F.normalize(torch.randn(4, 3), dim=1)
     labels = torch.tensor([0, 0, 1, 1])
@@ -357,24 +418,27 @@ def test_kernels_compile_for_sm90(dtype, d, mode):
     import triton.language as tl
 
     cfg = pct.BlockConfig()
-    block_d, d_group, _ = pct._d_layout(d, cfg, dtype == "fp32")
+    fwd, bwd = pct.tile_constexprs(d, cfg, dtype == "fp32")
     op = {"bf16": tl.bfloat16, "fp32": tl.float32}[dtype]
     consts = dict(
         SELF=mode == 0,
         MODE=mode,
         DOT_DTYPE=op,
         PRECISION="ieee" if dtype == "fp32" else None,
-        BLOCK_D=block_d,
-        D_GROUP=d_group,
     )
     ptr = {"X": f"*{dtype}", "Y": f"*{dtype}", "LAB": "*i64", "REF": "*i64"}
     ptr.update(POS="*u8", NEG="*u8")
     for name in ("OUT", "LSE_P", "LSE_N", "G", "GRAD"):
         ptr[name] = "*fp32"
+    if bwd["TMA"]:  # bf16 at D = 512: host-made descriptors of the held / streamed tiles
+        ptr["AD"] = f"tensordesc<{dtype}[{bwd['BLOCK_O']}, {bwd['D_GROUP']}]>"
+        ptr["BD"] = f"tensordesc<{dtype}[{bwd['BLOCK_I']}, {bwd['D_GROUP']}]>"
+    else:  # the launcher passes None
+        consts.update(AD=None, BD=None)
     launches = [
-        (pct._fwd_kernel, dict(BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n)),
-        (pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COLUMN_SIDE=False)),
-        (pct._bwd_kernel, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, COLUMN_SIDE=True)),
+        (pct._fwd_kernel, fwd),
+        (pct._bwd_kernel, dict(bwd, COLUMN_SIDE=False)),
+        (pct._bwd_kernel, dict(bwd, COLUMN_SIDE=True)),
     ]
     for kernel, tiles in launches:
         compile_for_sm90(

@@ -80,7 +80,15 @@ from .class_kernels import (
     hybrid_class_kernels,
     wave_splits,
 )
-from .pair_kernels import CURRENT_PAIR, PAIR_V1, PAIR_V2, PairDesign, pair_floor, pair_kernels
+from .pair_kernels import (
+    CURRENT_PAIR,
+    PAIR_V1,
+    PAIR_V2,
+    PAIR_V2_BUILT,
+    PairDesign,
+    pair_floor,
+    pair_kernels,
+)
 from .ptxas_figures import PTXAS_SM90, ptxas
 from .report import CLASS_CASES, CLASS_DESIGNS, PAIR_CASES, PAIR_DESIGNS, table
 from .roofline import (
@@ -109,7 +117,8 @@ __all__ = [
     "ALU_PER_LOGIT_CLASS_BWD", "ALU_PER_LOGIT_CLASS_FWD", "ALU_PER_PAIR_BWD", "ALU_PER_PAIR_FWD",
     "CLASS_CASES", "CLASS_DESIGNS", "CUBLAS_FRACTION", "CURRENT_CLASS", "CURRENT_PAIR",
     "DTYPE_BYTES", "GB", "GPUS", "H100_SXM", "H200", "KB", "MMA_SYNC_FRACTION", "PAIR_CASES",
-    "PAIR_DESIGNS", "PAIR_V1", "PAIR_V2", "PTXAS_SM90", "V1", "V2", "V2_BWD64", "V2_FULL", "V3",
+    "PAIR_DESIGNS", "PAIR_V1", "PAIR_V2", "PAIR_V2_BUILT", "PTXAS_SM90", "V1", "V2", "V2_BWD64",
+    "V2_FULL", "V3",
     "ClassDesign", "Hardware", "KernelCost", "PairDesign", "Prediction", "blocks_per_sm",
     "class_floor", "class_kernels", "describe", "hybrid_class_kernels", "mma_smem_bytes",
     "pair_floor", "pair_kernels", "predict", "ptxas", "table", "total", "wave_splits",

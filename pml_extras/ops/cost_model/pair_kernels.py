@@ -21,8 +21,14 @@ from .roofline import (
 @dataclasses.dataclass(frozen=True)
 class PairDesign:
     """Tiles of the pair Circle kernels (see pair_circle_triton); ``resident`` as in
-    :class:`ClassDesign` (the row block stays loaded while column tiles stream by, and a
-    column tile is loaded once for both of a backward step's dots)."""
+    :class:`ClassDesign` (the held block stays loaded while the other set's tiles stream
+    by, and a streamed tile is loaded once for both of a backward step's dots).
+
+    ``block_m`` / ``block_n``: the backward's row / column tiles (v1), or its held /
+    streamed tiles on both sides (``rows_oriented``). ``rows_oriented``: the column side
+    runs the row side's dots with the roles swapped (s = x_tile y_block^T, then
+    acc += (g w)^T x_tile, A from registers after a transposing layout conversion), instead
+    of v1's x^T (g w) with D rows of A read from shared memory."""
 
     name: str = "v1"
     fwd_block_m: int = 128
@@ -32,6 +38,7 @@ class PairDesign:
     num_warps: int = 8
     resident: bool = False
     overlap: float = 0.0
+    rows_oriented: bool = False
 
 
 PAIR_V1 = PairDesign()
@@ -39,7 +46,29 @@ PAIR_V1 = PairDesign()
 # stream by; a streamed tile loaded once for both of a backward step's dots), 64 x 64
 # backward tiles, half the softmax hidden under the matmuls.
 PAIR_V2 = PairDesign(name="v2 (hypothetical)", block_n=64, resident=True, overlap=0.5)
-CURRENT_PAIR = PAIR_V1  # what pair_circle_triton implements now
+# Built (pair_circle_triton at this commit; tests/ops/test_cost_model.py checks the tiles
+# against its BlockConfig). Forward 128 x 32 with the 128 x 512 row block resident (a
+# 128 x 64 forward needs 256 KB of shared memory with two column buffers); backward
+# 64 x 64 on both sides, held block resident, streamed tiles by TMA, each loaded once for
+# both dots. overlap 0, from the PTX (tests/gpu/test_sm90_spills.py checks it): every
+# ``wgmma.wait_group.sync.aligned`` in the three bf16 kernels at D = 512 waits for 0
+# pending groups, so the softmax work on a tile never runs while a wgmma is in flight.
+# The backward's accumulating wgmma (w @ tile) is left in flight across the loop's end,
+# but the next step's similarity wgmma waits for it (wait_group 0) before any
+# elementwise work. A forward pipelined by hand (the next tile's dot issued before this
+# tile's softmax) compiled to the same wait_group 0 right after each dot: Triton 3.9
+# defers a wgmma's wait only for a dot that accumulates into its own loop-carried result.
+PAIR_V2_BUILT = PairDesign(
+    name="v2",
+    fwd_block_m=128,
+    fwd_block_n=32,
+    block_m=64,
+    block_n=64,
+    resident=True,
+    overlap=0.0,
+    rows_oriented=True,
+)
+CURRENT_PAIR = PAIR_V2_BUILT  # what pair_circle_triton implements now
 
 
 def _pair_splits(n_outer: int, n_inner: int, programs: int) -> int:
@@ -86,8 +115,11 @@ def pair_kernels(
     )
     bm, bn = design.block_m, design.block_n
     for side in ("row", "column"):
-        outer, inner = (batch, bm) if side == "row" else (n, bn)
-        other = bn if side == "row" else bm
+        if design.rows_oriented:  # held block_m rows of either set, block_n streamed
+            outer, inner, other = (batch if side == "row" else n), bm, bn
+        else:
+            outer, inner = (batch, bm) if side == "row" else (n, bn)
+            other = bn if side == "row" else bm
         n_outer, n_inner = math.ceil(outer / inner), math.ceil(n / other)
         steps = n_outer * n_inner
         if design.resident:
@@ -97,12 +129,21 @@ def pair_kernels(
         splits = _pair_splits(n_outer, n_inner, min(4 * n_outer, 2 * hw.sms))
         partial = splits * batch * dim * 4
         padded = n_outer * inner * n_inner * other
-        mma = mma_smem_bytes(bm, bn, dim, e, nw)
-        mma += (
-            mma_smem_bytes(bm, dim, bn, e, nw, True)
-            if side == "row"
-            else mma_smem_bytes(dim, bn, bm, e, nw)
-        )
+        if design.rows_oriented:
+            # Both sides: s (held x streamed, K = D, both operands in shared memory), then
+            # acc += w @ tile (w in registers); w crosses shared memory once to reach the
+            # dot-operand layout (transposed on the column side): written and read.
+            mma = mma_smem_bytes(inner, other, dim, e, nw)
+            mma += mma_smem_bytes(inner, dim, other, e, nw, True)
+            convert = 2 * inner * other * e
+        else:
+            mma = mma_smem_bytes(bm, bn, dim, e, nw)
+            mma += (
+                mma_smem_bytes(bm, dim, bn, e, nw, True)
+                if side == "row"
+                else mma_smem_bytes(dim, bn, bm, e, nw)
+            )
+            convert = bm * bn * e
         regs, _, smem = ptxas(f"pair_bwd_{side}", design.name, op, op)
         out.append(
             KernelCost(
@@ -115,7 +156,7 @@ def pair_kernels(
                 dot_dtype=op,
                 hbm=x_bytes + 2 * partial,
                 l2=l2 + 2 * partial,
-                smem=l2 + steps * (mma + bm * bn * e),
+                smem=l2 + steps * (mma + convert),
                 alu=padded * ALU_PER_PAIR_BWD,
                 sfu=float(padded),
                 overlap=design.overlap,

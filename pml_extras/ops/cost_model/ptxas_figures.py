@@ -47,6 +47,11 @@ PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
     ("pair_fwd", "v1", "bf16", "bf16"): (137, 0, 49152),
     ("pair_bwd_row", "v1", "bf16", "bf16"): (233, 0, 131072),
     ("pair_bwd_column", "v1", "bf16", "bf16"): (201, 0, 69632),
+    # pair v2 (built; bf16, self-comparison with labels, D = 512): forward 128 x 32 with
+    # the row block resident; backward 64 x 64, held block resident, tiles by TMA
+    ("pair_fwd", "v2", "bf16", "bf16"): (94, 0, 196608),
+    ("pair_bwd_row", "v2", "bf16", "bf16"): (247, 0, 197136),
+    ("pair_bwd_column", "v2", "bf16", "bf16"): (255, 0, 206608),
 }
 
 

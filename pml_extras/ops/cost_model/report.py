@@ -16,7 +16,7 @@ from .class_kernels import (
     class_kernels,
     hybrid_class_kernels,
 )
-from .pair_kernels import PAIR_V1, PAIR_V2, pair_floor, pair_kernels
+from .pair_kernels import PAIR_V1, PAIR_V2, PAIR_V2_BUILT, pair_floor, pair_kernels
 from .roofline import H100_SXM, H200, describe, total
 
 # The targets: (label, batch, classes, dim, operand dtype, W dtype).
@@ -28,7 +28,7 @@ CLASS_CASES = (
 )
 PAIR_CASES = (("B=16384 D=512 bf16", 16384, 512, "bf16"),)
 CLASS_DESIGNS = (V1, V2, V2_BWD64, V2_FULL, V3)
-PAIR_DESIGNS = (PAIR_V1, PAIR_V2)
+PAIR_DESIGNS = (PAIR_V1, PAIR_V2_BUILT, PAIR_V2)
 
 
 def table() -> str:
