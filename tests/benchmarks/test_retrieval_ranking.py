@@ -261,13 +261,13 @@ class _Recorder(torch.nn.Module):
 def test_every_loss_sees_the_same_batches_and_crops_whatever_the_workers(tmp_path, monkeypatch):
     make_folder(str(tmp_path / "data"), [f"c{i}" for i in range(6)], per_class=4, size=(30, 22))
     logs = {}
-    real = training.make_model
+    real = training.model_for
 
     def recording(*a, **kw):
         model, info = real(*a, **kw)
         return _Recorder(model, logs[current]), info
 
-    monkeypatch.setattr(training, "make_model", recording)
+    monkeypatch.setattr(training, "model_for", recording)
     # a proxy loss draws its proxies from torch's RNG, a pair loss draws nothing: they
     # consume different amounts of the global RNG before the first batch
     for current, loss, workers in [
