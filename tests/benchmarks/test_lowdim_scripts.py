@@ -141,6 +141,31 @@ def test_compare_false_disagree_rate_matches_a_direct_count():
     assert compare.false_disagree_rate(50) < 1e-3
 
 
+def test_compare_says_whether_the_runs_commits_share_their_code(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, returncode):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode)
+
+    for code, expected in ((0, "yes"), (1, "no"), (128, "unknown")):
+        monkeypatch.setattr(compare.subprocess, "run", lambda cmd, c=code, **kw: fake_run(cmd, c))
+        assert compare.same_code(["aaaaaaa", "bbbbbbb"]) == expected
+    assert calls[0][-4:] == [
+        "--",
+        "pml_extras",
+        "benchmarks/retrieval.py",
+        "benchmarks/retrieval_bench",
+    ]
+    assert calls[0][3:7] == ["diff", "--quiet", "aaaaaaa", "bbbbbbb"]
+
+    def no_git(cmd, **kw):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(compare.subprocess, "run", no_git)
+    assert compare.same_code(["aaaaaaa", "bbbbbbb"]) == "unknown"
+
+
 def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, monkeypatch):
     (tmp_path / "sweeps.md").write_text(
         "## Sweep A (3-D)\n\n| sc_normal_ada_0.25 | 0.100 | 0.001 | x |\n"

@@ -26,6 +26,7 @@ import argparse
 import glob
 import json
 import os
+import subprocess
 from typing import Optional
 
 import numpy as np
@@ -100,11 +101,40 @@ def provenance(root: str) -> list:
         )
         setup = os.path.basename(os.path.dirname(os.path.dirname(path)))
         seen.setdefault(key, set()).add(setup)
-    return [
+    commits = sorted({c for c, _, _ in seen if c != "?"})
+    lines = [
         f"commit {c} (package modified since: {p}; benchmark modified since: {b}): "
         + ", ".join(sorted(setups))
         for (c, p, b), setups in seen.items()
     ]
+    if len(commits) > 1:
+        same = same_code(commits)
+        lines.append(
+            f"`pml_extras/`, `benchmarks/retrieval.py` and `benchmarks/retrieval_bench/` are "
+            f"the same at {', '.join(commits)}: {same} (`git diff` between them)"
+        )
+    return lines
+
+
+def same_code(commits: list) -> str:
+    """ "yes" when the package and the benchmark are identical at every commit, "no" when
+    not, "unknown" without git (e.g. in a source archive)."""
+    paths = ["pml_extras", "benchmarks/retrieval.py", "benchmarks/retrieval_bench"]
+    root = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
+    try:
+        for c in commits[1:]:
+            out = subprocess.run(
+                ["git", "-C", root, "diff", "--quiet", commits[0], c, "--", *paths],
+                capture_output=True,
+                timeout=30,
+            )
+            if out.returncode not in (0, 1):
+                return "unknown"
+            if out.returncode == 1:
+                return "no"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return "yes"
 
 
 def main(argv=None) -> str:
