@@ -168,10 +168,11 @@ def test_compare_says_whether_the_runs_commits_share_their_code(monkeypatch):
 
 def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, monkeypatch):
     (tmp_path / "sweeps.md").write_text(
-        "## Sweep A (3-D)\n\n| sc_normal_ada_0.25 | 0.100 | 0.001 | x |\n"
-        "## Sweep A (2-D). Note\n\n| Variant | mean acc | std | seeds |\n|---|---:|---:|---|\n"
+        "## Sweep A (2-D)\n\n| sc_normal_ada_0.25 | 0.500 | 0.001 | x |\n"
+        "## Sweep C (2-D). Note\n\n| Variant | mean acc | std | seeds |\n|---|---:|---:|---|\n"
         "| sc_normal_ada_0.25 | 0.659 | 0.064 | 0.709, 0.700, 0.569 |\n"
         "| sc_spread_ada_0.25 | 0.640 | 0.077 | 0.711, 0.676, 0.533 |\n"
+        "## Sweep A (3-D)\n\n| sc_normal_ada_0.25 | 0.100 | 0.001 | x |\n"
     )
     for seed, acc in enumerate((0.70, 0.72, 0.74)):
         path = tmp_path / "sweeps" / "digits-2d" / f"seed{seed}"
@@ -185,9 +186,10 @@ def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, mon
     out = tmp_path / "sweeps_rerun.md"
     sweep_summary.main(["--strip", "--old", str(tmp_path / "sweeps.md"), "--out", str(out)])
     rows = table_rows(out, "| s")
-    # the 2-D section's value, not the 3-D one; +6.1 points against a std of 6.4: agree
+    # the latest 2-D section's value (not Sweep A's, not the 3-D one); +6.1 points against
+    # a std of 6.4: agree
     assert rows["sc_normal_ada_0.25"][2:8] == [
-        "0.659 ± 0.064 (Sweep A)",
+        "0.659 ± 0.064 (Sweep C)",
         "0.720 ± 0.016",
         "0.700, 0.720, 0.740",
         "+6.1",

@@ -6,8 +6,9 @@ Runs (sweep.py, one per seed): ``sweeps/digits-2d``, ``sweeps/digits-2d-loss-lr0
 (Sweep C', ``--loss-lr 0.001``), ``sweeps/digits-3d`` and ``sweep-e`` (Fashion-MNIST 2-D),
 each ``seed<N>/results.json``. ``--strip`` first rewrites those files without the
 per-step and per-epoch losses (the sweeps have no plots; metrics, hyperparameters, commit
-and command stay). Old values: the tables of ``sweeps.md`` (first row of that variant in a
-section of the same dimension; C' for the loss-lr runs; Sweep E for Fashion-MNIST).
+and command stay). Old values: the tables of ``sweeps.md`` (the last section of the same
+dimension that has the variant, i.e. the latest rule: Sweep C's ``scA`` rather than Sweep
+B's; C' for the loss-lr runs; Sweep E for Fashion-MNIST).
 
 A variant is *like-for-like* only when its name fixes every argument that changed since
 the old sweep; the others run today's defaults for what they leave out, so their old and
@@ -60,7 +61,7 @@ def old_tables(path: str) -> dict:
     return tables
 
 
-def like_for_like(variant: str, dim: int):
+def like_for_like(variant: str, dim: int, section: str = ""):
     """(True, "") or (False, why): does the name fix every argument that changed?"""
     if variant == "Softmax" or variant.startswith(("sc_normal_", "scE_", "cfE_", "afE_")):
         return True, ""
@@ -72,7 +73,7 @@ def like_for_like(variant: str, dim: int):
         return False, "margin unnamed: 0.5 then, pi/10 (the angular rule) now"
     if variant.startswith("cfA"):
         return False, "CurricularFace's defaults since changed (short proxies, margin rule)"
-    if variant == "scA" and dim == 2:
+    if variant == "scA" and dim == 2 and section.startswith("Sweep B"):
         return False, "m unnamed: c* = 0.81 in Sweep B, 1/2 now"
     return False, "today's SparseCircle defaults for init/m; unverified against the old commit"
 
@@ -143,10 +144,10 @@ def main(argv=None) -> str:
                 new_txt = f"{new_mean:.3f} ± {new_sd:.3f}"
             seeds = ", ".join("div." if a is None else f"{a:.3f}" for _, a in sorted(e["seeds"]))
             found = [(s, t[name]) for s, t in old.items() if wanted(s) and name in t]
-            same, why = like_for_like(name, dim)
+            same, why = like_for_like(name, dim, found[-1][0] if found else "")
             old_txt, delta, v1, v2 = "—", "", "", ""
             if found and new_mean is not None:
-                section, (om, osd) = found[0]
+                section, (om, osd) = found[-1]
                 old_txt = f"{om:.3f} ± {osd:.3f} ({section.split(' ')[0]} {section.split(' ')[1]})"
                 delta = f"{100 * (new_mean - om):+.1f}"
                 tol = max(osd, new_sd) + 1e-12
