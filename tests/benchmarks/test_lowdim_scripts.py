@@ -21,6 +21,7 @@ import aggregate  # noqa: E402
 import angular_bound  # noqa: E402
 import compare  # noqa: E402
 import run as lowdim_run  # noqa: E402
+import slim  # noqa: E402
 import sweep_summary  # noqa: E402
 
 
@@ -202,6 +203,31 @@ def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, mon
     saved = json.loads((tmp_path / "sweeps" / "digits-2d" / "seed0" / "results.json").read_text())
     assert "step_losses" not in saved["losses"][0] and saved["losses"][0]["metrics"]["acc"] == 0.7
     assert "commit abcdef1" in out.read_text()
+
+
+def test_slim_leaves_the_plotted_runs_and_drops_only_derived_fields(tmp_path):
+    run = {
+        "losses": [{"loss": "X", "metrics": {"acc": 0.5}, "epoch_losses": [1.23456789, 2.0]}],
+        "summary": [1],
+        "baseline_summary": [2],
+        "ranking": {"samples": 3},
+        "git_commit": "abc",
+    }
+    for setup, seed in (("digits-2d", 0), ("digits-2d", 1), ("digits-3d", 0), ("digits-128d", 0)):
+        path = tmp_path / setup / f"seed{seed}"
+        path.mkdir(parents=True)
+        (path / "results.json").write_text(json.dumps(run))
+    done = slim.main(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in done) == [
+        os.path.join("digits-128d", "seed0", "results.json"),
+        os.path.join("digits-2d", "seed1", "results.json"),
+    ]
+    kept = json.loads((tmp_path / "digits-3d" / "seed0" / "results.json").read_text())
+    assert kept == run
+    slimmed = json.loads((tmp_path / "digits-2d" / "seed1" / "results.json").read_text())
+    assert slimmed["losses"][0]["epoch_losses"] == [1.23457, 2.0]
+    assert slimmed["losses"][0]["metrics"] == {"acc": 0.5} and slimmed["git_commit"] == "abc"
+    assert not {"summary", "baseline_summary", "ranking"} & set(slimmed)
 
 
 def test_arc_bound_is_the_best_arc_labelling():
