@@ -205,7 +205,7 @@ def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, mon
     assert "commit abcdef1" in out.read_text()
 
 
-def test_slim_leaves_the_plotted_runs_and_drops_only_derived_fields(tmp_path):
+def test_slim_drops_only_derived_fields_logs_and_sweep_tables(tmp_path):
     run = {
         "losses": [{"loss": "X", "metrics": {"acc": 0.5}, "epoch_losses": [1.23456789, 2.0]}],
         "summary": [1],
@@ -217,13 +217,29 @@ def test_slim_leaves_the_plotted_runs_and_drops_only_derived_fields(tmp_path):
         path = tmp_path / setup / f"seed{seed}"
         path.mkdir(parents=True)
         (path / "results.json").write_text(json.dumps(run))
+    for name in ("log.txt", "results.md", "metrics.png"):
+        (tmp_path / "digits-2d" / "seed1" / name).write_text("x")
+    (tmp_path / "digits-3d" / "seed0" / "log.txt").write_text("x")  # no results.md: stays
+    sweep = tmp_path / "sweeps" / "digits-2d" / "seed0"
+    sweep.mkdir(parents=True)
+    for name in ("log.txt", "results.md", "results.json"):
+        (sweep / name).write_text("{}")
     done = slim.main(str(tmp_path))
-    assert sorted(os.path.relpath(p, tmp_path) for p in done) == [
-        os.path.join("digits-128d", "seed0", "results.json"),
-        os.path.join("digits-2d", "seed1", "results.json"),
+    assert sorted(os.path.relpath(p, tmp_path) for p in done if p.endswith(".json")) == [
+        os.path.join(setup, f"seed{seed}", "results.json")
+        for setup, seed in (
+            ("digits-128d", 0),
+            ("digits-2d", 0),
+            ("digits-2d", 1),
+            ("digits-3d", 0),
+        )
     ]
-    kept = json.loads((tmp_path / "digits-3d" / "seed0" / "results.json").read_text())
-    assert kept == run
+    assert sorted(p.name for p in (tmp_path / "digits-2d" / "seed1").iterdir()) == [
+        "results.json",
+        "results.md",
+    ]
+    assert (tmp_path / "digits-3d" / "seed0" / "log.txt").exists()
+    assert sorted(p.name for p in sweep.iterdir()) == ["results.json"]
     slimmed = json.loads((tmp_path / "digits-2d" / "seed1" / "results.json").read_text())
     assert slimmed["losses"][0]["epoch_losses"] == [1.23457, 2.0]
     assert slimmed["losses"][0]["metrics"] == {"acc": 0.5} and slimmed["git_commit"] == "abc"

@@ -1,13 +1,19 @@
-"""Shrink the committed runs of this folder that no plot is made from.
+"""Shrink the committed runs of this folder (benchmarks/results/ stays under 5 MB).
 
     python benchmarks/results/lowdim/slim.py
 
-After ``benchmarks/results/retrieval/compact.py``: in every ``<dataset>-<dim>d/seed<N>/
-results.json`` except the plotted ones (seed 0 at 2-D and 3-D, whose PNGs
-``run.py --plot-only DIR`` remakes from them), drop what the benchmark derives again from
-the runs (``summary``, ``baseline_summary``, ``ranking``: ``retrieval.py --merge``
-recomputes them) and round the per-epoch losses to 5 digits. Metrics, hyperparameters,
-commit and command stay; aggregate.py and compare.py read only ``losses``.
+After ``benchmarks/results/retrieval/compact.py``:
+
+- in every ``<dataset>-<dim>d/seed<N>/results.json``, drop what the benchmark derives
+  again from the runs (``summary``, ``baseline_summary``, ``ranking``: ``retrieval.py
+  --merge`` and ``run.py --plot-only DIR`` recompute them) and round the per-epoch losses
+  to 5 digits; metrics, hyperparameters, step losses, commit and command stay
+  (aggregate.py and compare.py read only ``losses``);
+- every run's ``log.txt`` goes where a ``results.md`` holds the same table (the log adds
+  only the protocol line and the wall time), and ``metrics.png`` goes (``run.py
+  --plot-only DIR`` remakes it);
+- the sweep runs (``sweeps/``, ``sweep-e/``) keep only ``results.json``: their table is
+  ``sweeps_rerun.md``.
 """
 
 from __future__ import annotations
@@ -15,17 +21,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DERIVED = ("summary", "baseline_summary", "ranking")
-
-
-def plotted(path: str) -> bool:
-    """Seed 0 at 2-D or 3-D: run_all.sh makes its plots."""
-    setup = os.path.basename(os.path.dirname(os.path.dirname(path)))
-    seed = os.path.basename(os.path.dirname(path))
-    return seed == "seed0" and re.search(r"-[23]d$", setup) is not None
 
 
 def slim(path: str) -> None:
@@ -41,12 +39,26 @@ def slim(path: str) -> None:
         json.dump(res, f, separators=(",", ":"), default=str)
 
 
+def remove(paths) -> list:
+    gone = [p for p in paths if os.path.exists(p)]
+    for p in gone:
+        os.remove(p)
+    return gone
+
+
 def main(root: str = HERE) -> list:
     done = []
     for path in sorted(glob.glob(os.path.join(root, "*-*d", "seed*", "results.json"))):
-        if not plotted(path):
-            slim(path)
-            done.append(path)
+        slim(path)
+        done.append(path)
+        run = os.path.dirname(path)
+        if os.path.exists(os.path.join(run, "results.md")):
+            done += remove([os.path.join(run, "log.txt")])
+        done += remove([os.path.join(run, "metrics.png")])
+    for sweep in ("sweeps/*", "sweep-e"):
+        for run in sorted(glob.glob(os.path.join(root, sweep, "seed*"))):
+            if os.path.exists(os.path.join(run, "results.json")):
+                done += remove([os.path.join(run, n) for n in ("log.txt", "results.md")])
     return done
 
 
