@@ -113,8 +113,12 @@ def main(argv=None) -> str:
     lines = [
         "# The sweeps rerun with today's code",
         "",
-        "`python benchmarks/results/lowdim/sweep_summary.py --strip`; the runs' commands are "
-        "in their results.json (`command`). Accuracy of the loss's logits, mean ± population "
+        "`python benchmarks/results/lowdim/sweep_summary.py --strip`. Each run: "
+        "`python benchmarks/results/lowdim/sweep.py --dataset DATASET --embedding-dim D "
+        "--seed S --losses VARIANTS --threads 1 --no-progress --no-plots --out FOLDER/seedS` "
+        "(Sweep C' adds `--loss-lr 0.001`), VARIANTS the rows of its table; the "
+        "`command` in results.json names `retrieval.py`, which sweep.py drives with its "
+        "variants registered. Accuracy of the loss's logits, mean ± population "
         "std over seeds 0-2. Old: `sweeps.md` (section in brackets). *1×* / *2×*: "
         "`|new − old| <= k · max(stds)` (see `rerun.md` for the chance of a false "
         "*disagree*); a verdict in brackets is for reference only: that row is not "
