@@ -1,4 +1,5 @@
-"""The scripts behind benchmarks/results/lowdim: aggregation, the angle-only bound, and a
+"""The scripts behind benchmarks/results/lowdim: aggregation, the old-against-new
+comparisons of the rerun (compare.py, sweep_summary.py), the angle-only bound, and a
 one-epoch run of the sweep driver (so that its variants build and train)."""
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ sys.path.insert(0, LOWDIM)
 
 import aggregate  # noqa: E402
 import angular_bound  # noqa: E402
+import compare  # noqa: E402
 import run as lowdim_run  # noqa: E402
+import slim  # noqa: E402
+import sweep_summary  # noqa: E402
 
 
 def write_run(root, setup, seed, losses):
@@ -43,6 +47,203 @@ def test_aggregate_means_stds_and_points_against_softmax(tmp_path, monkeypatch):
     assert "| Y | 1 | diverged in 1 of 1 seeds |  | n/a |" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["digits-2d"]["Softmax"]["acc"] == pytest.approx(0.85)
+
+
+def test_aggregate_keeps_the_unnormalised_map_at_r(tmp_path, monkeypatch):
+    for seed, raw in ((0, 0.4), (1, 0.6)):
+        path = tmp_path / "digits-2d" / f"seed{seed}"
+        path.mkdir(parents=True)
+        run = {"loss": "Softmax", "metrics": {"acc": 0.8, "mean_average_precision_at_r": 0.1}}
+        run["metrics_unnormalized"] = {"mean_average_precision_at_r": raw}
+        (path / "results.json").write_text(json.dumps({"losses": [run]}))
+    monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
+    aggregate.main()
+    entry = json.loads((tmp_path / "summary.json").read_text())["digits-2d"]["Softmax"]
+    assert entry["map_at_r"] == pytest.approx(0.1)
+    assert entry["map_at_r_unnormalized"] == pytest.approx(0.5)
+    assert entry["map_at_r_unnormalized_std"] == pytest.approx(0.1)
+
+
+def table_rows(path, prefix):
+    """{first cell: cells} of the Markdown table rows of ``path`` that start with prefix."""
+    rows = [ln.strip("| ").split(" | ") for ln in path.read_text().splitlines()]
+    return {r[0]: r for r, ln in zip(rows, path.read_text().splitlines()) if ln.startswith(prefix)}
+
+
+def cell(accs, maps=None, raw=None, diverged=0):
+    """A summary.json cell: seeds with these accuracies, then `diverged` diverged seeds."""
+    seeds = [
+        {"acc": a, "map_at_r": (maps or accs)[i], "diverged": False} for i, a in enumerate(accs)
+    ]
+    seeds += [{"acc": None, "map_at_r": None, "diverged": True}] * diverged
+    e = {"seeds": seeds, "acc": None, "acc_std": None, "map_at_r": None, "map_at_r_std": None}
+    if accs:
+        e.update(acc=float(np.mean(accs)), acc_std=float(np.std(accs)))
+        m = maps or accs
+        e.update(map_at_r=float(np.mean(m)), map_at_r_std=float(np.std(m)))
+    if raw:
+        e.update(map_at_r_unnormalized=float(np.mean(raw)))
+        e.update(map_at_r_unnormalized_std=float(np.std(raw)))
+    return e
+
+
+def test_compare_calls_each_cell_against_the_larger_std(tmp_path):
+    old = {
+        "digits-2d": {
+            "A": cell([0.70, 0.72, 0.74]),  # mean 0.72, std 0.0163
+            "B": cell([0.70, 0.72, 0.74]),
+            "C": cell([], diverged=3),
+            "D": cell([], diverged=3),
+            "Softmax": cell([0.8, 0.8, 0.8], maps=[0.5, 0.5, 0.5]),
+            "Gone": cell([0.5, 0.5, 0.5]),
+        }
+    }
+    new = {
+        "digits-2d": {
+            "A": cell([0.71, 0.73, 0.75]),  # +1.0 points: within 1x
+            "B": cell([0.73, 0.75, 0.77]),  # +3.0 points: over 1x (1.63), within 2x (3.27)
+            "C": cell([], diverged=3),
+            "D": cell([0.6, 0.6], diverged=1),
+            # normalised MAP@R moved, the unnormalised one (the old protocol) did not
+            "Softmax": cell([0.8, 0.8, 0.8], maps=[0.1, 0.1, 0.1], raw=[0.5, 0.5, 0.5]),
+            "New": cell([0.9, 0.9, 0.9]),
+        }
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    out = tmp_path / "rerun.md"
+    compare.main(
+        ["--old", str(tmp_path / "old.json"), "--new", str(tmp_path / "new.json")]
+        + ["--out", str(out)]
+    )
+    rows = table_rows(out, "| ")
+    assert rows["A"][3:6] == ["+1.0", "agree", "agree"]
+    assert rows["B"][3:6] == ["+3.0", "disagree", "agree"]
+    assert rows["C"][4:6] == ["agree (all diverged)"] * 2
+    assert rows["D"][4] == "disagree (diverged 3/3 → 1/3)"
+    assert rows["Softmax"][7:11] == ["0.500 ± 0.000", "+0.0", "agree", "agree"]
+    assert rows["Gone"][2] == "—" and rows["Gone"][4] == "not rerun"
+    assert rows["New"][1] == "—" and rows["New"][4] == "new"
+    counts = out.read_text().split("## Counts")[1]
+    assert "| Acc | 1× | 3 | 2 |" in counts and "| Acc | 2× | 4 | 1 |" in counts
+
+
+def test_compare_false_disagree_rate_matches_a_direct_count():
+    # The rule's chance of calling two draws of one distribution different, counted here
+    # with another generator and a plain loop.
+    rng = np.random.default_rng(12345)
+    n, hits = {1: 0, 2: 0}, 4000
+    for _ in range(hits):
+        a, b = rng.normal(3.0, 0.01, 3), rng.normal(3.0, 0.01, 3)
+        for k in n:
+            n[k] += abs(a.mean() - b.mean()) > k * max(a.std(), b.std())
+    for k in n:
+        assert compare.false_disagree_rate(k) == pytest.approx(n[k] / hits, abs=0.025)
+    assert compare.false_disagree_rate(50) < 1e-3
+
+
+def test_compare_says_whether_the_runs_commits_share_their_code(monkeypatch):
+    calls = []
+
+    def fake_run(cmd, returncode):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode)
+
+    for code, expected in ((0, "yes"), (1, "no"), (128, "unknown")):
+        monkeypatch.setattr(compare.subprocess, "run", lambda cmd, c=code, **kw: fake_run(cmd, c))
+        assert compare.same_code(["aaaaaaa", "bbbbbbb"]) == expected
+    assert calls[0][-4:] == [
+        "--",
+        "pml_extras",
+        "benchmarks/retrieval.py",
+        "benchmarks/retrieval_bench",
+    ]
+    assert calls[0][3:7] == ["diff", "--quiet", "aaaaaaa", "bbbbbbb"]
+
+    def no_git(cmd, **kw):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(compare.subprocess, "run", no_git)
+    assert compare.same_code(["aaaaaaa", "bbbbbbb"]) == "unknown"
+
+
+def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, monkeypatch):
+    (tmp_path / "sweeps.md").write_text(
+        "## Sweep A (2-D)\n\n| sc_normal_ada_0.25 | 0.500 | 0.001 | x |\n"
+        "## Sweep C (2-D). Note\n\n| Variant | mean acc | std | seeds |\n|---|---:|---:|---|\n"
+        "| sc_normal_ada_0.25 | 0.659 | 0.064 | 0.709, 0.700, 0.569 |\n"
+        "| sc_spread_ada_0.25 | 0.640 | 0.077 | 0.711, 0.676, 0.533 |\n"
+        "## Sweep A (3-D)\n\n| sc_normal_ada_0.25 | 0.100 | 0.001 | x |\n"
+    )
+    for seed, acc in enumerate((0.70, 0.72, 0.74)):
+        path = tmp_path / "sweeps" / "digits-2d" / f"seed{seed}"
+        path.mkdir(parents=True)
+        runs = [
+            {"loss": v, "hparams": {"m": 0.25}, "metrics": {"acc": acc}, "step_losses": [1.0] * 9}
+            for v in ("sc_normal_ada_0.25", "sc_spread_ada_0.25")
+        ]
+        (path / "results.json").write_text(json.dumps({"losses": runs, "git_commit": "abcdef12"}))
+    monkeypatch.setattr(sweep_summary, "HERE", str(tmp_path))
+    out = tmp_path / "sweeps_rerun.md"
+    sweep_summary.main(["--strip", "--old", str(tmp_path / "sweeps.md"), "--out", str(out)])
+    rows = table_rows(out, "| s")
+    # the latest 2-D section's value (not Sweep A's, not the 3-D one); +6.1 points against
+    # a std of 6.4: agree
+    assert rows["sc_normal_ada_0.25"][2:8] == [
+        "0.659 ± 0.064 (Sweep C)",
+        "0.720 ± 0.016",
+        "0.700, 0.720, 0.740",
+        "+6.1",
+        "agree",
+        "agree",
+    ]
+    # +8.0 points against a std of 7.7: over 1x, within 2x; in brackets (not like-for-like)
+    assert rows["sc_spread_ada_0.25"][6:8] == ["(disagree)", "(agree)"]
+    assert rows["sc_spread_ada_0.25"][8].startswith("no: spread proxies had unit length")
+    saved = json.loads((tmp_path / "sweeps" / "digits-2d" / "seed0" / "results.json").read_text())
+    assert "step_losses" not in saved["losses"][0] and saved["losses"][0]["metrics"]["acc"] == 0.7
+    assert "commit abcdef1" in out.read_text()
+
+
+def test_slim_drops_only_derived_fields_logs_and_sweep_tables(tmp_path):
+    run = {
+        "losses": [{"loss": "X", "metrics": {"acc": 0.5}, "epoch_losses": [1.23456789, 2.0]}],
+        "summary": [1],
+        "baseline_summary": [2],
+        "ranking": {"samples": 3},
+        "git_commit": "abc",
+    }
+    for setup, seed in (("digits-2d", 0), ("digits-2d", 1), ("digits-3d", 0), ("digits-128d", 0)):
+        path = tmp_path / setup / f"seed{seed}"
+        path.mkdir(parents=True)
+        (path / "results.json").write_text(json.dumps(run))
+    for name in ("log.txt", "results.md", "metrics.png"):
+        (tmp_path / "digits-2d" / "seed1" / name).write_text("x")
+    (tmp_path / "digits-3d" / "seed0" / "log.txt").write_text("x")  # no results.md: stays
+    sweep = tmp_path / "sweeps" / "digits-2d" / "seed0"
+    sweep.mkdir(parents=True)
+    for name in ("log.txt", "results.md", "results.json"):
+        (sweep / name).write_text("{}")
+    done = slim.main(str(tmp_path))
+    assert sorted(os.path.relpath(p, tmp_path) for p in done if p.endswith(".json")) == [
+        os.path.join(setup, f"seed{seed}", "results.json")
+        for setup, seed in (
+            ("digits-128d", 0),
+            ("digits-2d", 0),
+            ("digits-2d", 1),
+            ("digits-3d", 0),
+        )
+    ]
+    assert sorted(p.name for p in (tmp_path / "digits-2d" / "seed1").iterdir()) == [
+        "results.json",
+        "results.md",
+    ]
+    assert (tmp_path / "digits-3d" / "seed0" / "log.txt").exists()
+    assert sorted(p.name for p in sweep.iterdir()) == ["results.json"]
+    slimmed = json.loads((tmp_path / "digits-2d" / "seed1" / "results.json").read_text())
+    assert slimmed["losses"][0]["epoch_losses"] == [1.23457, 2.0]
+    assert slimmed["losses"][0]["metrics"] == {"acc": 0.5} and slimmed["git_commit"] == "abc"
+    assert not {"summary", "baseline_summary", "ranking"} & set(slimmed)
 
 
 def test_arc_bound_is_the_best_arc_labelling():

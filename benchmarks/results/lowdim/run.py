@@ -19,10 +19,13 @@ The benchmark's own ``ArcFaceLoss`` / ``CosFaceLoss`` are PML's, with scale 64.
 
 Every other option is the benchmark's (``--help``). ``aggregate.py`` makes the tables.
 
-The tables committed in this folder were made by the benchmark as of commit 84402be (which
-an earlier version of this driver imported through ``git show``); today's benchmark draws
-its batches from per-(seed, epoch) generators and L2-normalises every embedding before
-k-NN, so a rerun gives other numbers (see summary.md).
+The runs and tables committed in this folder were made by this driver with the package and
+the benchmark of commit 47171cf (each results.json records its commit). The tables before
+that rerun (the benchmark as of 84402be, which an earlier version of this driver imported
+through ``git show``) are ``summary_before_rerun.json``; ``compare.py`` sets the two side
+by side (``rerun.md``). Today's benchmark draws its batches from per-(seed, epoch)
+generators, so a seed's numbers differ from the old run's; the means agree within twice
+the larger std.
 """
 
 from __future__ import annotations
