@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def finish(procs, timeout=300.0):
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
+            # Ask the hung ranks where they are (faulthandler, see DIAGNOSE) before killing
+            # them, so that a hang says where it happened.
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGUSR1)
+            time.sleep(2.0)
             for p, _ in procs:
                 if p.poll() is None:
                     p.kill()
@@ -90,9 +97,15 @@ def recipe(tmp_path, steps, ckpt_dir) -> Path:
     assert CONFIG in block, "the recipe's configuration line changed: update CONFIG"
     small = f"num_classes, dim, batch, steps, ckpt_every, ckpt_dir = 40, 8, 6, {steps}, 2, "
     script = tmp_path / f"recipe_{steps}_{Path(ckpt_dir).name}.py"
-    script.write_text(block.replace(CONFIG, small + repr(str(ckpt_dir))) + TEARDOWN_CHECK)
+    script.write_text(
+        DIAGNOSE + block.replace(CONFIG, small + repr(str(ckpt_dir))) + TEARDOWN_CHECK
+    )
     return script
 
+
+# Prepended to the recipe: SIGUSR1 prints every thread's Python stack (``finish`` sends it to
+# ranks that outlive their timeout, before killing them).
+DIAGNOSE = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
 
 # Appended to the recipe: its teardown must leave no gloo thread behind (one that outlives
 # the group can abort the process at exit, about one run in six), checked every time.
