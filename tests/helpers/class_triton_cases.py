@@ -14,11 +14,13 @@ from pml_extras.ops import class_lse
 from pml_extras.ops.tolerances import CLASS_KERNEL
 
 try:
-    import triton  # noqa: F401
+    import triton
 
+    from pml_extras.ops import _triton_common as tc
     from pml_extras.ops import class_lse_triton as clt
+    from pml_extras.ops._triton_common import fp32_matmul_precision
 except ImportError:  # pragma: no cover - triton is a test dependency on Linux
-    clt = None
+    triton = clt = tc = fp32_matmul_precision = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()

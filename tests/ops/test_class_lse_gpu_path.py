@@ -19,19 +19,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _sm90 import compile_for_sm90, nvidia_backend_or_skip  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from pml_extras.ops import class_lse, precision  # noqa: E402
-
-try:
-    import triton  # noqa: E402, F401
-
-    from pml_extras.ops import _triton_common as tc  # noqa: E402
-    from pml_extras.ops import class_lse_triton as clt  # noqa: E402
-    from pml_extras.ops._triton_common import fp32_matmul_precision  # noqa: E402
-except ImportError:  # pragma: no cover - triton is a test dependency on Linux
-    clt = tc = fp32_matmul_precision = None
 from class_triton_cases import (  # noqa: E402
     CUDA,
     INTERPRET,
@@ -39,12 +26,20 @@ from class_triton_cases import (  # noqa: E402
     PARAMS,
     SHAPES,
     check_all,
+    clt,
     dense_oracle,
+    fp32_matmul_precision,
     interpreted,
     make_case,
     needs_triton,
     rel_err,
+    tc,
+    triton,
 )
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pml_extras.ops import class_lse, precision  # noqa: E402
 
 _ALL_COMPILES = pytest.mark.skipif(
     os.environ.get("PML_EXTRAS_COMPILE_ALL") != "1",

@@ -34,18 +34,6 @@ if os.environ.get(_CHILD) == "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from pml_extras.ops import class_lse  # noqa: E402
-from pml_extras.ops.tolerances import CLASS_KERNEL, CLASS_MODULE_HALF  # noqa: E402
-
-try:
-    import triton  # noqa: E402, F401
-
-    from pml_extras.ops import _triton_common as tc  # noqa: E402
-    from pml_extras.ops import class_lse_triton as clt  # noqa: E402
-    from pml_extras.ops._triton_common import fp32_matmul_precision  # noqa: E402
-except ImportError:  # pragma: no cover - triton is a test dependency on Linux
-    clt = tc = fp32_matmul_precision = None
 from class_triton_cases import (  # noqa: E402
     INTERPRET,
     KINDS,
@@ -53,12 +41,16 @@ from class_triton_cases import (  # noqa: E402
     SHAPES,
     TOL,
     check_all,
+    clt,
     dense_oracle,
     interpreted,
     make_case,
     needs_triton,
     rel_err,
 )
+
+from pml_extras.ops import class_lse  # noqa: E402
+from pml_extras.ops.tolerances import CLASS_KERNEL, CLASS_MODULE_HALF  # noqa: E402
 
 _INTERPRETED_MODULES = (
     "ops/test_class_lse_gpu_path.py",

@@ -10,37 +10,17 @@ The real check on the real kernels: test_selfcheck_real_kernels.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import warnings
 
-_CHILD = "PML_EXTRAS_SELFCHECK_CHILD"
-if os.environ.get(_CHILD) == "1":
-    os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+import torch.nn.functional as F
+from selfcheck_fixtures import fresh_dispatch, load_script  # noqa: F401 (autouse)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from pml_extras.ops import class_lse, dispatch, pair_circle  # noqa: E402
-from pml_extras.ops import kernel_check as selfcheck  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-try:
-    import triton  # noqa: F401, E402
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - triton is a test dependency on Linux
-    HAVE_TRITON = False
-
-interpreted = pytest.mark.skipif(
-    not INTERPRET or not HAVE_TRITON,
-    reason="runs in a TRITON_INTERPRET=1 child process (test_interpreter_selfcheck_suite)",
-)
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-from selfcheck_fixtures import fresh_dispatch, load_script  # noqa: E402, F401 (autouse)
+from pml_extras.ops import class_lse, dispatch, pair_circle
+from pml_extras.ops import kernel_check as selfcheck
 
 # ------------------------------------------------------------- dispatch, stand-in check
 

@@ -41,8 +41,6 @@ interpreted = pytest.mark.skipif(
     not INTERPRET or not HAVE_TRITON,
     reason="runs in a TRITON_INTERPRET=1 child process (test_interpreter_selfcheck_suite)",
 )
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 from selfcheck_fixtures import fresh_dispatch, load_script  # noqa: E402, F401 (autouse)
 
 # ------------------------------------------------------- the real check (interpreter)
