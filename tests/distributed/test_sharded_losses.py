@@ -26,6 +26,7 @@ from _dist_harness import (  # noqa: E402
     close,
     module_reference,
     objective_reference,
+    objective_step,
 )
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.regularizers import LpRegularizer
@@ -213,14 +214,7 @@ def sampled_reference(case, sizes, steps, sampled, kind="circle", kw=None):
             t = update_t(t, target_cosine(F.normalize(x, dim=1), sub, y), kw["momentum"])
             per = curricular_face_loss(x, sub, y, t, 0.5, kw["scale"])
         rank_losses = [per[worker.rows(sizes, r)].mean() for r in range(world)]
-        (sum(rank_losses) / world).backward()
-        out["losses"].append(torch.stack(rank_losses).detach())
-        out["x_grad"].append(x.grad.clone())
-        out["w_grad"].append(weight.grad.clone())
-        out["t"].append(t.clone())
-        with torch.no_grad():
-            weight -= worker.LR * weight.grad
-        weight.grad = None
+        objective_step(out, rank_losses, x, weight, t)
     return out
 
 

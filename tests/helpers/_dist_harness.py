@@ -132,16 +132,21 @@ def objective_reference(kind, case, sizes, steps, kw, train=True, weights=None, 
                 lo, hi = ranges[r]
                 value = value + reg(weight[:, lo:hi].t())
             rank_losses.append(value)
-        total = sum(rank_losses) / world
-        total.backward()
-        out["losses"].append(torch.stack(rank_losses).detach())
-        out["x_grad"].append(x.grad.clone())
-        out["w_grad"].append(weight.grad.clone())
-        out["t"].append(t.clone())
-        with torch.no_grad():
-            weight -= worker.LR * weight.grad
-        weight.grad = None
+        objective_step(out, rank_losses, x, weight, t)
     return out
+
+
+def objective_step(out, rank_losses, x, weight, t):
+    """Backward of L = mean over ranks of ``rank_losses``; record (L_r, dL/dx, dL/dW, t)
+    in ``out`` and take the workers' SGD step on ``weight``."""
+    (sum(rank_losses) / len(rank_losses)).backward()
+    out["losses"].append(torch.stack(rank_losses).detach())
+    out["x_grad"].append(x.grad.clone())
+    out["w_grad"].append(weight.grad.clone())
+    out["t"].append(t.clone())
+    with torch.no_grad():
+        weight -= worker.LR * weight.grad
+    weight.grad = None
 
 
 def module_reference(kind, case, steps, kw):
