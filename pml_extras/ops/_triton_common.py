@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from typing import Iterable, Tuple
 
 import torch
@@ -21,6 +22,13 @@ try:  # triton >= 3.0
     from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
 except ImportError:  # pragma: no cover
     _InterpretedFunction = ()
+
+# Under the CPU interpreter, float32 -> bfloat16 casts round as the GPU's do (Triton 3.9's
+# interpreter truncates them): see _interpreter_rounding.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from ._interpreter_rounding import install as _install_rtne
+
+    _install_rtne()
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

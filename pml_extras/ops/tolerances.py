@@ -22,7 +22,16 @@ Entries are relative errors. Tuples are ``(loss, gradient)``. What each compares
     ``PAIR_KERNEL``. Float32 under TF32 gets the bfloat16 entry (TF32's 10-bit mantissa
     is finer than bf16's 7): :func:`kernel_tolerance`.
 ``CLASS_KERNEL``: the class kernels' interpreter tests, per operand dtype:
-    ``oracle`` (against float64 math) and ``torch`` (against the PyTorch path).
+    ``oracle`` (against the dense float32 oracle on the operand values) and ``torch``
+    (against the PyTorch path) for the gradients; ``lse`` for lse and the target cosine
+    against both: the two paths multiply the same operand values with float32 sums, so
+    these agree to float32 whatever the operand dtype (at most 1.9e-7 over seeds 0-7 x
+    3 transforms x bf16 W and float32 W; before the interpreter rounded float32 ->
+    bfloat16 as the GPU does, float32-stored W was 4e-3 off and a 1e-2 bound hid it:
+    :mod:`~pml_extras.ops._interpreter_rounding`). In bfloat16 the two paths round the
+    softmax weights at different points, and each gradient is up to 1.1e-2 from the
+    oracle at some seeds: at the fixed seeds of the tests they agree within ``torch``,
+    and the seed sweep holds each to the oracle.
 ``PAIR_KERNEL``: the pair kernels' interpreter tests, (loss rtol, gradient error
     relative to the largest entry) against the PyTorch path.
 ``GPU_GRAD``: gradients on a GPU against float64 (``tests/gpu/test_gpu.py``, a norm-wise
@@ -48,8 +57,8 @@ REFERENCE: Dict[str, Dict[torch.dtype, Tuple[float, float]]] = {
 }
 
 CLASS_KERNEL: Dict[torch.dtype, Dict[str, float]] = {
-    F32: dict(oracle=1e-4, torch=1e-4),
-    BF16: dict(oracle=2e-2, torch=1e-2),
+    F32: dict(oracle=1e-4, torch=1e-4, lse=1e-5),
+    BF16: dict(oracle=2e-2, torch=1e-2, lse=1e-5),
 }
 # The loss modules through both class paths (tests' TestInterpretedAutograd), bf16/fp16.
 CLASS_MODULE_HALF = 6e-2

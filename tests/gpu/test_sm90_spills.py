@@ -70,7 +70,20 @@ def ptxas_report(compiled) -> dict:
         "shared": compiled.metadata.shared,
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma_sync": ptx.count("mma.sync"),
+        "bf16_casts": bf16_casts(ptx),
     }
+
+
+def bf16_casts(ptx: str) -> dict:
+    """Opcodes (with counts) of the PTX's float32 -> bfloat16 conversions, e.g.
+    ``cvt.rn.bf16x2.f32``: the rounding the GPU applies where the kernels round to the
+    operand dtype (the interpreter is made to round alike: ops/_interpreter_rounding.py)."""
+    found: dict = {}
+    for line in ptx.splitlines():
+        op = (line.split() or [""])[0]
+        if op.startswith("cvt.") and op.endswith(".f32") and ".bf16" in op:
+            found[op] = found.get(op, 0) + 1
+    return found
 
 
 def _class_variants():
@@ -186,6 +199,21 @@ def test_bf16_kernels_do_not_spill(name, w, kernel, ptrs, consts, floats, cfg):
         f"{r['registers']} registers"
     )
     assert r["wgmma"] > 0, f"{name}: no wgmma instruction, the matmuls left the tensor cores"
+    # Every rounding to bf16 is to nearest even (cvt.rn), as torch's and the interpreter's.
+    assert all(op.startswith("cvt.rn.") for op in r["bf16_casts"]), r["bf16_casts"]
+
+
+def test_bf16_casts_reads_the_rounding():
+    ptx = "\n".join(
+        [
+            "\tcvt.rn.bf16x2.f32 \t%r1, %f1, %f2;",
+            "    cvt.rn.bf16.f32 %rs1, %f3;",
+            "    cvt.rz.bf16.f32 %rs2, %f4;",
+            "    cvt.f32.bf16 %f5, %rs3;",  # a widening: not a rounding
+            "    cvt.u64.u32 %rd1, %r2;",
+        ]
+    )
+    assert bf16_casts(ptx) == {"cvt.rn.bf16x2.f32": 1, "cvt.rn.bf16.f32": 1, "cvt.rz.bf16.f32": 1}
 
 
 def test_wgmma_overlap_reads_the_wait_groups():

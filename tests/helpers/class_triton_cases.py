@@ -138,8 +138,22 @@ TOL = CLASS_KERNEL
 
 
 def check_all(
-    x, W, target, row_param, kind, grad_lse, grad_cos, dtype, state_path=True, plain=False
+    x,
+    W,
+    target,
+    row_param,
+    kind,
+    grad_lse,
+    grad_cos,
+    dtype,
+    state_path=True,
+    plain=False,
+    compare_torch=True,
 ):
+    """Forward and backward through ``clt`` against the PyTorch path and the dense oracle
+    (TOL[dtype]). ``compare_torch`` False holds the gradients to the oracle only (see
+    ``CLASS_KERNEL`` in pml_extras/ops/tolerances.py: in bf16 the two paths' gradients are
+    each up to 1.1e-2 from it at some seeds); lse and cos_y are always held to both."""
     p0, p1 = PARAMS[kind]
     lse, cos_y, state = clt.forward(x, W, target, row_param, kind, p0, p1, need_state=True)
     if plain:  # the forward without u (NEED_U=False) gives the same outputs
@@ -172,12 +186,20 @@ def check_all(
         x, W, target, row_param, kind, p0, p1, grad_lse, grad_cos
     )
     tol = TOL[dtype]
+    # lse and cos_y: the same operand values and float32 sums on both sides (any dtype).
     for name, ours, torch_ref, oracle in (
         ("lse", lse, r_lse, o_lse),
         ("cos_y", cos_y, r_cos, o_cos),
+    ):
+        e_torch, e_oracle = rel_err(ours, torch_ref), rel_err(ours, oracle)
+        assert e_torch <= tol["lse"], f"{name} vs _forward/_backward_torch: {e_torch:.2e}"
+        assert e_oracle <= tol["lse"], f"{name} vs dense oracle: {e_oracle:.2e}"
+    for name, ours, torch_ref, oracle in (
         ("grad_x", grad_x, r_gx, o_gx),
         ("grad_w", grad_w, r_gw, o_gw),
     ):
-        e_torch, e_oracle = rel_err(ours, torch_ref), rel_err(ours, oracle)
-        assert e_torch <= tol["torch"], f"{name} vs _forward/_backward_torch: {e_torch:.2e}"
+        e_oracle = rel_err(ours, oracle)
         assert e_oracle <= tol["oracle"], f"{name} vs dense oracle: {e_oracle:.2e}"
+        if compare_torch:
+            e_torch = rel_err(ours, torch_ref)
+            assert e_torch <= tol["torch"], f"{name} vs _forward/_backward_torch: {e_torch:.2e}"
