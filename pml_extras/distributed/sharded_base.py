@@ -360,6 +360,8 @@ class _ShardedClassLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         # (each a host sync); their count is the one sync left: it sets how many columns
         # are kept, which must be a host int.
         hits = torch.zeros(num_local, dtype=torch.int32, device=device)
+        # int32 addition is exact in any order, so index_add_'s CUDA atomics give the same
+        # counts in every run: no fixed-order add (ops.class_common.add_rows_) is needed.
         hits.index_add_(0, local.clamp_min(0), owned.to(torch.int32))
         is_positive = hits > 0
         wanted = int(math.ceil(self.sample_rate * num_local - 1e-9))

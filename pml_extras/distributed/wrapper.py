@@ -214,9 +214,10 @@ class DistributedLossWrapper(torch.nn.Module):
       being sent again. This is the |W| all-reduce DDP would do;
     * the buffers (CurricularFace's ``t``, CenterLoss's ``update_rule="paper"`` centers)
       are broadcast from rank 0 at every training forward, as DDP's ``broadcast_buffers``
-      does: they are updated inside the forward, and on CUDA identical inputs do not give
-      bit-identical updates (``index_add_`` with duplicate labels uses atomics), so they
-      could drift apart. |b| per step;
+      does: they are updated inside the forward, and bit-identical updates on every rank
+      are not guaranteed (the center update sums duplicate labels in a fixed order, but
+      the kernels before it need not round alike on every rank: another GPU model,
+      cuBLAS on several streams), so they could drift apart. |b| per step;
     * ``check_every=K`` (> 0): every K-th training forward all-gathers a checksum of the
       parameters and buffers (float64 sum and 2-norm of each tensor) and raises a
       RuntimeError on every rank if they differ. Off by default; one small all-gather and

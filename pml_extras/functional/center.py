@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..ops.class_common import add_rows_
 from ._numerics import working_dtype
 
 # log(d) is evaluated at max(d, LOG_EPS): coincident points give a large but finite term.
@@ -104,8 +105,13 @@ def center_update(centers: Tensor, embeddings: Tensor, labels: Tensor, alpha: fl
     """
     x = embeddings.detach().to(centers.dtype)
     counts = torch.zeros(centers.shape[0], device=centers.device, dtype=centers.dtype)
+    # index_add_ adds with atomics on CUDA, in a varying order, but every addend here is
+    # 1: in any order the partial sums are 1, 2, 3, ..., exact in float32 up to 2^24, so
+    # the counts are the same in every run and need no fixed-order add.
     counts.index_add_(0, labels, torch.ones_like(labels, dtype=centers.dtype))
-    sum_x = torch.zeros_like(centers).index_add_(0, labels, x)
+    # The per-class sums do need one: add_rows_ sums a class's rows in a fixed order on
+    # CUDA (identical runs give bit-identical centers) and is index_add_ on CPU.
+    sum_x = add_rows_(torch.zeros_like(centers), labels, x)
     # sum_{y_i=j} (c_j - x_i) = n_j * c_j - sum_{y_i=j} x_i
     delta = (counts[:, None] * centers - sum_x) / (1.0 + counts[:, None])
     return centers - alpha * delta

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .class_common import add_rows_
 from .pair_circle_autograd import _BLOCK_ELEMS, _exp_above, exp_floor, pair_logits
 from .precision import accumulate_dtype
 
@@ -137,13 +138,16 @@ class _PairSimilarity(torch.autograd.Function):
             grad_y = grad_x
         else:
             grad_y = torch.zeros(y.shape, dtype=acc, device=y.device) if need_y else None
+        # A row of x collects every pair it appears in: add_rows_ sums them in a fixed order
+        # on CUDA (index_add_'s atomics would let the float32 sums vary between runs) and
+        # is index_add_ itself on CPU.
         for c0 in range(0, rows.shape[0], chunk):
             r, c = rows[c0 : c0 + chunk], cols[c0 : c0 + chunk]
             g = grad_s[c0 : c0 + chunk, None]
             if grad_x is not None:
-                grad_x.index_add_(0, r, y.index_select(0, c).to(acc).mul_(g))
+                add_rows_(grad_x, r, y.index_select(0, c).to(acc).mul_(g))
             if grad_y is not None:
-                grad_y.index_add_(0, c, x.index_select(0, r).to(acc).mul_(g))
+                add_rows_(grad_y, c, x.index_select(0, r).to(acc).mul_(g))
         if grad_x is not None:
             grad_x = grad_x.to(x.dtype)
         if same:

@@ -20,6 +20,7 @@ from pytorch_metric_learning.distances import (
     LpDistance,
     SNRDistance,
 )
+from sorted_add import record_only, take_cuda_branch
 
 from pml_extras.functional import center_loss, center_update, standalone_center_loss
 from pml_extras.losses import CenterLoss, StandaloneCenterLoss
@@ -164,6 +165,34 @@ def test_functional_center_update_matches_reference_and_does_not_mutate():
     new = center_update(centers, x, y, 0.5)
     assert torch.equal(x, x_copy) and torch.equal(centers, c_copy)
     assert_close(new, ref.center_update_paper(centers, x, y, 0.5), 1e-12, 1e-12, "update")
+
+
+def test_paper_update_uses_the_sorted_add_on_cuda(monkeypatch):
+    """With the tensors counted as CUDA, CenterLoss's paper update sums each class's
+    embeddings through add_rows_deterministic_ (one call per training forward, the batch's
+    labels and rows) and still equals Wen et al.'s update in float64; on CPU the path
+    never calls it, and evaluation mode no update at all."""
+    B, D, C = 11, 3, 4
+    x, centers0, y = make_data(B, D, C, seed=7)
+    y[:4] = torch.tensor([2, 2, 2, 0])  # a class with several rows
+    loss_fn = make_center(centers0, update_rule="paper", alpha=0.5)
+    loss_fn.train()
+    cpu_calls = record_only(monkeypatch, "add_rows_deterministic_")
+    loss_fn(x, y)
+    assert cpu_calls == []
+    expected = ref.center_update_paper(centers0, x, y, 0.5)
+    assert_close(loss_fn.centers, expected, 1e-12, 1e-12, "centers, CPU branch")
+    calls = take_cuda_branch(monkeypatch, "add_rows_deterministic_")
+    loss_fn(x, y)
+    assert len(calls) == 1
+    (call,) = calls
+    assert call.out_shape == (C, D) and call.src_shape == (B, D) and call.dtype == F64
+    assert torch.equal(call.index, y)
+    expected = ref.center_update_paper(expected, x, y, 0.5)
+    assert_close(loss_fn.centers, expected, 1e-12, 1e-12, "centers, CUDA branch")
+    loss_fn.eval()
+    loss_fn(x, y)
+    assert len(calls) == 1
 
 
 def test_gradient_update_rule_centers_learn_by_gradient():

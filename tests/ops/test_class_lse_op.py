@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from sorted_add import record_only, take_cuda_branch
 
 from pml_extras.ops import class_lse
 from pml_extras.ops.class_lse import class_logsumexp, default_chunk_size
@@ -97,6 +98,24 @@ BOUNDARY_TARGETS = torch.tensor([0, 2, 3, 5, 6, 8, 9, -1, 4, -1])
 def test_blockwise_equals_dense(kind, chunk):
     x, W, row_param = make_inputs(len(BOUNDARY_TARGETS), 6, 10, seed=chunk)
     compare(x, W, BOUNDARY_TARGETS, kind, chunk, row_param)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_target_column_grad_uses_the_sorted_add_on_cuda(monkeypatch, kind):
+    """With the tensors counted as CUDA, the torch path adds the target column's gradient
+    into d/dW through add_columns_deterministic_ (repeated labels: a fixed order there)
+    and still equals the dense float64 reference; on CPU it never calls it."""
+    target = torch.tensor([3, 3, 0, 3, -1, 7, 0, 3, 9, 7])  # repeats and a row without
+    x, W, row_param = make_inputs(len(target), 6, 10, seed=12)
+    cpu_calls = record_only(monkeypatch, "add_columns_deterministic_")
+    compare(x, W, target, kind, 4, row_param)
+    assert cpu_calls == []
+    calls = take_cuda_branch(monkeypatch, "add_columns_deterministic_")
+    compare(x, W, target, kind, 4, row_param)
+    assert len(calls) == 1
+    (call,) = calls
+    assert call.out_shape == (6, 10) and call.src_shape == (6, len(target))
+    assert torch.equal(call.index, target.clamp_min(0))  # no-target rows add zeros to 0
 
 
 @pytest.mark.parametrize("kind", KINDS)

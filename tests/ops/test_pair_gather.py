@@ -16,7 +16,9 @@ from pair_circle_cases import (
     random_subset_miner,
 )
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from sorted_add import record_only, take_cuda_branch
 
+from pml_extras.ops.class_common import add_rows_, add_rows_deterministic_
 from pml_extras.ops.pair_circle import (
     mined_pairs_circle_loss,
     pair_similarity,
@@ -121,6 +123,79 @@ def test_pair_similarity_no_pairs(dtype):
     assert s.shape == (0,) and s.dtype == torch.promote_types(dtype, torch.float32)
     s.sum().backward()
     assert x.grad.dtype == dtype and torch.equal(x.grad, torch.zeros_like(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient scatter's fixed-order add (CUDA branch), run on CPU
+
+
+@HYPO
+@given(
+    st.integers(0, 40),  # K rows to add: 0 is the empty index
+    st.integers(1, 5),  # N output rows: few, so that indices repeat
+    st.integers(1, 6),  # D
+    st.sampled_from(["contiguous", "transposed", "strided"]),
+    st.booleans(),  # an int32 index, which index_add_ also takes
+    st.integers(0, 2**31 - 1),
+)
+def test_deterministic_row_add_matches_index_add(K, N, D, layout, int32, seed):
+    """add_rows_deterministic_ (index_put_ with accumulate=True: the CUDA branch of
+    add_rows_), called directly on CPU, equals index_add_ along dim 0 in float64 with
+    repeated indices, an empty index and non-contiguous src; it writes in place and
+    returns its output."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(N, D, dtype=torch.float64, generator=g)
+    index = torch.randint(0, N, (K,), generator=g)
+    if int32:
+        index = index.int()
+    if layout == "transposed":
+        src = torch.randn(D, K, dtype=torch.float64, generator=g).t()
+    elif layout == "strided":
+        src = torch.randn(K, 2 * D, dtype=torch.float64, generator=g)[:, ::2]
+    else:
+        src = torch.randn(K, D, dtype=torch.float64, generator=g)
+    if layout != "contiguous" and K > 1 and D > 1:
+        assert not src.is_contiguous()
+    ref = out.clone().index_add_(0, index, src)
+    got = out.clone()
+    assert add_rows_deterministic_(got, index, src) is got
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if K == 0:
+        assert torch.equal(got, out)
+
+
+def test_row_add_is_index_add_on_cpu():
+    """On CPU add_rows_ is index_add_ bit for bit (the CPU numbers do not change); the
+    deterministic form agrees in bf16 to its rounding."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.tensor([0, 2, 2, 0, 1, 2, 2, 2, 2])
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.randn(3, 5, generator=g).to(dtype)
+        src = torch.randn(9, 5, generator=g).to(dtype)
+        got = add_rows_(out.clone(), index, src)
+        assert got.dtype == dtype and torch.equal(got, out.clone().index_add_(0, index, src))
+    exact = out.double().index_add_(0, index, src.double())
+    det = add_rows_deterministic_(out.clone(), index, src)
+    assert det.dtype == torch.bfloat16
+    torch.testing.assert_close(det.double(), exact, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["x_y", "y_is_x"])
+def test_pair_similarity_backward_uses_the_sorted_add_on_cuda(monkeypatch, same):
+    """With the tensors counted as CUDA, the backward scatters every chunk of pair
+    gradients through add_rows_deterministic_ (one call per chunk and side) and still
+    equals the float64 direct gather; on CPU it never calls it."""
+    x, y, rows, cols = pair_case(41, same, seed=25)
+    cpu_calls = record_only(monkeypatch, "add_rows_deterministic_")
+    check_against_direct(x, y, rows, cols, chunk=7)
+    assert cpu_calls == []
+    calls = take_cuda_branch(monkeypatch, "add_rows_deterministic_")
+    check_against_direct(x, y, rows, cols, chunk=7)
+    sides = 2  # grad_x and grad_y (one shared buffer when y is x)
+    assert len(calls) == sides * 6  # ceil(41 / 7) = 6 chunks
+    assert all(c.dtype == torch.float64 and c.src_shape[1] == x.shape[1] for c in calls)
+    assert torch.equal(torch.cat([c.index for c in calls[0::2]]), rows)  # into grad_x
+    assert torch.equal(torch.cat([c.index for c in calls[1::2]]), cols)  # into grad_y
 
 
 def half_accumulation_case(dtype, same):
