@@ -103,18 +103,23 @@ def center_update(centers: Tensor, embeddings: Tensor, labels: Tensor, alpha: fl
     delta c_j = sum_{y_i = j} (c_j - x_i) / (1 + n_j),   c_j <- c_j - alpha * delta c_j.
     Classes absent from the batch do not move.
     """
-    x = embeddings.detach().to(centers.dtype)
-    counts = torch.zeros(centers.shape[0], device=centers.device, dtype=centers.dtype)
+    # Counts and sums in float32 (float64 for float64 centers) whatever the centers'
+    # dtype: in bfloat16, a count past 256 would stop growing (256 + 1 rounds to 256) and
+    # a class's sum would lose its small addends. The result is returned in that dtype.
+    acc = torch.promote_types(centers.dtype, torch.float32)
+    c = centers.to(acc)
+    x = embeddings.detach().to(acc)
+    counts = torch.zeros(centers.shape[0], device=centers.device, dtype=acc)
     # index_add_ adds with atomics on CUDA, in a varying order, but every addend here is
     # 1: in any order the partial sums are 1, 2, 3, ..., exact in float32 up to 2^24, so
     # the counts are the same in every run and need no fixed-order add.
-    counts.index_add_(0, labels, torch.ones_like(labels, dtype=centers.dtype))
+    counts.index_add_(0, labels, torch.ones_like(labels, dtype=acc))
     # The per-class sums do need one: add_rows_ sums a class's rows in a fixed order on
     # CUDA (identical runs give bit-identical centers) and is index_add_ on CPU.
-    sum_x = add_rows_(torch.zeros_like(centers), labels, x)
+    sum_x = add_rows_(torch.zeros_like(c), labels, x)
     # sum_{y_i=j} (c_j - x_i) = n_j * c_j - sum_{y_i=j} x_i
-    delta = (counts[:, None] * centers - sum_x) / (1.0 + counts[:, None])
-    return centers - alpha * delta
+    delta = (counts[:, None] * c - sum_x) / (1.0 + counts[:, None])
+    return (c - alpha * delta).to(centers.dtype)
 
 
 def standalone_center_loss(

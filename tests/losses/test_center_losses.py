@@ -167,6 +167,23 @@ def test_functional_center_update_matches_reference_and_does_not_mutate():
     assert_close(new, ref.center_update_paper(centers, x, y, 0.5), 1e-12, 1e-12, "update")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_functional_center_update_counts_and_sums_in_float32(dtype):
+    """Half centers: a class with 300 rows of one batch (a count past bf16's 256) and
+    small embeddings; the update, computed in float32 and returned in the centers' dtype,
+    is the float64 reference rounded once (at most one ulp of the dtype away)."""
+    g = torch.Generator().manual_seed(3)
+    C, D = 3, 4
+    y = torch.cat([torch.zeros(300, dtype=torch.long), torch.tensor([1, 1, 2])])
+    x = torch.randn(y.numel(), D, generator=g) * 0.01 + 1.0
+    centers = (torch.randn(C, D, generator=g) * 0.1).to(dtype)
+    new = center_update(centers, x, y, 0.5)
+    assert new.dtype == dtype
+    want = ref.center_update_paper(centers, x, y, 0.5)
+    ulp = torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((new.double() - want).abs() <= ulp).all(), (new.double() - want).abs().max()
+
+
 def test_paper_update_uses_the_sorted_add_on_cuda(monkeypatch):
     """With the tensors counted as CUDA, CenterLoss's paper update sums each class's
     embeddings through add_rows_deterministic_ (one call per training forward, the batch's
