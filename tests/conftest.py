@@ -100,6 +100,7 @@ CORE_FILES = frozenset(
         "test_pair_circle_loss.py",
         "test_pair_circle_mined.py",
         "test_pair_gather.py",
+        "test_fixed_order.py",
         "test_pml_integration.py",
     }
 )

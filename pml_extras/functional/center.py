@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.class_common import add_rows_
+from ..ops.fixed_order import add_rows_, gather_rows, scatter_add_rows
 from ._numerics import working_dtype
 
 # log(d) is evaluated at max(d, LOG_EPS): coincident points give a large but finite term.
@@ -58,7 +58,9 @@ def center_distances(
     """(B,) distance d(x_i, c_{y_i}) = ||x_i - c_{y_i}||_p ** power, in float32 or wider."""
     dtype = working_dtype(embeddings, centers)
     x = _maybe_normalize(embeddings.to(dtype), p, normalize_embeddings)
-    c = _maybe_normalize(centers.index_select(0, labels).to(dtype), p, normalize_embeddings)
+    # gather_rows: on CUDA the gradient of a class's center sums its samples' terms in a
+    # fixed order (index_select's backward adds them with atomics).
+    c = _maybe_normalize(gather_rows(centers, labels).to(dtype), p, normalize_embeddings)
     return _lp_from_difference(x - c, p, power)
 
 
@@ -174,7 +176,7 @@ def standalone_center_loss(
     dtype = working_dtype(embeddings, ref_emb)
     x = _maybe_normalize(embeddings.to(dtype), p, normalize_embeddings)
     r = _maybe_normalize(ref_emb.to(dtype), p, normalize_embeddings)
-    d = _lp_from_difference(x.index_select(0, anchors) - r.index_select(0, refs), p, power)
-    inter = torch.zeros(batch, device=embeddings.device, dtype=d.dtype)
-    inter = inter.index_add(0, anchors, -log_term(d))
+    # An anchor's many pairs: summed in a fixed order on CUDA, forward and backward.
+    d = _lp_from_difference(gather_rows(x, anchors) - gather_rows(r, refs), p, power)
+    inter = scatter_add_rows(batch, anchors, -log_term(d))
     return intra, inter

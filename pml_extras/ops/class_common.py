@@ -4,11 +4,11 @@ gradient operand.
 
 The PyTorch path (:mod:`~pml_extras.ops.class_lse_autograd`) and the Triton launchers
 (:mod:`~pml_extras.ops.class_lse_triton`) both import these, so that they normalise alike
-and neither imports the other. Imports only :mod:`~pml_extras.ops.precision`.
+and neither imports the other. Imports only :mod:`~pml_extras.ops.precision` and
+:mod:`~pml_extras.ops.fixed_order`.
 
-The scatter-adds with a fixed order on CUDA (:func:`add_columns_`, :func:`add_rows_`) live
-here too: the pair gradients (:mod:`~pml_extras.ops.pair_gather`) and the center update
-(:mod:`pml_extras.functional.center`) use the row form, and both layers may import ops/.
+The target column's gradient goes into W with :func:`~.fixed_order.add_columns_`
+(a fixed order on CUDA); that module's names are re-exported here, their first home.
 """
 
 from __future__ import annotations
@@ -18,6 +18,13 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .fixed_order import (  # noqa: F401  (re-exported: their first home)
+    add_columns_,
+    add_columns_deterministic_,
+    add_rows_,
+    add_rows_deterministic_,
+    uses_sorted_add,
+)
 from .precision import EPS, accumulate_dtype, operand_dtype
 
 KINDS = ("circle", "curricular", "scaled")
@@ -110,67 +117,6 @@ def add_target_grad(x_hat, weight, target, grad_cos, grad_hat, grad_w, op) -> No
         g_wy = (g_wy - w_y * (g_wy * w_y).sum(1, keepdim=True)) * inv_norm_y[:, None]
         safe = torch.where(has_target, target, torch.zeros_like(target))
         add_columns_(grad_w, safe, g_wy.t().to(weight.dtype))
-
-
-# Why index_put_(accumulate=True) has a fixed order on CUDA, for every torch the package
-# declares (>= 2.4, CI: 2.4.1 and 2.13.0): aten's _index_put_impl_
-# (aten/src/ATen/native/TensorAdvancedIndexing.cpp) sends a CUDA tensor with accumulate=True
-# to index_put_with_sort_stub, which sorts the flattened indices (a stable radix sort) and
-# sums each run of equal indices in that sorted order (aten/src/ATen/native/cuda/Indexing.cu),
-# with no atomics. PyTorch itself relies on it: under torch.use_deterministic_algorithms(True),
-# CUDA's index_add_ (index_add_cuda_impl) calls index_put_(indices, source * alpha, True)
-# instead of its atomic kernel, and that function's docstring (torch/__init__.py, 2.13.0)
-# lists index_add on CUDA as made deterministic by the flag, and index_put with
-# accumulate=True as nondeterministic only on CPU.
-
-
-def uses_sorted_add(out: Tensor) -> bool:
-    """Whether :func:`add_columns_` / :func:`add_rows_` take the deterministic form for
-    ``out``: on CUDA, where ``index_add_`` adds with atomics. One function, so that tests on
-    CPU can make a tensor count as CUDA and run the modules' CUDA branch."""
-    return out.is_cuda
-
-
-def add_columns_deterministic_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """out[:, index[i]] += src[:, i] for every i, in place; returns ``out``.
-
-    Duplicate indices (several rows of a batch with one label) are summed in a fixed
-    order: ``index_put_(accumulate=True)`` on the transposed view, which CUDA runs as a
-    sort-based kernel, not with atomics (``index_add_``'s CUDA kernel adds with atomics,
-    so in bfloat16 the order of the additions, and so the rounded sum, varied between
-    runs)."""
-    out.t().index_put_((index,), src.t(), accumulate=True)
-    return out
-
-
-def add_columns_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """out[:, index[i]] += src[:, i]: :func:`add_columns_deterministic_` on CUDA;
-    ``index_add_`` elsewhere (deterministic on CPU, and the CPU path's values stay
-    bit-identical to what they were)."""
-    if uses_sorted_add(out):
-        return add_columns_deterministic_(out, index, src)
-    return out.index_add_(1, index, src)
-
-
-def add_rows_deterministic_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """out[index[i]] += src[i] for every i, in place; returns ``out``.
-
-    ``out`` (N, ...), ``index`` (K,) integers in [0, N), ``src`` (K, ...) of out's dtype.
-    Rows with one index (a batch's samples of one label, a row's many pairs) are summed
-    in a fixed order: ``index_put_(accumulate=True)``, a sort-based kernel on CUDA (see
-    the note above :func:`uses_sorted_add`), where ``index_add_``'s atomics let the rounded
-    float32 / bfloat16 sums vary between identical runs."""
-    out.index_put_((index.to(torch.long),), src, accumulate=True)
-    return out
-
-
-def add_rows_(out: Tensor, index: Tensor, src: Tensor) -> Tensor:
-    """out[index[i]] += src[i], i.e. ``out.index_add_(0, index, src)``:
-    :func:`add_rows_deterministic_` on CUDA; ``index_add_`` elsewhere (deterministic on
-    CPU, and the CPU values stay bit-identical to what they were)."""
-    if uses_sorted_add(out):
-        return add_rows_deterministic_(out, index, src)
-    return out.index_add_(0, index, src)
 
 
 def round_operand(t: Tensor, op: torch.dtype, dim: int):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .class_common import add_rows_
+from .fixed_order import add_rows_, scatter_add_rows
 from .pair_circle_autograd import _BLOCK_ELEMS, _exp_above, exp_floor, pair_logits
 from .precision import accumulate_dtype
 
@@ -87,7 +87,8 @@ def scatter_logsumexp(values: Tensor, index: Tensor, size: int) -> Tuple[Tensor,
         vmax = vmax.scatter_reduce(0, index, values, reduce="amax", include_self=True)
         shift = torch.where(has, vmax, 0.0)
     terms = _exp_above(values - shift[index], exp_floor(values.dtype))
-    sums = values.new_zeros(size).index_add(0, index, terms)
+    # A fixed order on CUDA for the bins' many terms (index_add's atomics would not).
+    sums = scatter_add_rows(size, index, terms)
     lse = torch.where(has, shift + torch.log(torch.where(has, sums, 1.0)), 0.0)
     return lse, has
 

@@ -18,7 +18,7 @@ from pair_circle_cases import (
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from sorted_add import record_only, take_cuda_branch
 
-from pml_extras.ops.class_common import add_rows_, add_rows_deterministic_
+from pml_extras.ops.fixed_order import add_rows_, add_rows_deterministic_
 from pml_extras.ops.pair_circle import (
     mined_pairs_circle_loss,
     pair_similarity,
