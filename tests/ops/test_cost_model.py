@@ -78,6 +78,31 @@ def test_floors_match_a_hand_count():
     assert cm.pair_floor(16384, 512) == pytest.approx(3 * 2 * 16384**2 * 512 / 989.4e12)
 
 
+def test_class_bound_matches_a_hand_count():
+    """Any fused class design at B=1024, D=512, C=1M bf16 on the H100: four matmuls of
+    2 * 1024 * 1e6 * 512 FLOPs at 989.4 TFLOP/s; the softmax's (19 + 22) ALU instructions
+    per logit at 128 lanes * 132 SMs * 1.83 GHz (above its 2 exp2 per logit at 16 per SM
+    per clock); the floor is three of the matmuls."""
+    mm = 2 * 1024 * 1e6 * 512 / 989.4e12
+    soft = 41 * 1024 * 1e6 / (128 * 132 * 1.83e9)
+    assert soft > 2 * 1024 * 1e6 / (16 * 132 * 1.83e9)
+    b = cm.class_bound(1024, 10**6, 512, "bf16", "bf16", cm.H100_SXM, target=1.5)
+    assert b.matmuls_s == pytest.approx(4 * mm, rel=1e-12)
+    assert b.softmax_s == pytest.approx(soft, rel=1e-12)
+    assert b.floor_s == pytest.approx(3 * mm, rel=1e-12)
+    assert b.hidden == pytest.approx(4 / 3, rel=1e-12)
+    assert b.exposed == pytest.approx((4 * mm + soft) / (3 * mm), rel=1e-12)
+    # 4 mm + (1 - o) soft = 1.5 * 3 mm  ->  o = 1 - 0.5 mm / soft
+    assert b.overlap_needed == pytest.approx(1 - 0.5 * mm / soft, rel=1e-12)
+    assert b.efficiency_needed == pytest.approx(4 / 4.5, rel=1e-12)
+    # Below 4/3 the matmuls alone miss the target: no overlap can reach it.
+    assert cm.class_bound(1024, 10**6, 512, target=1.3).overlap_needed is None
+    # A loose target needs no overlap at all.
+    assert cm.class_bound(1024, 10**6, 512, target=2.0).overlap_needed == 0.0
+    text = cm.describe_bound(b)
+    assert "1.33" in text and "1.76" in text and "61%" in text and "89%" in text
+
+
 def test_mma_and_occupancy_hand_counts():
     # 64 x 32 x 512 bf16 with 8 warps: 2 warpgroups of n16, 32 k16 steps, 2560 B each.
     assert cm.mma_smem_bytes(64, 32, 512, 2, 8) == 2 * 32 * (2048 + 512)

@@ -2,7 +2,8 @@
 
 Modules: ``roofline`` (hardware figures, :class:`KernelCost`, :func:`predict`), ``ptxas_figures``
 (registers, spills and shared memory from ptxas), ``class_kernels`` and ``pair_kernels`` (each
-design's launches and the matmul floor), ``report`` (the table for the target cases).
+design's launches and the matmul floor), ``bounds`` (what any fused class design can reach),
+``report`` (the table for the target cases).
 
 Every time this module returns is a PREDICTION from published peak figures and the
 assumptions below, not a measurement. It exists so that a kernel design can be judged
@@ -66,6 +67,7 @@ Least certain inputs, in order: L2 bandwidth (+-30 %), the shared-memory term (w
 every wgmma re-reads both operands from shared memory at 128 B/clk), and ``overlap``.
 """
 
+from .bounds import ClassBound, class_bound, describe_bound
 from .class_kernels import (
     CUBLAS_FRACTION,
     CURRENT_CLASS,
@@ -116,6 +118,7 @@ from .roofline import (
 __all__ = [
     "ALU_PER_LOGIT_CLASS_BWD", "ALU_PER_LOGIT_CLASS_FWD", "ALU_PER_PAIR_BWD", "ALU_PER_PAIR_FWD",
     "CLASS_CASES", "CLASS_DESIGNS", "CUBLAS_FRACTION", "CURRENT_CLASS", "CURRENT_PAIR",
+    "ClassBound", "class_bound", "describe_bound",
     "DTYPE_BYTES", "GB", "GPUS", "H100_SXM", "H200", "KB", "MMA_SYNC_FRACTION", "PAIR_CASES",
     "PAIR_DESIGNS", "PAIR_V1", "PAIR_V2", "PAIR_V2_BUILT", "PTXAS_SM90", "V1", "V2", "V2_BWD64",
     "V2_FULL", "V3",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from .bounds import class_bound, describe_bound
 from .class_kernels import (
     V1,
     V2,
@@ -92,3 +93,6 @@ def main() -> None:
     for design in PAIR_DESIGNS:
         print(f"\npair, design {design.name}, B=16384 D=512 bf16 on the H100 SXM:")
         print(describe(pair_kernels(16384, 512, "bf16", design), H100_SXM))
+    print("\nany fused class design (four B*C*D matmuls, no stored logits), B=1024 D=512")
+    print("C=1M bf16 on the H100 SXM (bounds.py; the same ratios at C=100k and on the H200):")
+    print(describe_bound(class_bound(1024, 1_000_000, 512, "bf16", "bf16", H100_SXM)))
