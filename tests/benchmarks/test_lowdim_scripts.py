@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -42,11 +43,101 @@ def test_aggregate_means_stds_and_points_against_softmax(tmp_path, monkeypatch):
     monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
     aggregate.main()
     text = (tmp_path / "summary.md").read_text()
-    # X: mean 0.75, population std 0.05; softmax mean 0.85, so -10.0 points.
-    assert "| X | 2 | 0.750 ± 0.050 | -10.0 | 0.375 ± 0.025 |" in text
-    assert "| Y | 1 | diverged in 1 of 1 seeds |  | n/a |" in text
+    # X: mean 0.75 of two seeds, sample std 0.1/sqrt(2), t_{0.975,1} = 12.706: half-width
+    # 12.706 * 0.0707 / sqrt(2) = 0.635. Same-seed differences from softmax: -0.1 at both
+    # seeds, so -10.0 points with (numerically) no spread: worse.
+    assert "| X | 2 | 0.750 [0.115, 1.385] | -10.0 [-10.0, -10.0] worse |" in text
+    # MAP@R (acc / 2 here): 0.35, 0.40 -> half-width 12.706 * 0.0354 / sqrt(2) = 0.318
+    assert "| 0.375 [0.057, 0.693] | -5.0 [-5.0, -5.0] worse |" in text
+    assert "| Y | 1 | diverged in 1 of 1 seeds | n/a | n/a | n/a |" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["digits-2d"]["Softmax"]["acc"] == pytest.approx(0.85)
+    # the old fields stay: the population std (0.05), which compare.py reads
+    assert summary["digits-2d"]["X"]["acc"] == pytest.approx(0.75)
+    assert summary["digits-2d"]["X"]["acc_std"] == pytest.approx(0.05)
+    assert summary["digits-2d"]["X"]["map_at_r_std"] == pytest.approx(0.025)
+    assert summary["digits-2d"]["X"]["acc_vs_softmax_ci95"]["seeds"] == [0, 1]
+
+
+def test_t975_is_students_quantile():
+    # Tables of Student's t, two-sided 95 %.
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042)):
+        assert aggregate.t975(df) == pytest.approx(t, abs=5e-4)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            aggregate.t975(bad)
+
+
+def test_ci95_against_a_hand_computation():
+    c = aggregate.ci95([0.1, 0.2, None, 0.3])  # None (a diverged seed) is left out
+    # mean 0.2, sample std (ddof=1) 0.1, half-width t_{0.975,2} * 0.1 / sqrt(3), t = 4.303
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert c["n"] == 3 and c["mean"] == pytest.approx(0.2) and c["sd"] == pytest.approx(0.1)
+    assert c["t"] == pytest.approx(4.303, abs=5e-4)
+    assert c["half_width"] == pytest.approx(half, rel=1e-4)
+    assert c["lo"] == pytest.approx(0.2 - half, abs=1e-4)
+    assert c["hi"] == pytest.approx(0.2 + half, abs=1e-4)
+    assert aggregate.fmt_ci(c) == f"0.200 [{0.2 - half:.3f}, {0.2 + half:.3f}]"
+    # with 3 seeds the half-width is 2.48 sample stds, as the tables' header says
+    assert c["half_width"] / c["sd"] == pytest.approx(2.48, abs=5e-3)
+
+
+def test_ci95_of_one_seed_is_no_interval():
+    c = aggregate.ci95([0.7])
+    assert c["mean"] == pytest.approx(0.7) and c["n"] == 1
+    assert c["half_width"] is None and c["lo"] is None and c["hi"] is None
+    assert aggregate.fmt_ci(c) == "0.700 (n = 1, no interval)"
+    p = aggregate.paired_ci95({0: 0.7, 1: None}, {0: 0.6, 1: 0.6})
+    assert p["verdict"] is None and p["seeds"] == [0]
+    assert aggregate.fmt_diff(p) == "+10.0 (n = 1, no interval)"
+    empty = aggregate.ci95([None, None])
+    assert empty["n"] == 0 and aggregate.fmt_ci(empty) == "n/a"
+
+
+def test_paired_difference_uses_same_seed_differences():
+    ref = {0: 0.70, 1: 0.80, 2: 0.90, 3: 0.50}
+    loss = {0: 0.72, 1: 0.81, 2: 0.92, 3: None}  # seed 3 diverged: not paired
+    p = aggregate.paired_ci95(loss, ref)
+    # differences 0.02, 0.01, 0.02: mean 0.01667, sample std 0.005774, half-width
+    # 4.303 * 0.005774 / sqrt(3) = 0.01434 -> [0.0023, 0.0310]: better. The unpaired means
+    # (0.817 and 0.800, each with a sample std near 0.1) could not tell them apart.
+    assert p["seeds"] == [0, 1, 2] and p["n"] == 3
+    assert p["mean"] == pytest.approx(0.05 / 3)
+    assert p["sd"] == pytest.approx(math.sqrt(1 / 3) / 100, rel=1e-6)
+    assert p["half_width"] == pytest.approx(4.303 * math.sqrt(1 / 3) / 100 / math.sqrt(3), rel=1e-4)
+    assert p["verdict"] == "better"
+    assert aggregate.fmt_diff(p) == "+1.7 [+0.2, +3.1] better"
+    worse = aggregate.paired_ci95(ref, loss)
+    assert worse["verdict"] == "worse" and worse["mean"] == pytest.approx(-0.05 / 3)
+    # differences 0.02, -0.01, 0.03: mean 0.0133, interval [-0.025, 0.051]: not resolved
+    mixed = aggregate.paired_ci95({0: 0.72, 1: 0.79, 2: 0.93}, ref)
+    assert mixed["verdict"] == "not resolved" and mixed["lo"] < 0 < mixed["hi"]
+    assert aggregate.fmt_diff(mixed).endswith("]")
+
+
+def test_aggregate_leaves_out_and_counts_diverged_seeds(tmp_path, monkeypatch):
+    for seed, (soft, x) in enumerate(((0.80, 0.10), (0.90, 0.92), (0.85, 0.88))):
+        write_run(tmp_path, "digits-3d", seed, [("Softmax", soft, False), ("X", x, False)])
+    # seed 0 of X diverged but still wrote metrics: they must not count
+    path = tmp_path / "digits-3d" / "seed0" / "results.json"
+    res = json.loads(path.read_text())
+    res["losses"][1]["diverged"] = {"epoch": 3}
+    res["losses"][1]["metrics"] = {"acc": 0.10, "mean_average_precision_at_r": 0.05}
+    path.write_text(json.dumps(res))
+    monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
+    aggregate.main()
+    x = json.loads((tmp_path / "summary.json").read_text())["digits-3d"]["X"]
+    assert x["diverged_seeds"] == 1 and x["acc_ci95"]["n"] == 2
+    assert x["acc"] == pytest.approx(0.90) and x["acc_ci95"]["mean"] == pytest.approx(0.90)
+    # paired over seeds 1 and 2 only: differences +0.02, +0.03
+    assert x["acc_vs_softmax_ci95"]["seeds"] == [1, 2]
+    assert x["acc_vs_softmax_ci95"]["mean"] == pytest.approx(0.025)
+    half = 12.706 * statistics.stdev([0.92, 0.88]) / math.sqrt(2)
+    row = [ln for ln in (tmp_path / "summary.md").read_text().splitlines() if "| X |" in ln][0]
+    assert row.startswith(
+        f"| X | 3 | diverged in 1 of 3 seeds; the others 0.900 [{0.9 - half:.3f}, "
+        f"{0.9 + half:.3f}] | +2.5 ["
+    )
 
 
 def test_aggregate_keeps_the_unnormalised_map_at_r(tmp_path, monkeypatch):
