@@ -296,6 +296,38 @@ def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, mon
     assert "commit abcdef1" in out.read_text()
 
 
+def test_sweep_summary_pairs_variants_seed_by_seed(tmp_path, monkeypatch):
+    def write(folder, seed, accs):
+        path = tmp_path / folder / f"seed{seed}"
+        path.mkdir(parents=True)
+        runs = [{"loss": k, "metrics": {"acc": a}, "diverged": a is None} for k, a in accs]
+        (path / "results.json").write_text(json.dumps({"losses": runs}))
+
+    soft, sc, short = (0.80, 0.70, 0.90), (0.70, 0.61, 0.80), (0.73, 0.62, 0.83)
+    for seed in range(3):
+        write("sweeps/digits-2d", seed, [("Softmax", soft[seed]), ("scA", sc[seed])])
+        write("other", seed, [("short", short[seed]), ("Softmax", soft[seed] + (seed == 2))])
+    (tmp_path / "sweeps.md").write_text("## Sweep A (2-D)\n")
+    monkeypatch.setattr(sweep_summary, "HERE", str(tmp_path))
+    monkeypatch.setattr(sweep_summary, "PAIRS", [("other", "short", "sweeps/digits-2d", "scA")])
+    same = [("sweeps/digits-2d", "Softmax", "other", "Softmax")]
+    monkeypatch.setattr(sweep_summary, "SAME_RUNS", same)
+    out = tmp_path / "sweeps_rerun.md"
+    sweep_summary.main(["--old", str(tmp_path / "sweeps.md"), "--out", str(out)])
+    rows = table_rows(out, "| ")
+    # scA - Softmax: -0.10, -0.09, -0.10 -> mean -9.67 points, sample std 0.577 points,
+    # half-width 4.303 * 0.577 / sqrt(3) = 1.43: [-11.1, -8.2], worse
+    assert rows["scA"][10] == "-9.7 [-11.1, -8.2] worse"
+    assert rows["Softmax"][10] == "(reference)"
+    # scA's own interval: mean 0.7033, sample std 0.0950, half-width 0.236
+    assert rows["scA"][9] == "0.703 [0.467, 0.939]"
+    # across folders: short - scA = +0.03, +0.01, +0.03 -> +2.33, sd 1.155, half 2.87
+    pair = [r for k, r in rows.items() if k.startswith("`other` short")]
+    assert pair and pair[0][4] == "0, 1, 2" and pair[0][5] == "+2.3 [-0.5, +5.2]"
+    text = out.read_text()
+    assert "`sweeps/digits-2d` Softmax and `other` Softmax: DIFFERENT" in text
+
+
 def test_slim_drops_only_derived_fields_logs_and_sweep_tables(tmp_path):
     run = {
         "losses": [{"loss": "X", "metrics": {"acc": 0.5}, "epoch_losses": [1.23456789, 2.0]}],
