@@ -140,6 +140,27 @@ def test_aggregate_leaves_out_and_counts_diverged_seeds(tmp_path, monkeypatch):
     )
 
 
+def test_aggregate_pairs_each_variant_with_its_base(tmp_path, monkeypatch):
+    rows = {
+        0: [("Softmax", 0.8, False), ("A", 0.70, False), ("A(paper)", 0.50, False)],
+        1: [("Softmax", 0.8, False), ("A", 0.80, False), ("A(paper)", 0.62, False)],
+        2: [("Softmax", 0.8, False), ("A", 0.90, False), ("A(paper)", 0.70, False)],
+    }
+    for seed, losses in rows.items():
+        write_run(tmp_path, "digits-2d", seed, losses + [("B", 0.6, False), ("B(x)", 0.6, False)])
+    monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
+    aggregate.main()
+    text = (tmp_path / "summary.md").read_text()
+    # A(paper) - A: -0.20, -0.18, -0.20 -> mean -19.33 points, sample std 1.155 points,
+    # half-width 4.303 * 1.155 / sqrt(3) = 2.87: [-22.2, -16.5], worse. MAP@R is acc / 2.
+    assert "| A(paper) | A | -19.3 [-22.2, -16.5] worse | -9.7 [-11.1, -8.2] worse |" in text
+    # the same numbers at every seed: no interval of zero width, but what it is
+    assert "| B(x) | B | 0 (identical at every seed) | 0 (identical at every seed) |" in text
+    entry = json.loads((tmp_path / "summary.json").read_text())["digits-2d"]["A(paper)"]
+    assert entry["base"] == "A" and entry["acc_vs_base_ci95"]["verdict"] == "worse"
+    assert entry["acc_vs_base_ci95"]["mean"] == pytest.approx(-0.58 / 3)
+
+
 def test_aggregate_keeps_the_unnormalised_map_at_r(tmp_path, monkeypatch):
     for seed, raw in ((0, 0.4), (1, 0.6)):
         path = tmp_path / "digits-2d" / f"seed{seed}"
