@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -347,6 +348,35 @@ def test_sweep_summary_pairs_variants_seed_by_seed(tmp_path, monkeypatch):
     assert pair and pair[0][4] == "0, 1, 2" and pair[0][5] == "+2.3 [-0.5, +5.2]"
     text = out.read_text()
     assert "`sweeps/digits-2d` Softmax and `other` Softmax: DIFFERENT" in text
+
+
+INTERVAL = re.compile(r"([+-]?\d+\.\d+) \[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]")
+
+
+def intervals(text):
+    """Every ``mean [lo, hi]`` of a text, the Unicode minus read as "-"."""
+    return set(INTERVAL.findall(text.replace("\u2212", "-")))
+
+
+def test_docs_and_readme_cite_intervals_of_the_generated_tables():
+    """Every interval docs/low_dim.md and the README's low-dim bullet quote is one that
+    aggregate.py (summary.md) or sweep_summary.py (sweeps_rerun.md) wrote, sign included."""
+    tables = set()
+    for name in ("summary.md", "sweeps_rerun.md"):
+        with open(os.path.join(LOWDIM, name)) as f:
+            tables |= intervals(f.read())
+    with open(os.path.join(ROOT, "docs", "low_dim.md")) as f:
+        page = intervals(f.read())
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    bullet = readme[readme.index("**Low-dimensional embeddings**") :]
+    bullet = bullet[: bullet.index("\n- **")]
+    cited = intervals(bullet)
+    assert len(page) >= 40 and len(cited) >= 4
+    assert page - tables == set() and cited - tables == set()
+    # no mean ± std left where a reader would take it for an interval
+    assert "±" not in bullet
+    assert not any("± " in ln for ln in open(os.path.join(ROOT, "docs", "low_dim.md")))
 
 
 def test_slim_drops_only_derived_fields_logs_and_sweep_tables(tmp_path):
