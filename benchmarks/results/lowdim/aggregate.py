@@ -159,7 +159,9 @@ HEADER = [
     "**Intervals.** `mean [lo, hi]`: the mean over the seeds that finished and the 95 % "
     "confidence interval of that mean, Student t with n − 1 degrees of freedom and the "
     "sample std s (ddof = 1): mean ± t·s/√n. With n = 3, t = 4.303: the half-width is "
-    "2.48 s. One seed: no interval. Diverged seeds are left out and counted.",
+    "2.48 s. One seed: no interval. Diverged seeds are left out and counted. The "
+    "intervals are symmetric and not clipped, so a widely scattered cell can reach past "
+    "1 or below 0.",
     "",
     "**vs softmax** (points): the *paired* same-seed difference loss − softmax, its mean "
     "and 95 % t-interval over the seeds both finished. A seed fixes the network's "
