@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 
@@ -42,11 +44,122 @@ def test_aggregate_means_stds_and_points_against_softmax(tmp_path, monkeypatch):
     monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
     aggregate.main()
     text = (tmp_path / "summary.md").read_text()
-    # X: mean 0.75, population std 0.05; softmax mean 0.85, so -10.0 points.
-    assert "| X | 2 | 0.750 ± 0.050 | -10.0 | 0.375 ± 0.025 |" in text
-    assert "| Y | 1 | diverged in 1 of 1 seeds |  | n/a |" in text
+    # X: mean 0.75 of two seeds, sample std 0.1/sqrt(2), t_{0.975,1} = 12.706: half-width
+    # 12.706 * 0.0707 / sqrt(2) = 0.635. Same-seed differences from softmax: -0.1 at both
+    # seeds, so -10.0 points with (numerically) no spread: worse.
+    assert "| X | 2 | 0.750 [0.115, 1.385] | -10.0 [-10.0, -10.0] worse |" in text
+    # MAP@R (acc / 2 here): 0.35, 0.40 -> half-width 12.706 * 0.0354 / sqrt(2) = 0.318
+    assert "| 0.375 [0.057, 0.693] | -5.0 [-5.0, -5.0] worse |" in text
+    assert "| Y | 1 | diverged in 1 of 1 seeds | n/a | n/a | n/a |" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["digits-2d"]["Softmax"]["acc"] == pytest.approx(0.85)
+    # the old fields stay: the population std (0.05), which compare.py reads
+    assert summary["digits-2d"]["X"]["acc"] == pytest.approx(0.75)
+    assert summary["digits-2d"]["X"]["acc_std"] == pytest.approx(0.05)
+    assert summary["digits-2d"]["X"]["map_at_r_std"] == pytest.approx(0.025)
+    assert summary["digits-2d"]["X"]["acc_vs_softmax_ci95"]["seeds"] == [0, 1]
+
+
+def test_t975_is_students_quantile():
+    # Tables of Student's t, two-sided 95 %.
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (5, 2.571), (10, 2.228), (30, 2.042)):
+        assert aggregate.t975(df) == pytest.approx(t, abs=5e-4)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            aggregate.t975(bad)
+
+
+def test_ci95_against_a_hand_computation():
+    c = aggregate.ci95([0.1, 0.2, None, 0.3])  # None (a diverged seed) is left out
+    # mean 0.2, sample std (ddof=1) 0.1, half-width t_{0.975,2} * 0.1 / sqrt(3), t = 4.303
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert c["n"] == 3 and c["mean"] == pytest.approx(0.2) and c["sd"] == pytest.approx(0.1)
+    assert c["t"] == pytest.approx(4.303, abs=5e-4)
+    assert c["half_width"] == pytest.approx(half, rel=1e-4)
+    assert c["lo"] == pytest.approx(0.2 - half, abs=1e-4)
+    assert c["hi"] == pytest.approx(0.2 + half, abs=1e-4)
+    assert aggregate.fmt_ci(c) == f"0.200 [{0.2 - half:.3f}, {0.2 + half:.3f}]"
+    # with 3 seeds the half-width is 2.48 sample stds, as the tables' header says
+    assert c["half_width"] / c["sd"] == pytest.approx(2.48, abs=5e-3)
+
+
+def test_ci95_of_one_seed_is_no_interval():
+    c = aggregate.ci95([0.7])
+    assert c["mean"] == pytest.approx(0.7) and c["n"] == 1
+    assert c["half_width"] is None and c["lo"] is None and c["hi"] is None
+    assert aggregate.fmt_ci(c) == "0.700 (n = 1, no interval)"
+    p = aggregate.paired_ci95({0: 0.7, 1: None}, {0: 0.6, 1: 0.6})
+    assert p["verdict"] is None and p["seeds"] == [0]
+    assert aggregate.fmt_diff(p) == "+10.0 (n = 1, no interval)"
+    empty = aggregate.ci95([None, None])
+    assert empty["n"] == 0 and aggregate.fmt_ci(empty) == "n/a"
+
+
+def test_paired_difference_uses_same_seed_differences():
+    ref = {0: 0.70, 1: 0.80, 2: 0.90, 3: 0.50}
+    loss = {0: 0.72, 1: 0.81, 2: 0.92, 3: None}  # seed 3 diverged: not paired
+    p = aggregate.paired_ci95(loss, ref)
+    # differences 0.02, 0.01, 0.02: mean 0.01667, sample std 0.005774, half-width
+    # 4.303 * 0.005774 / sqrt(3) = 0.01434 -> [0.0023, 0.0310]: better. The unpaired means
+    # (0.817 and 0.800, each with a sample std near 0.1) could not tell them apart.
+    assert p["seeds"] == [0, 1, 2] and p["n"] == 3
+    assert p["mean"] == pytest.approx(0.05 / 3)
+    assert p["sd"] == pytest.approx(math.sqrt(1 / 3) / 100, rel=1e-6)
+    assert p["half_width"] == pytest.approx(4.303 * math.sqrt(1 / 3) / 100 / math.sqrt(3), rel=1e-4)
+    assert p["verdict"] == "better"
+    assert aggregate.fmt_diff(p) == "+1.7 [+0.2, +3.1] better"
+    worse = aggregate.paired_ci95(ref, loss)
+    assert worse["verdict"] == "worse" and worse["mean"] == pytest.approx(-0.05 / 3)
+    # differences 0.02, -0.01, 0.03: mean 0.0133, interval [-0.025, 0.051]: not resolved
+    mixed = aggregate.paired_ci95({0: 0.72, 1: 0.79, 2: 0.93}, ref)
+    assert mixed["verdict"] == "not resolved" and mixed["lo"] < 0 < mixed["hi"]
+    assert aggregate.fmt_diff(mixed).endswith("]")
+
+
+def test_aggregate_leaves_out_and_counts_diverged_seeds(tmp_path, monkeypatch):
+    for seed, (soft, x) in enumerate(((0.80, 0.10), (0.90, 0.92), (0.85, 0.88))):
+        write_run(tmp_path, "digits-3d", seed, [("Softmax", soft, False), ("X", x, False)])
+    # seed 0 of X diverged but still wrote metrics: they must not count
+    path = tmp_path / "digits-3d" / "seed0" / "results.json"
+    res = json.loads(path.read_text())
+    res["losses"][1]["diverged"] = {"epoch": 3}
+    res["losses"][1]["metrics"] = {"acc": 0.10, "mean_average_precision_at_r": 0.05}
+    path.write_text(json.dumps(res))
+    monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
+    aggregate.main()
+    x = json.loads((tmp_path / "summary.json").read_text())["digits-3d"]["X"]
+    assert x["diverged_seeds"] == 1 and x["acc_ci95"]["n"] == 2
+    assert x["acc"] == pytest.approx(0.90) and x["acc_ci95"]["mean"] == pytest.approx(0.90)
+    # paired over seeds 1 and 2 only: differences +0.02, +0.03
+    assert x["acc_vs_softmax_ci95"]["seeds"] == [1, 2]
+    assert x["acc_vs_softmax_ci95"]["mean"] == pytest.approx(0.025)
+    half = 12.706 * statistics.stdev([0.92, 0.88]) / math.sqrt(2)
+    row = [ln for ln in (tmp_path / "summary.md").read_text().splitlines() if "| X |" in ln][0]
+    assert row.startswith(
+        f"| X | 3 | diverged in 1 of 3 seeds; the others 0.900 [{0.9 - half:.3f}, "
+        f"{0.9 + half:.3f}] | +2.5 ["
+    )
+
+
+def test_aggregate_pairs_each_variant_with_its_base(tmp_path, monkeypatch):
+    rows = {
+        0: [("Softmax", 0.8, False), ("A", 0.70, False), ("A(paper)", 0.50, False)],
+        1: [("Softmax", 0.8, False), ("A", 0.80, False), ("A(paper)", 0.62, False)],
+        2: [("Softmax", 0.8, False), ("A", 0.90, False), ("A(paper)", 0.70, False)],
+    }
+    for seed, losses in rows.items():
+        write_run(tmp_path, "digits-2d", seed, losses + [("B", 0.6, False), ("B(x)", 0.6, False)])
+    monkeypatch.setattr(aggregate, "HERE", str(tmp_path))
+    aggregate.main()
+    text = (tmp_path / "summary.md").read_text()
+    # A(paper) - A: -0.20, -0.18, -0.20 -> mean -19.33 points, sample std 1.155 points,
+    # half-width 4.303 * 1.155 / sqrt(3) = 2.87: [-22.2, -16.5], worse. MAP@R is acc / 2.
+    assert "| A(paper) | A | -19.3 [-22.2, -16.5] worse | -9.7 [-11.1, -8.2] worse |" in text
+    # the same numbers at every seed: no interval of zero width, but what it is
+    assert "| B(x) | B | 0 (identical at every seed) | 0 (identical at every seed) |" in text
+    entry = json.loads((tmp_path / "summary.json").read_text())["digits-2d"]["A(paper)"]
+    assert entry["base"] == "A" and entry["acc_vs_base_ci95"]["verdict"] == "worse"
+    assert entry["acc_vs_base_ci95"]["mean"] == pytest.approx(-0.58 / 3)
 
 
 def test_aggregate_keeps_the_unnormalised_map_at_r(tmp_path, monkeypatch):
@@ -203,6 +316,67 @@ def test_sweep_summary_reads_old_tables_and_flags_changed_defaults(tmp_path, mon
     saved = json.loads((tmp_path / "sweeps" / "digits-2d" / "seed0" / "results.json").read_text())
     assert "step_losses" not in saved["losses"][0] and saved["losses"][0]["metrics"]["acc"] == 0.7
     assert "commit abcdef1" in out.read_text()
+
+
+def test_sweep_summary_pairs_variants_seed_by_seed(tmp_path, monkeypatch):
+    def write(folder, seed, accs):
+        path = tmp_path / folder / f"seed{seed}"
+        path.mkdir(parents=True)
+        runs = [{"loss": k, "metrics": {"acc": a}, "diverged": a is None} for k, a in accs]
+        (path / "results.json").write_text(json.dumps({"losses": runs}))
+
+    soft, sc, short = (0.80, 0.70, 0.90), (0.70, 0.61, 0.80), (0.73, 0.62, 0.83)
+    for seed in range(3):
+        write("sweeps/digits-2d", seed, [("Softmax", soft[seed]), ("scA", sc[seed])])
+        write("other", seed, [("short", short[seed]), ("Softmax", soft[seed] + (seed == 2))])
+    (tmp_path / "sweeps.md").write_text("## Sweep A (2-D)\n")
+    monkeypatch.setattr(sweep_summary, "HERE", str(tmp_path))
+    monkeypatch.setattr(sweep_summary, "PAIRS", [("other", "short", "sweeps/digits-2d", "scA")])
+    same = [("sweeps/digits-2d", "Softmax", "other", "Softmax")]
+    monkeypatch.setattr(sweep_summary, "SAME_RUNS", same)
+    out = tmp_path / "sweeps_rerun.md"
+    sweep_summary.main(["--old", str(tmp_path / "sweeps.md"), "--out", str(out)])
+    rows = table_rows(out, "| ")
+    # scA - Softmax: -0.10, -0.09, -0.10 -> mean -9.67 points, sample std 0.577 points,
+    # half-width 4.303 * 0.577 / sqrt(3) = 1.43: [-11.1, -8.2], worse
+    assert rows["scA"][10] == "-9.7 [-11.1, -8.2] worse"
+    assert rows["Softmax"][10] == "(reference)"
+    # scA's own interval: mean 0.7033, sample std 0.0950, half-width 0.236
+    assert rows["scA"][9] == "0.703 [0.467, 0.939]"
+    # across folders: short - scA = +0.03, +0.01, +0.03 -> +2.33, sd 1.155, half 2.87
+    pair = [r for k, r in rows.items() if k.startswith("`other` short")]
+    assert pair and pair[0][4] == "0, 1, 2" and pair[0][5] == "+2.3 [-0.5, +5.2]"
+    text = out.read_text()
+    assert "`sweeps/digits-2d` Softmax and `other` Softmax: DIFFERENT" in text
+
+
+INTERVAL = re.compile(r"([+-]?\d+\.\d+) \[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]")
+
+
+def intervals(text):
+    """Every ``mean [lo, hi]`` of a text, the Unicode minus read as "-"."""
+    return set(INTERVAL.findall(text.replace("\u2212", "-")))
+
+
+def test_docs_and_readme_cite_intervals_of_the_generated_tables():
+    """Every interval docs/low_dim.md and the README's low-dim bullet quote is one that
+    aggregate.py (summary.md) or sweep_summary.py (sweeps_rerun.md) wrote, sign included."""
+    tables = set()
+    for name in ("summary.md", "sweeps_rerun.md"):
+        with open(os.path.join(LOWDIM, name)) as f:
+            tables |= intervals(f.read())
+    with open(os.path.join(ROOT, "docs", "low_dim.md")) as f:
+        page = intervals(f.read())
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    bullet = readme[readme.index("**Low-dimensional embeddings**") :]
+    bullet = bullet[: bullet.index("\n- **")]
+    cited = intervals(bullet)
+    assert len(page) >= 40 and len(cited) >= 4
+    assert page - tables == set() and cited - tables == set()
+    # no mean ± std left where a reader would take it for an interval
+    assert "±" not in bullet
+    assert not any("± " in ln for ln in open(os.path.join(ROOT, "docs", "low_dim.md")))
 
 
 def test_slim_drops_only_derived_fields_logs_and_sweep_tables(tmp_path):

@@ -6,8 +6,10 @@ Old: ``summary_before_rerun.json`` (summary.json as committed at 47171cf, byte f
 ``git show 47171cf:benchmarks/results/lowdim/summary.json``; made with the packages of
 eef64c2 / b5b53c0 and the benchmark as of 84402be). New: ``summary.json`` (aggregate.py
 over the runs in this folder). For every (data set, dimension, loss) cell, accuracy and
-MAP@R: old and new mean ± std over seeds, the difference in points, and whether
-``|new - old| <= k * max(old std, new std)`` for k = 1 (the issue's test) and k = 2.
+MAP@R: old and new mean ± population std over seeds (the seeds' spread, not a confidence
+interval: those are in summary.md), the difference in points, and whether
+``|new - old| <= k * max(old std, new std)`` for k = 1 (the issue's test) and k = 2. This
+is a consistency check of the rerun, not a significance test.
 
 Why k = 2 too: the stds are population stds of 3 seeds, and the rerun's seeds draw other
 batches than the old runs' seeds did (today's benchmark draws from per-(seed, epoch)
@@ -161,7 +163,11 @@ def main(argv=None) -> str:
     lines += [f"- {line}" for line in provenance(os.path.dirname(os.path.abspath(args.new)))]
     lines += [
         "",
-        "Mean ± population std over seeds 0-2. *Δ*: new − old, in points. *1×* / *2×*: "
+        "**What this is**: a consistency check of the rerun against the old tables, not "
+        "a confidence interval and not a significance test. Each cell: mean ± *population "
+        "std* (ddof = 0) over seeds 0-2, i.e. the seeds' spread (the 95 % confidence "
+        "intervals of the means, and the paired differences against softmax, are in "
+        "`summary.md`). *Δ*: new − old, in points. *1×* / *2×*: "
         "`|new − old| <= k · max(old std, new std)`. With 3 independent seeds a side, "
         f"a cell whose distribution did not change is called *disagree* with probability "
         f"{rates[1]:.2f} at 1× and {rates[2]:.2f} at 2× (Monte Carlo, normal seeds). "

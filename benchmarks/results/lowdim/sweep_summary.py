@@ -13,7 +13,15 @@ B's; C' for the loss-lr runs; Sweep E for Fashion-MNIST).
 A variant is *like-for-like* only when its name fixes every argument that changed since
 the old sweep; the others run today's defaults for what they leave out, so their old and
 new rows are different configurations (the reason is given), and their verdict is only
-shown for reference. Verdicts as in compare.py: ``|new - old| <= k * max(stds)``.
+shown for reference. Verdicts as in compare.py: ``|new - old| <= k * max(stds)``, a
+consistency check of the rerun with population stds (ddof=0), not a confidence interval.
+
+The intervals (aggregate.py's definitions): each new row's 95 % t-interval of the mean, its
+paired same-seed difference against the setup's Softmax where the setup has one, and, in
+"Paired differences", the contrasts that docs/low_dim.md cites (``PAIRS``), some of them
+against a run of another folder: a seed gives every loss the same initialisation and
+batches in every invocation (``retrieval_bench/training.py``), which ``SAME_RUNS`` checks
+on configurations that two folders both hold.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import os
 import re
 import statistics
 
+from aggregate import ci95, fmt_ci, fmt_diff, paired_ci95
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SETUPS = {  # folder -> (title, which old sections count)
     "sweeps/digits-2d": ("digits 2-D", lambda s: "(2-D)" in s and "C'" not in s),
@@ -33,6 +43,26 @@ SETUPS = {  # folder -> (title, which old sections count)
     "sweep-e": ("Fashion-MNIST 2-D (Sweep E)", lambda s: s.startswith("Sweep E")),
 }
 DROP = ("step_losses", "epoch_losses")
+# (folder, variant, reference folder, reference variant): the comparisons docs/low_dim.md
+# makes, as paired same-seed differences of accuracy.
+PAIRS = [
+    ("sweeps/digits-2d", "scE_spreadL0.05", "sweeps/digits-2d", "scA"),
+    ("sweeps/digits-3d", "scE_spreadL0.05", "sweeps/digits-3d", "scA"),
+    ("sweep-e", "scE_spreadL0.05", "fashion-mnist-2d", "SparseCircleLoss"),
+    ("sweep-e", "cfE_spreadL0.05", "sweep-e", "cfE_spreadG"),
+    ("sweep-e", "cfE_order", "sweep-e", "cfE_spreadL0.05"),
+    ("sweep-e", "cfE_spreadG", "fashion-mnist-2d", "Softmax"),
+    ("sweep-e", "cfE_spreadL0.05", "fashion-mnist-2d", "Softmax"),
+    ("sweeps/digits-2d-loss-lr0.001", "scA", "sweeps/digits-2d", "Softmax"),
+]
+# The same configuration in two folders: identical per-seed accuracy shows that a seed's
+# run does not depend on the invocation, which the cross-folder pairs above rely on.
+SAME_RUNS = [
+    ("sweeps/digits-2d", "Softmax", "digits-2d", "Softmax"),
+    ("sweeps/digits-2d", "scA", "digits-2d", "SparseCircleLoss"),
+    ("sweeps/digits-2d", "cfA", "digits-2d", "CurricularFaceLoss"),
+    ("sweeps/digits-3d", "scA", "digits-3d", "SparseCircleLoss"),
+]
 
 
 def strip(path: str) -> None:
@@ -99,6 +129,58 @@ def fmt_hp(hp: dict) -> str:
     return ", ".join(parts)
 
 
+def vs_softmax(name: str, accs: dict, soft) -> str:
+    if soft is None:
+        return "no Softmax here"
+    return "(reference)" if name == "Softmax" else fmt_diff(paired_ci95(accs, soft))
+
+
+def per_seed(folder: str, variant: str):
+    """{seed: accuracy or None (diverged)} of one variant in one folder; None if absent."""
+    e = collect(folder).get(variant)
+    return None if e is None else dict(e["seeds"])
+
+
+def paired_section() -> list:
+    """The contrasts of ``PAIRS`` whose runs are here, and the ``SAME_RUNS`` check."""
+    rows = []
+    for folder, variant, ref_folder, ref in PAIRS:
+        a, b = per_seed(folder, variant), per_seed(ref_folder, ref)
+        if a is None or b is None:
+            continue
+        p = paired_ci95(a, b)
+        rows.append(
+            f"| `{folder}` {variant} | `{ref_folder}` {ref} | {fmt_ci(ci95(a.values()))} "
+            f"| {fmt_ci(ci95(b.values()))} | {', '.join(map(str, p['seeds']))} "
+            f"| {fmt_diff(p)} |"
+        )
+    if not rows:
+        return []
+    lines = [
+        "## Paired differences",
+        "",
+        "Accuracy, variant − reference in points: mean and 95 % t-interval of the same-seed "
+        "differences (*better* / *worse*: the interval excludes 0; no word: not separated "
+        "with these seeds). Each side's own mean [95 % CI] for scale.",
+        "",
+        "| variant | reference | variant [95 % CI] | reference [95 % CI] | seeds "
+        "| difference, points [95 % CI] |",
+        "|---|---|---:|---:|---|---:|",
+        *rows,
+        "",
+    ]
+    checks = []
+    for folder, variant, ref_folder, ref in SAME_RUNS:
+        a, b = per_seed(folder, variant), per_seed(ref_folder, ref)
+        if a is not None and b is not None:
+            same = "identical" if a == b else "DIFFERENT"
+            checks.append(f"`{folder}` {variant} and `{ref_folder}` {ref}: {same}")
+    if checks:
+        lines += ["Same configuration, two invocations, seed for seed: " + "; ".join(checks)]
+        lines.append("")
+    return lines
+
+
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--strip", action="store_true", help="drop step/epoch losses first")
@@ -118,11 +200,15 @@ def main(argv=None) -> str:
         "--seed S --losses VARIANTS --threads 1 --no-progress --no-plots --out FOLDER/seedS` "
         "(Sweep C' adds `--loss-lr 0.001`), VARIANTS the rows of its table; the "
         "`command` in results.json names `retrieval.py`, which sweep.py drives with its "
-        "variants registered. Accuracy of the loss's logits, mean ± population "
-        "std over seeds 0-2. Old: `sweeps.md` (section in brackets). *1×* / *2×*: "
-        "`|new − old| <= k · max(stds)` (see `rerun.md` for the chance of a false "
-        "*disagree*); a verdict in brackets is for reference only: that row is not "
-        "like-for-like.",
+        "variants registered. Accuracy of the loss's logits over seeds 0-2. *old* / *new*: "
+        "mean ± population std (ddof = 0: the seeds' spread, not a confidence interval). "
+        "Old: `sweeps.md` (section in brackets). *1×* / *2×*: a consistency check of the "
+        "rerun, not a significance test: `|new − old| <= k · max(stds)` (see `rerun.md` "
+        "for the chance of a false *disagree*); a verdict in brackets is for reference "
+        "only: that row is not like-for-like. *new [95 % CI]*: the mean and its 95 % "
+        "Student t-interval (sample std, ddof = 1; n = 3: t = 4.303, half-width 2.48 "
+        "sample stds). *vs Softmax*: the paired same-seed difference from the setup's "
+        "Softmax and its 95 % t-interval (*better* / *worse* only where it excludes 0).",
         "",
     ]
     for folder, (title, wanted) in SETUPS.items():
@@ -136,9 +222,11 @@ def main(argv=None) -> str:
             "",
             f"Runs in `{folder}/`, commit {', '.join(commits)}.",
             "",
-            "| Variant | hparams | old | new | seeds | Δ (points) | 1× | 2× | like-for-like |",
-            "|---|---|---:|---:|---|---:|---|---|---|",
+            "| Variant | hparams | old | new | seeds | Δ (points) | 1× | 2× | like-for-like "
+            "| new [95 % CI] | vs Softmax, points [95 % CI, paired] |",
+            "|---|---|---:|---:|---|---:|---|---|---|---:|---:|",
         ]
+        soft = dict(runs["Softmax"]["seeds"]) if "Softmax" in runs else None
         for name, e in runs.items():
             accs = [a for _, a in sorted(e["seeds"]) if a is not None]
             if not accs:
@@ -161,9 +249,12 @@ def main(argv=None) -> str:
                     v1, v2 = f"({v1})", f"({v2})"
             lines.append(
                 f"| {name} | {fmt_hp(e['hparams'])} | {old_txt} | {new_txt} | {seeds} | {delta} "
-                f"| {v1} | {v2} | {'yes' if same else 'no: ' + why} |"
+                f"| {v1} | {v2} | {'yes' if same else 'no: ' + why} "
+                f"| {fmt_ci(ci95(a for _, a in e['seeds']))} "
+                f"| {vs_softmax(name, dict(e['seeds']), soft)} |"
             )
         lines.append("")
+    lines += paired_section()
     text = "\n".join(lines)
     with open(args.out, "w") as f:
         f.write(text)
