@@ -27,6 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from reference import dense_class_logsumexp  # noqa: E402
 
 from pml_extras.ops import class_lse  # noqa: E402
+from pml_extras.ops.tolerances import CLASS_KERNEL  # noqa: E402
 
 try:
     import triton  # noqa: F401, E402
@@ -54,7 +55,7 @@ def test_interpreter_child():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"interpreted hybrid tests failed:\n{out[-6000:]}"
     passed = re.search(r"(\d+) passed", out.strip().splitlines()[-1])
-    assert passed and int(passed.group(1)) >= 15, out[-3000:]
+    assert passed and int(passed.group(1)) >= 19, out[-3000:]
 
 
 def _problem(batch, dim, classes, dtype, seed=0):
@@ -87,14 +88,59 @@ def _both(x, w, target, row_param, kind, p0, p1, chunk, op=None):
     return ref, ours
 
 
-def _close(ref, ours, rtol):
+def _close(ref, ours, rtol, grad_rtol=None):
+    """Relative errors (to each output's largest entry) within ``rtol``; the gradients
+    within ``grad_rtol`` when given (16-bit operands, see ``_GRAD_RTOL``)."""
     for name, a, b in zip(("lse", "cos_y", "grad_x", "grad_w"), ref, ours):
         assert b.dtype == a.dtype and b.shape == a.shape, name
         a, b = a.double(), b.double()
         assert torch.isfinite(b[torch.isfinite(a)]).all(), name
         scale = a[torch.isfinite(a)].abs().max().clamp_min(1e-30)
         err = (a - b).nan_to_num(0.0).abs().max() / scale
-        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
+        tol = grad_rtol if (grad_rtol is not None and name.startswith("grad")) else rtol
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+# The gradients with 16-bit operands. bf16: the hybrid rounds G / ||w|| for
+# grad x_hat = (G / ||w||) W^T where the torch path rounds G and W / ||w|| apart (the
+# fused kernels' P-side scale does the same), and its epilogue rounds G / ||x|| in
+# Triton: the fused kernels' bound against the torch path, tolerances.CLASS_KERNEL
+# (worst measured over seeds 0-5, both shapes, all kinds, with round-to-nearest casts:
+# grad_x 8.9e-3, grad_w 7.8e-4; autocast 5.8e-3 / 1.4e-4). float16 keeps the torch
+# path's rounding points (scaled, in PyTorch): a bound of its own, two float16 ulps of
+# the largest entry (measured 3.5e-4). The forward outputs keep 2e-5 in every dtype.
+_GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: CLASS_KERNEL[torch.bfloat16]["torch"]}
+_FP16_GRAD_RTOL = 1e-3
+
+
+def _interpreter_truncates() -> bool:
+    """Whether this Triton interpreter truncates float32 -> bfloat16 casts (triton 3.9's
+    does; a GPU rounds to nearest even). Then the in-kernel roundings of the bf16 tests
+    differ from torch's by up to one bf16 ulp, beyond the bound above."""
+    if not INTERPRET or hyb is None:
+        return False
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, Y):
+        tl.store(Y, tl.load(X).to(tl.bfloat16))
+
+    x = torch.tensor([1.0 + 2.0**-8 + 2.0**-12])  # nearest bf16: 1 + 2^-7
+    y = torch.empty(1, dtype=torch.bfloat16)
+    cast[(1,)](x, y)
+    return bool(y.item() != x.bfloat16().item())
+
+
+# float32 W rounded to bf16 operands (autocast) inside the kernels (W's norms, the
+# radial projection) and by torch (the matmul's cast) disagree on a truncating
+# interpreter (measured: 0.28 relative on grad W); another branch patches the
+# interpreter to round to nearest even, as the GPU does. Strict: once it rounds, the
+# test must pass and this marker goes.
+needs_rounding_casts = pytest.mark.xfail(
+    _interpreter_truncates(),
+    reason="the Triton interpreter truncates float32 -> bfloat16 (the GPU rounds)",
+    strict=True,
+)
 
 
 @interpreted
@@ -106,8 +152,17 @@ class TestInterpretedHybrid:
         """Odd shapes, several chunks (the last partial), cos = +-1 rows, a -1 target."""
         x, w, target, row_param = _problem(*shape, dtype)
         ref, ours = _both(x, w, target, row_param, kind, p0, p1, chunk=128)
-        _close(ref, ours, 2e-5)
+        _close(ref, ours, 2e-5, _GRAD_RTOL[dtype])
 
+    @pytest.mark.parametrize("kind,p0,p1", KINDS, ids=[k[0] for k in KINDS])
+    def test_float16_keeps_the_scaled_rounding(self, kind, p0, p1):
+        """float16 operands: the epilogue writes float32 G and the torch path's scaled
+        roundings follow in PyTorch, so the rounding points are the torch path's."""
+        x, w, target, row_param = _problem(41, 33, 401, torch.float16, seed=2)
+        ref, ours = _both(x, w, target, row_param, kind, p0, p1, chunk=128)
+        _close(ref, ours, 2e-5, _FP16_GRAD_RTOL)
+
+    @needs_rounding_casts
     def test_tensor_p1_and_autocast(self):
         """CurricularFace's t as a 0-d tensor, under autocast (fp32 inputs, bf16 operands)."""
         x, w, target, row_param = _problem(41, 33, 401, torch.float32)
@@ -115,7 +170,7 @@ class TestInterpretedHybrid:
             op = class_lse.operand_dtype(x, w)
         assert op == torch.bfloat16
         ref, ours = _both(x, w, target, row_param, "curricular", 16.0, torch.tensor(0.3), 64, op)
-        _close(ref, ours, 2e-5)
+        _close(ref, ours, 2e-5, _GRAD_RTOL[torch.bfloat16])
 
     def test_matches_float64_reference(self):
         """fp32 against the dense float64 reference: lse, cos_y and both gradients (rows
