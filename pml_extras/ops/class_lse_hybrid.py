@@ -68,7 +68,19 @@ from .class_lse_triton_tiles import KIND_IDS as _KIND_IDS
 from .class_lse_triton_tiles import NEG_BIG
 
 assert set(_KIND_IDS) == set(KINDS)
-DEFAULT_CHUNK = 8192  # classes per chunk: B * chunk float32 logits stay in L2 at B = 1024
+DEFAULT_CHUNK = 8192  # classes per chunk at B <= 1024
+# Larger batches take narrower chunks, so that the (B, chunk) float32 raw products (and
+# the backward's two operand-dtype copies) stay in L2 (32 MB of raw): cost_model's
+# hybrid_chunk is the same rule.
+_L2_ELEMS = 1 << 23
+
+
+def default_chunk(batch: int) -> int:
+    """Classes per chunk for ``batch`` rows: 8192 up to B = 1024, then 8M / B, at least
+    256."""
+    return max(256, min(DEFAULT_CHUNK, _L2_ELEMS // max(batch, 1)))
+
+
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 INTERPRETED = is_interpreted(fwd_epilogue_kernel)
@@ -138,7 +150,7 @@ def forward(x, weight, target, row_param, kind, p0, p1, *, op_dtype=None, chunk=
     """(lse, cos_y), both (B,) float32, as ``class_lse._forward_torch``."""
     s = _Setup(x, weight, target, row_param, kind, p1, op_dtype)
     batch, num_classes = x.shape[0], weight.shape[1]
-    chunk = chunk or DEFAULT_CHUNK
+    chunk = chunk or default_chunk(batch)
     m_run = torch.full((batch,), NEG_BIG.value, device=x.device, dtype=torch.float32)
     l_run = torch.zeros(batch, device=x.device, dtype=torch.float32)
     p1_ptr, p1_value, p1_is_ptr = s.scalars()
@@ -161,7 +173,7 @@ def backward(
     """(grad_x in x.dtype, grad_w in weight.dtype), as ``class_lse._backward_torch``."""
     s = _Setup(x, weight, target, row_param, kind, p1, op_dtype)
     batch, num_classes = x.shape[0], weight.shape[1]
-    chunk = chunk or DEFAULT_CHUNK
+    chunk = chunk or default_chunk(batch)
     op, acc = s.op, s.acc
     grad_lse = grad_lse.to(acc).contiguous()
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(acc).contiguous()
@@ -216,4 +228,4 @@ def _half_glue(g: Tensor, w_op: Tensor, inv: Tensor, s: _Setup, grad_hat: Tensor
     return grad_w_hat if gx_scale is None else grad_w_hat.mul_(gx_scale)
 
 
-__all__ = ["DEFAULT_CHUNK", "backward", "forward"]
+__all__ = ["DEFAULT_CHUNK", "backward", "default_chunk", "forward"]

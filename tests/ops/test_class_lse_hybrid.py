@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 _CHILD = "PML_EXTRAS_HYBRID_INTERPRET_CHILD"
 if os.environ.get(_CHILD) == "1":
@@ -235,3 +236,134 @@ def test_hybrid_needs_a_triton_device():
     x, w, target, _ = _problem(5, 8, 20, torch.float32)
     with pytest.raises(RuntimeError, match="impl='hybrid' needs the triton package"):
         class_lse.class_logsumexp(x, w, target, "circle", 1.0, 0.25, impl="hybrid")
+
+
+# ------------------------------------------------ impl="auto": the cost model's choice
+
+CUDA0 = torch.device("cuda", 0)
+# (B, C, D) where the model predicts the fused kernels faster (the issue's case) and
+# where it predicts the hybrid faster (D = 2048: the fused kernels split D over programs
+# and recompute the logits per slice); bf16 operands and W.
+FUSED_SHAPE, HYBRID_SHAPE = (1024, 100_000, 512), (1024, 100_000, 2048)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA devices where Triton imports and the kernels' self-check passes (no device
+    needed: only the dispatch is exercised), as tests/ops/test_selfcheck.py does."""
+    from pml_extras.ops import dispatch
+    from pml_extras.ops import kernel_check as selfcheck
+
+    dispatch._reset()
+    monkeypatch.setattr(dispatch, "_import_error", lambda device, family=None: None)
+    monkeypatch.setattr(dispatch, "tf32_enabled", lambda: False)
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(dispatch, "check_kernels", True)
+    monkeypatch.delenv(dispatch.SKIP_ENV, raising=False)
+    passed = SimpleNamespace(passed=True)
+    monkeypatch.setattr(selfcheck, "run_kernel_check", lambda *args: passed)
+    yield dispatch
+    dispatch._reset()
+
+
+def _auto(dispatch, shape, op=torch.bfloat16, w=torch.bfloat16, device=CUDA0):
+    return dispatch.resolve_impl(
+        "auto", device, op, family="class_lse", operand=op, storage=w, shape=shape
+    )
+
+
+def test_auto_picks_by_the_cost_model(fake_gpu):
+    """On CUDA, "auto" takes whichever of the fused kernels and the hybrid (both as built)
+    the model predicts faster for the call's shapes and dtypes: both outcomes, and each
+    agrees with the model's totals (so an inverted comparison goes red)."""
+    from pml_extras.ops import cost_model as cm
+
+    for shape, expected in ((FUSED_SHAPE, "triton"), (HYBRID_SHAPE, "hybrid")):
+        b, c, d = shape
+        fused = cm.total(cm.class_kernels(b, c, d, "bf16", "bf16", cm.CURRENT_CLASS), cm.H100_SXM)
+        hybrid = cm.total(cm.hybrid_class_kernels(b, c, d, "bf16", "bf16", as_built=True),
+                          cm.H100_SXM)  # fmt: skip
+        assert (hybrid < fused) == (expected == "hybrid")
+        assert _auto(fake_gpu, shape) == expected
+    # No shape (a direct caller): the fused kernels, as before.
+    assert _auto(fake_gpu, None) == "triton"
+    # The family without a hybrid never gets it.
+    assert fake_gpu.resolve_impl("auto", CUDA0, torch.bfloat16, family="pair_circle") == "triton"
+
+
+def test_auto_model_choice_is_cached_and_follows_the_gpu(fake_gpu, monkeypatch):
+    """Cached per (B, C, D, operand dtype, W dtype, GPU): the model is consulted once per
+    key; the H200's figures where the device name says H200."""
+    from pml_extras.ops import cost_model as cm
+
+    calls = []
+    real = cm.hybrid_class_kernels
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["hw"].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm, "hybrid_class_kernels", counted)
+    for _ in range(3):
+        _auto(fake_gpu, HYBRID_SHAPE)
+    assert calls == ["H100 SXM"]
+    _auto(fake_gpu, HYBRID_SHAPE, w=torch.float32)  # another W dtype: another key
+    monkeypatch.setattr(fake_gpu, "_gpu_name", lambda device: "NVIDIA H200")
+    _auto(fake_gpu, HYBRID_SHAPE)
+    assert calls == ["H100 SXM", "H100 SXM", "H200"]
+
+
+def test_auto_never_picks_a_hybrid_that_cannot_run(fake_gpu, monkeypatch):
+    """Without torch.mm(out_dtype=) (torch < 2.8), "auto" keeps the fused kernels where
+    the model prefers the hybrid, and impl="hybrid" on CUDA says why it cannot run; the
+    same where the hybrid's module does not import; on CPU "auto" stays torch."""
+    assert _auto(fake_gpu, HYBRID_SHAPE) == "hybrid"
+    monkeypatch.setattr(fake_gpu, "mm_has_out_dtype", lambda: False)
+    assert _auto(fake_gpu, HYBRID_SHAPE) == "triton"
+    with pytest.raises(RuntimeError, match=r"torch.mm\(\.\.\., out_dtype=torch.float32\)"):
+        fake_gpu.resolve_impl("hybrid", CUDA0, torch.bfloat16, family="class_lse")
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        fake_gpu,
+        "_import_error",
+        lambda device, family=None: "no module" if family == "hybrid" else None,
+    )
+    monkeypatch.setattr(fake_gpu, "check_kernels", False)
+    monkeypatch.setattr(fake_gpu, "tf32_enabled", lambda: False)
+    assert _auto(fake_gpu, HYBRID_SHAPE) == "triton"
+    cpu = torch.device("cpu")
+    assert _auto(fake_gpu, HYBRID_SHAPE, device=cpu) == "torch"
+
+
+def test_auto_needs_the_class_kernels_self_check(fake_gpu, monkeypatch):
+    """Where the class kernels fail their self-check, "auto" is PyTorch, hybrid shape or
+    not (the hybrid shares the check's transforms and epilogue arithmetic)."""
+    from pml_extras.ops import kernel_check as selfcheck
+
+    failed = SimpleNamespace(passed=False, describe=lambda: "stand-in failure.",
+                             device="cuda:0", dtype="bfloat16")  # fmt: skip
+    monkeypatch.setattr(selfcheck, "run_kernel_check", lambda *args: failed)
+    with pytest.warns(fake_gpu.KernelCheckWarning):
+        assert _auto(fake_gpu, HYBRID_SHAPE) == "torch"
+
+
+def test_mm_out_dtype_probe_matches_this_torch():
+    """The probe says what this torch's torch.mm signature says."""
+    from pml_extras.ops import dispatch
+
+    has = any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+    assert dispatch.mm_has_out_dtype() == has
+
+
+def test_class_logsumexp_gives_the_dispatch_its_shape(monkeypatch):
+    """The public op passes (B, C, D) to resolve_impl, so "auto" can ask the model."""
+    seen = {}
+
+    def resolve(impl, device, dtype, **kwargs):
+        seen.update(kwargs)
+        return "torch"
+
+    monkeypatch.setattr(class_lse, "resolve_impl", resolve)
+    x, w, target, _ = _problem(7, 12, 50, torch.float32)
+    class_lse.class_logsumexp(x, w, target, "scaled", 8.0)
+    assert seen["shape"] == (7, 50, 12)

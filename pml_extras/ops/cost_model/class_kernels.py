@@ -268,6 +268,12 @@ def class_floor(batch, classes, dim, op="bf16", w_dtype=None, hw=H100_SXM) -> fl
 CUBLAS_FRACTION = 0.8
 
 
+def hybrid_chunk(batch: int) -> int:
+    """Classes per chunk of ``class_lse_hybrid`` (its ``default_chunk``): 8192 up to
+    B = 1024, then 8M / B (the float32 raw products stay at 32 MB, in L2), at least 256."""
+    return max(256, min(8192, (1 << 23) // max(batch, 1)))
+
+
 def hybrid_launches(op: str = "bf16", w_dtype: Optional[str] = None) -> Tuple[int, int, int]:
     """(forward launches per chunk, backward launches per chunk, launches per call) of
     ``class_lse_hybrid`` as built; tests/ops/test_cost_model.py counts them in the code.
@@ -305,7 +311,7 @@ def hybrid_class_kernels(
     dim: int,
     op: str = "bf16",
     w_dtype: Optional[str] = None,
-    chunk: int = 8192,
+    chunk: Optional[int] = None,
     hw: Hardware = H100_SXM,
     as_built: bool = False,
 ) -> List[KernelCost]:
@@ -325,6 +331,7 @@ def hybrid_class_kernels(
     16-bit copy), float16's PyTorch glue, and per call the inverse norms of W (one pass
     over W each way) and the small PyTorch ops."""
     w_dtype = w_dtype or op
+    chunk = chunk or hybrid_chunk(batch)
     e, ew = DTYPE_BYTES[op], DTYPE_BYTES[w_dtype]
     n = math.ceil(classes / chunk)
     bc = batch * classes
