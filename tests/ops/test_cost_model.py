@@ -450,3 +450,16 @@ def test_hybrid_as_built_is_at_least_the_lean_design():
             built = cm.hybrid_class_kernels(1024, c, 512, "bf16", w, hw=hw, as_built=True)
             assert cm.total(built, hw) > cm.total(lean, hw)
             assert sum(k.launches for k in lean) == 6 * math.ceil(c / 8192)
+
+
+def test_hybrid_chunk_rule_is_the_codes():
+    """The model's chunk width (cost_model.hybrid_chunk) is class_lse_hybrid's default:
+    8192 classes up to B = 1024, then the float32 raw products held at 32 MB (8M / B)."""
+    pytest.importorskip("triton")
+    from pml_extras.ops import class_lse_hybrid as hyb
+    from pml_extras.ops.cost_model.class_kernels import hybrid_chunk
+
+    for batch in (0, 1, 1000, 1024, 1025, 4096, 16384, 10**6):
+        assert hybrid_chunk(batch) == hyb.default_chunk(batch)
+    assert hybrid_chunk(1024) == 8192 and hybrid_chunk(16384) == 512
+    assert hybrid_chunk(10**6) == 256
