@@ -89,9 +89,10 @@ class ShardedSparseCircleLoss(_ShardedClassLoss):
         sample_rate: fraction of each shard used per step, in (0, 1]. seed: sampling seed.
         shard_sizes: optional classes per rank (default: as even as possible).
         process_group: the group to shard over (default: the world).
-        chunk_size, impl: as in the single-GPU loss ("auto", "torch", "triton", or the
-            opt-in "hybrid": each rank's shard through library matmuls plus one fused
-            Triton epilogue).
+        chunk_size, impl: as in the single-GPU loss ("auto", "torch", "triton", or
+            "hybrid": each rank's shard through library matmuls plus fused Triton
+            epilogues; "auto" picks it where the cost model predicts it faster for the
+            shard's shapes).
         init_seed: base seed of the shard initialisation (default: one draw from the global
             generator); rank r initialises its shard from mix(init_seed, r).
         weight_init_func: as in PML; the default is the single-device loss's (PML's

@@ -74,11 +74,12 @@ class BaseProxyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         hyper_parameters: the subclass's arguments as given (numbers or ``"auto"``),
             resolved by :meth:`resolve_hyper_parameters` and set as attributes.
         chunk_size: classes per block of the blockwise logsumexp (default: ~4M logits).
-        impl: "auto" (Triton on CUDA, else PyTorch), "torch", "triton" or "hybrid".
-            "hybrid" is opt-in (``"auto"`` never picks it; it has not run
-            on a GPU yet): library matmuls per class chunk plus one fused Triton epilogue
-            (:mod:`pml_extras.ops.class_lse_hybrid`), the PyTorch path's numbers up to
-            float32 rounding; it needs Triton (a CUDA tensor, or ``TRITON_INTERPRET=1`` on
+        impl: "auto" (Triton or hybrid on CUDA, else PyTorch), "torch", "triton", "hybrid".
+            "auto" picks "hybrid" on CUDA where the cost model predicts it faster (it
+            has not run on a GPU yet): library matmuls per class chunk plus fused Triton
+            epilogues (:mod:`pml_extras.ops.class_lse_hybrid`), the PyTorch path's
+            numbers up to rounding (16-bit operands round G / ||w||, not G and
+            W / ||w||); it needs Triton (a CUDA tensor, or ``TRITON_INTERPRET=1`` on
             CPU) and float32/bf16/fp16 inputs (float64 raises TypeError).
         **kwargs: PML's: weight_regularizer, weight_reg_weight, weight_init_func, reducer,
             distance (CosineSimilarity only), embedding_regularizer, collect_stats.

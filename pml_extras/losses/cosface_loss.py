@@ -32,11 +32,12 @@ class CosFaceLoss(BaseProxyLoss):
             rule, AdaCos's sqrt(2)*ln(C-1) when D < 4*ln(C*(C-1)), else 64 (docs/low_dim.md,
             "Low-dimensional embeddings"; pair it with ``weight_init_func=auto_proxy_init_``).
         chunk_size: classes per block (default: about 4M logits per block).
-        impl: "auto" (Triton on CUDA, else PyTorch), "torch", "triton" or "hybrid".
-            "hybrid" is opt-in (``"auto"`` never picks it; it has not run
-            on a GPU yet): library matmuls per class chunk plus one fused Triton epilogue
-            (:mod:`pml_extras.ops.class_lse_hybrid`), the PyTorch path's numbers up to
-            float32 rounding; it needs Triton (a CUDA tensor, or ``TRITON_INTERPRET=1`` on
+        impl: "auto" (Triton or hybrid on CUDA, else PyTorch), "torch", "triton", "hybrid".
+            "auto" picks "hybrid" on CUDA where the cost model predicts it faster (it
+            has not run on a GPU yet): library matmuls per class chunk plus fused Triton
+            epilogues (:mod:`pml_extras.ops.class_lse_hybrid`), the PyTorch path's
+            numbers up to rounding (16-bit operands round G / ||w||, not G and
+            W / ||w||); it needs Triton (a CUDA tensor, or ``TRITON_INTERPRET=1`` on
             CPU) and float32/bf16/fp16 inputs (float64 raises TypeError).
         weight_regularizer, weight_reg_weight, weight_init_func, reducer, distance
         (CosineSimilarity only), embedding_regularizer: as in PML (default init

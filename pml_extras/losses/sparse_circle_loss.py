@@ -37,11 +37,12 @@ class SparseCircleLoss(BaseProxyLoss):
             recognition m=0.25, gamma=256; person re-ID m=0.25, gamma=128; fine-grained
             retrieval m=0.4, gamma=80. See docs/low_dim.md.
         chunk_size: classes per block (default: about 4M logits per block).
-        impl: "auto" (Triton on CUDA, else PyTorch), "torch", "triton" or "hybrid".
-            "hybrid" is opt-in (``"auto"`` never picks it; it has not run
-            on a GPU yet): library matmuls per class chunk plus one fused Triton epilogue
-            (:mod:`pml_extras.ops.class_lse_hybrid`), the PyTorch path's numbers up to
-            float32 rounding; it needs Triton (a CUDA tensor, or ``TRITON_INTERPRET=1`` on
+        impl: "auto" (Triton or hybrid on CUDA, else PyTorch), "torch", "triton", "hybrid".
+            "auto" picks "hybrid" on CUDA where the cost model predicts it faster (it
+            has not run on a GPU yet): library matmuls per class chunk plus fused Triton
+            epilogues (:mod:`pml_extras.ops.class_lse_hybrid`), the PyTorch path's
+            numbers up to rounding (16-bit operands round G / ||w||, not G and
+            W / ||w||); it needs Triton (a CUDA tensor, or ``TRITON_INTERPRET=1`` on
             CPU) and float32/bf16/fp16 inputs (float64 raises TypeError).
         weight_init_func: as in PML; the default is the rule's for Circle loss
             (``pml_extras.losses._low_dim.circle_proxy_init_``): spread proxies with

@@ -136,8 +136,10 @@ def class_logsumexp(
             which lives on the device and should not force a host sync).
         row_param: (B,) float32, needed by "curricular" (the hard-example threshold).
         chunk_size: classes per block; default keeps B x chunk around 4M elements.
-        impl: "auto" (Triton on CUDA when available, else PyTorch), "torch", "triton",
-            or "hybrid" (library matmuls + a fused Triton epilogue, :mod:`class_lse_hybrid`).
+        impl: "auto" (on CUDA, Triton or the hybrid, whichever the cost model predicts
+            faster for these shapes, :func:`~pml_extras.ops.dispatch.model_choice`; else
+            PyTorch), "torch", "triton", or "hybrid" (library matmuls + fused Triton
+            epilogues, :mod:`class_lse_hybrid`).
             All follow the same operand policy (:func:`operand_dtype`): the matmul
             operands take the autocast dtype under ``torch.autocast``, else the
             embeddings' dtype when it is bf16/fp16, else float32 (IEEE or TF32 as torch's
@@ -167,7 +169,13 @@ def class_logsumexp(
     op = operand_dtype(x, weight)  # read here, under the caller's autocast state
     compute = precision.compute_dtype(x, weight)
     impl = resolve_impl(
-        impl, x.device, compute, family="class_lse", operand=op, storage=weight.dtype
+        impl,
+        x.device,
+        compute,
+        family="class_lse",
+        operand=op,
+        storage=weight.dtype,
+        shape=(batch, num_classes, x.shape[1]),
     )
     return apply_class_lse(x, weight, target, kind, p0, p1, row_param, chunk_size, impl, op)
 

@@ -32,6 +32,14 @@ PyTorch-only decisions ("torch", CPU, float64) stay traceable. Distributed runs:
 checks its own device (the key holds the device index) and the check issues no
 collectives, so ranks never wait on each other for it.
 
+``impl="auto"`` for the class family on CUDA, once Triton is trusted there: with the
+call's ``shape`` (B, C, D), the hybrid (library matmuls + fused epilogues) where the
+cost model (:mod:`~pml_extras.ops.cost_model`, the H100 figures unless the device name
+says H200) predicts it faster than the fused kernels as built, and where it can run
+(its module imports, ``torch.mm`` takes ``out_dtype``); cached per (B, C, D, operand
+dtype, W dtype, GPU). These are predictions, never measurements. Without a shape
+(direct callers), Triton.
+
 Test hook (private): ``_interpreter_as_device = True`` makes ``"auto"`` treat a CPU tensor
 under ``TRITON_INTERPRET=1`` as a Triton device, so that CI runs this whole path (check,
 warning, fallback) on the interpreter. Off by default: on CPU, ``"auto"`` is PyTorch.
@@ -39,12 +47,13 @@ warning, fallback) on the interpreter. Off by default: on CPU, ``"auto"`` is PyT
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
 import threading
 import warnings
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -52,10 +61,12 @@ from .. import _validation
 from .precision import TRITON_DTYPES, tf32_enabled
 
 IMPLS = ("auto", "torch", "triton", "hybrid")
-# "hybrid" (class family only): library matmuls per class chunk + one fused Triton
-# epilogue (class_lse_hybrid). Only when asked for by name: "auto" never picks it (it has
-# never run on a GPU, and the cost model predicts it slower than "triton" as built).
+# "hybrid" (class family only): library matmuls per class chunk + fused Triton epilogues
+# (class_lse_hybrid). "auto" picks it on CUDA where the cost model predicts it faster
+# than the fused kernels as built for the call's shapes and dtypes (:func:`model_choice`;
+# it has never run on a GPU: the choice is the model's until measurements exist).
 HYBRID_FAMILIES = ("class_lse",)
+HYBRID_MODULE = "pml_extras.ops.class_lse_hybrid"
 FAMILIES = ("class_lse", "pair_circle")
 # The Triton module each family launches (what a failed import names).
 KERNEL_MODULES = {
@@ -108,6 +119,8 @@ def _interpreting() -> bool:
 def _kernel_module(family: Optional[str]) -> str:
     if family is None:
         return _LEGACY_MODULE
+    if family == "hybrid":
+        return HYBRID_MODULE
     return KERNEL_MODULES[family]
 
 
@@ -150,12 +163,13 @@ def resolve_impl(
     family: Optional[str] = None,
     operand: Optional[torch.dtype] = None,
     storage: Optional[torch.dtype] = None,
+    shape: Optional[Tuple[int, int, int]] = None,
 ) -> str:
     """ "torch", "triton" or "hybrid" for ``impl`` on ``device``.
 
     Args:
-        impl: "auto", "torch", "triton" or "hybrid" (class family only, never chosen
-            by "auto").
+        impl: "auto", "torch", "triton" or "hybrid" (class family only; "auto" picks it
+            on CUDA where the cost model predicts it faster: :func:`model_choice`).
         device: the inputs' device.
         dtype: the inputs' promoted dtype; "auto" keeps float64 on the PyTorch path.
         family: the kernel family about to launch ("class_lse", "pair_circle"). With it,
@@ -164,6 +178,8 @@ def resolve_impl(
         operand: the kernels' matmul operand dtype (default ``dtype``), the check's key.
         storage: the dtype the class proxies W are stored in (bf16-stored W is another
             specialisation, checked on its own); None for families without W.
+        shape: (B, C, D) of a class-family call: what "auto" gives the cost model to
+            choose between "triton" and "hybrid" on CUDA; None: "triton".
 
     Raises:
         ValueError: unknown ``impl``.
@@ -186,6 +202,13 @@ def resolve_impl(
             family, device, operand, storage, raise_=False
         ):
             return "torch"
+        if (
+            family in HYBRID_FAMILIES
+            and shape is not None
+            and device.type == "cuda"  # never the interpreter: CPU "auto" is torch
+            and _hybrid_runs(device)
+        ):
+            return model_choice(shape, operand, storage, _gpu_name(device))
         return "triton"
     if not triton_available(device, family):
         raise RuntimeError(
@@ -207,9 +230,76 @@ def _resolve_hybrid(device: torch.device, dtype: Optional[torch.dtype], family) 
             f"TRITON_INTERPRET=1 on CPU) for its epilogue kernel, got {device}; use "
             "impl='torch' or 'auto'"
         )
+    if device.type == "cuda" and not mm_has_out_dtype():
+        raise RuntimeError(
+            f"impl='hybrid' needs torch.mm(..., out_dtype=torch.float32) for its tensor-core "
+            f"matmuls with float32 output, which torch {torch.__version__} lacks (torch >= "
+            "2.8 has it); use impl='triton', 'torch' or 'auto'"
+        )
     if dtype == torch.float64:
         raise TypeError("impl='hybrid' computes in float32; float64 needs impl='torch'")
     return "hybrid"
+
+
+@functools.cache
+def mm_has_out_dtype() -> bool:
+    """Whether this torch's ``torch.mm`` takes ``out_dtype`` (tried on the meta device)."""
+    a = torch.empty(2, 2, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _hybrid_runs(device: torch.device) -> bool:
+    """Whether "auto" may pick the hybrid on ``device``: its module imports (the fused
+    kernels, whose self-check it shares, already passed) and torch.mm has out_dtype."""
+    return mm_has_out_dtype() and _import_error(device, "hybrid") is None
+
+
+def _gpu_name(device: torch.device) -> str:
+    try:
+        return torch.cuda.get_device_name(device)
+    except (RuntimeError, AssertionError, AttributeError):  # no CUDA runtime here
+        return ""
+
+
+_MODEL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_model_choices: Dict[tuple, str] = {}
+
+
+@_validation._compile_opt_out("pml_extras evaluates its cost model outside the graph")
+def model_choice(shape, operand: torch.dtype, storage, gpu_name: str = "") -> str:
+    """ "hybrid" where the cost model predicts ``class_lse_hybrid`` (as built) faster than
+    the fused kernels as built (``CURRENT_CLASS``) for one fwd+bwd at ``shape`` (B, C,
+    D), else "triton"; on the H200's figures when ``gpu_name`` says H200, else the
+    H100's. Cached per (B, C, D, operand dtype, W dtype, GPU). A prediction: no GPU has
+    timed either."""
+    from . import cost_model
+
+    hw = cost_model.H200 if "H200" in gpu_name.upper() else cost_model.H100_SXM
+    op = _MODEL_DTYPES.get(operand)
+    w = _MODEL_DTYPES.get(storage if storage is not None else operand)
+    if op is None or w is None:
+        return "triton"
+    if op == "fp32" and tf32_enabled():
+        op = "tf32"
+    key = (tuple(shape), op, w, hw.name)
+    with _lock:
+        choice = _model_choices.get(key)
+    if choice is None:
+        b, c, d = shape
+        fused = cost_model.total(
+            cost_model.class_kernels(b, c, d, op, w, cost_model.CURRENT_CLASS, hw), hw
+        )
+        hybrid = cost_model.total(
+            cost_model.hybrid_class_kernels(b, c, d, op, w, hw=hw, as_built=True), hw
+        )
+        choice = "hybrid" if hybrid < fused else "triton"
+        with _lock:
+            _model_choices[key] = choice
+    return choice
 
 
 @_validation._compile_opt_out("pml_extras imports its Triton kernels outside the graph")
@@ -319,6 +409,7 @@ def _reset() -> None:
     with _lock:
         _results.clear()
         _warned.clear()
+        _model_choices.clear()
 
 
 __all__ = [
@@ -332,6 +423,8 @@ __all__ = [
     "TritonUnavailableWarning",
     "check_kernels",
     "kernel_check_results",
+    "mm_has_out_dtype",
+    "model_choice",
     "resolve_impl",
     "triton_available",
 ]

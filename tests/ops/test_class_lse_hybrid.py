@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 _CHILD = "PML_EXTRAS_HYBRID_INTERPRET_CHILD"
 if os.environ.get(_CHILD) == "1":
@@ -27,6 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 from reference import dense_class_logsumexp  # noqa: E402
 
 from pml_extras.ops import class_lse  # noqa: E402
+from pml_extras.ops.tolerances import CLASS_KERNEL  # noqa: E402
 
 try:
     import triton  # noqa: F401, E402
@@ -54,7 +56,7 @@ def test_interpreter_child():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"interpreted hybrid tests failed:\n{out[-6000:]}"
     passed = re.search(r"(\d+) passed", out.strip().splitlines()[-1])
-    assert passed and int(passed.group(1)) >= 15, out[-3000:]
+    assert passed and int(passed.group(1)) >= 19, out[-3000:]
 
 
 def _problem(batch, dim, classes, dtype, seed=0):
@@ -87,14 +89,59 @@ def _both(x, w, target, row_param, kind, p0, p1, chunk, op=None):
     return ref, ours
 
 
-def _close(ref, ours, rtol):
+def _close(ref, ours, rtol, grad_rtol=None):
+    """Relative errors (to each output's largest entry) within ``rtol``; the gradients
+    within ``grad_rtol`` when given (16-bit operands, see ``_GRAD_RTOL``)."""
     for name, a, b in zip(("lse", "cos_y", "grad_x", "grad_w"), ref, ours):
         assert b.dtype == a.dtype and b.shape == a.shape, name
         a, b = a.double(), b.double()
         assert torch.isfinite(b[torch.isfinite(a)]).all(), name
         scale = a[torch.isfinite(a)].abs().max().clamp_min(1e-30)
         err = (a - b).nan_to_num(0.0).abs().max() / scale
-        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol}"
+        tol = grad_rtol if (grad_rtol is not None and name.startswith("grad")) else rtol
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+# The gradients with 16-bit operands. bf16: the hybrid rounds G / ||w|| for
+# grad x_hat = (G / ||w||) W^T where the torch path rounds G and W / ||w|| apart (the
+# fused kernels' P-side scale does the same), and its epilogue rounds G / ||x|| in
+# Triton: the fused kernels' bound against the torch path, tolerances.CLASS_KERNEL
+# (worst measured over seeds 0-5, both shapes, all kinds, with round-to-nearest casts:
+# grad_x 8.9e-3, grad_w 7.8e-4; autocast 5.8e-3 / 1.4e-4). float16 keeps the torch
+# path's rounding points (scaled, in PyTorch): a bound of its own, two float16 ulps of
+# the largest entry (measured 3.5e-4). The forward outputs keep 2e-5 in every dtype.
+_GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: CLASS_KERNEL[torch.bfloat16]["torch"]}
+_FP16_GRAD_RTOL = 1e-3
+
+
+def _interpreter_truncates() -> bool:
+    """Whether this Triton interpreter truncates float32 -> bfloat16 casts (triton 3.9's
+    does; a GPU rounds to nearest even). Then the in-kernel roundings of the bf16 tests
+    differ from torch's by up to one bf16 ulp, beyond the bound above."""
+    if not INTERPRET or hyb is None:
+        return False
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, Y):
+        tl.store(Y, tl.load(X).to(tl.bfloat16))
+
+    x = torch.tensor([1.0 + 2.0**-8 + 2.0**-12])  # nearest bf16: 1 + 2^-7
+    y = torch.empty(1, dtype=torch.bfloat16)
+    cast[(1,)](x, y)
+    return bool(y.item() != x.bfloat16().item())
+
+
+# float32 W rounded to bf16 operands (autocast) inside the kernels (W's norms, the
+# radial projection) and by torch (the matmul's cast) disagree on a truncating
+# interpreter (measured: 0.28 relative on grad W); another branch patches the
+# interpreter to round to nearest even, as the GPU does. Strict: once it rounds, the
+# test must pass and this marker goes.
+needs_rounding_casts = pytest.mark.xfail(
+    _interpreter_truncates(),
+    reason="the Triton interpreter truncates float32 -> bfloat16 (the GPU rounds)",
+    strict=True,
+)
 
 
 @interpreted
@@ -106,8 +153,17 @@ class TestInterpretedHybrid:
         """Odd shapes, several chunks (the last partial), cos = +-1 rows, a -1 target."""
         x, w, target, row_param = _problem(*shape, dtype)
         ref, ours = _both(x, w, target, row_param, kind, p0, p1, chunk=128)
-        _close(ref, ours, 2e-5)
+        _close(ref, ours, 2e-5, _GRAD_RTOL[dtype])
 
+    @pytest.mark.parametrize("kind,p0,p1", KINDS, ids=[k[0] for k in KINDS])
+    def test_float16_keeps_the_scaled_rounding(self, kind, p0, p1):
+        """float16 operands: the epilogue writes float32 G and the torch path's scaled
+        roundings follow in PyTorch, so the rounding points are the torch path's."""
+        x, w, target, row_param = _problem(41, 33, 401, torch.float16, seed=2)
+        ref, ours = _both(x, w, target, row_param, kind, p0, p1, chunk=128)
+        _close(ref, ours, 2e-5, _FP16_GRAD_RTOL)
+
+    @needs_rounding_casts
     def test_tensor_p1_and_autocast(self):
         """CurricularFace's t as a 0-d tensor, under autocast (fp32 inputs, bf16 operands)."""
         x, w, target, row_param = _problem(41, 33, 401, torch.float32)
@@ -115,7 +171,7 @@ class TestInterpretedHybrid:
             op = class_lse.operand_dtype(x, w)
         assert op == torch.bfloat16
         ref, ours = _both(x, w, target, row_param, "curricular", 16.0, torch.tensor(0.3), 64, op)
-        _close(ref, ours, 2e-5)
+        _close(ref, ours, 2e-5, _GRAD_RTOL[torch.bfloat16])
 
     def test_matches_float64_reference(self):
         """fp32 against the dense float64 reference: lse, cos_y and both gradients (rows
@@ -180,3 +236,134 @@ def test_hybrid_needs_a_triton_device():
     x, w, target, _ = _problem(5, 8, 20, torch.float32)
     with pytest.raises(RuntimeError, match="impl='hybrid' needs the triton package"):
         class_lse.class_logsumexp(x, w, target, "circle", 1.0, 0.25, impl="hybrid")
+
+
+# ------------------------------------------------ impl="auto": the cost model's choice
+
+CUDA0 = torch.device("cuda", 0)
+# (B, C, D) where the model predicts the fused kernels faster (the issue's case) and
+# where it predicts the hybrid faster (D = 2048: the fused kernels split D over programs
+# and recompute the logits per slice); bf16 operands and W.
+FUSED_SHAPE, HYBRID_SHAPE = (1024, 100_000, 512), (1024, 100_000, 2048)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA devices where Triton imports and the kernels' self-check passes (no device
+    needed: only the dispatch is exercised), as tests/ops/test_selfcheck.py does."""
+    from pml_extras.ops import dispatch
+    from pml_extras.ops import kernel_check as selfcheck
+
+    dispatch._reset()
+    monkeypatch.setattr(dispatch, "_import_error", lambda device, family=None: None)
+    monkeypatch.setattr(dispatch, "tf32_enabled", lambda: False)
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(dispatch, "check_kernels", True)
+    monkeypatch.delenv(dispatch.SKIP_ENV, raising=False)
+    passed = SimpleNamespace(passed=True)
+    monkeypatch.setattr(selfcheck, "run_kernel_check", lambda *args: passed)
+    yield dispatch
+    dispatch._reset()
+
+
+def _auto(dispatch, shape, op=torch.bfloat16, w=torch.bfloat16, device=CUDA0):
+    return dispatch.resolve_impl(
+        "auto", device, op, family="class_lse", operand=op, storage=w, shape=shape
+    )
+
+
+def test_auto_picks_by_the_cost_model(fake_gpu):
+    """On CUDA, "auto" takes whichever of the fused kernels and the hybrid (both as built)
+    the model predicts faster for the call's shapes and dtypes: both outcomes, and each
+    agrees with the model's totals (so an inverted comparison goes red)."""
+    from pml_extras.ops import cost_model as cm
+
+    for shape, expected in ((FUSED_SHAPE, "triton"), (HYBRID_SHAPE, "hybrid")):
+        b, c, d = shape
+        fused = cm.total(cm.class_kernels(b, c, d, "bf16", "bf16", cm.CURRENT_CLASS), cm.H100_SXM)
+        hybrid = cm.total(cm.hybrid_class_kernels(b, c, d, "bf16", "bf16", as_built=True),
+                          cm.H100_SXM)  # fmt: skip
+        assert (hybrid < fused) == (expected == "hybrid")
+        assert _auto(fake_gpu, shape) == expected
+    # No shape (a direct caller): the fused kernels, as before.
+    assert _auto(fake_gpu, None) == "triton"
+    # The family without a hybrid never gets it.
+    assert fake_gpu.resolve_impl("auto", CUDA0, torch.bfloat16, family="pair_circle") == "triton"
+
+
+def test_auto_model_choice_is_cached_and_follows_the_gpu(fake_gpu, monkeypatch):
+    """Cached per (B, C, D, operand dtype, W dtype, GPU): the model is consulted once per
+    key; the H200's figures where the device name says H200."""
+    from pml_extras.ops import cost_model as cm
+
+    calls = []
+    real = cm.hybrid_class_kernels
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["hw"].name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm, "hybrid_class_kernels", counted)
+    for _ in range(3):
+        _auto(fake_gpu, HYBRID_SHAPE)
+    assert calls == ["H100 SXM"]
+    _auto(fake_gpu, HYBRID_SHAPE, w=torch.float32)  # another W dtype: another key
+    monkeypatch.setattr(fake_gpu, "_gpu_name", lambda device: "NVIDIA H200")
+    _auto(fake_gpu, HYBRID_SHAPE)
+    assert calls == ["H100 SXM", "H100 SXM", "H200"]
+
+
+def test_auto_never_picks_a_hybrid_that_cannot_run(fake_gpu, monkeypatch):
+    """Without torch.mm(out_dtype=) (torch < 2.8), "auto" keeps the fused kernels where
+    the model prefers the hybrid, and impl="hybrid" on CUDA says why it cannot run; the
+    same where the hybrid's module does not import; on CPU "auto" stays torch."""
+    assert _auto(fake_gpu, HYBRID_SHAPE) == "hybrid"
+    monkeypatch.setattr(fake_gpu, "mm_has_out_dtype", lambda: False)
+    assert _auto(fake_gpu, HYBRID_SHAPE) == "triton"
+    with pytest.raises(RuntimeError, match=r"torch.mm\(\.\.\., out_dtype=torch.float32\)"):
+        fake_gpu.resolve_impl("hybrid", CUDA0, torch.bfloat16, family="class_lse")
+    monkeypatch.undo()
+    monkeypatch.setattr(
+        fake_gpu,
+        "_import_error",
+        lambda device, family=None: "no module" if family == "hybrid" else None,
+    )
+    monkeypatch.setattr(fake_gpu, "check_kernels", False)
+    monkeypatch.setattr(fake_gpu, "tf32_enabled", lambda: False)
+    assert _auto(fake_gpu, HYBRID_SHAPE) == "triton"
+    cpu = torch.device("cpu")
+    assert _auto(fake_gpu, HYBRID_SHAPE, device=cpu) == "torch"
+
+
+def test_auto_needs_the_class_kernels_self_check(fake_gpu, monkeypatch):
+    """Where the class kernels fail their self-check, "auto" is PyTorch, hybrid shape or
+    not (the hybrid shares the check's transforms and epilogue arithmetic)."""
+    from pml_extras.ops import kernel_check as selfcheck
+
+    failed = SimpleNamespace(passed=False, describe=lambda: "stand-in failure.",
+                             device="cuda:0", dtype="bfloat16")  # fmt: skip
+    monkeypatch.setattr(selfcheck, "run_kernel_check", lambda *args: failed)
+    with pytest.warns(fake_gpu.KernelCheckWarning):
+        assert _auto(fake_gpu, HYBRID_SHAPE) == "torch"
+
+
+def test_mm_out_dtype_probe_matches_this_torch():
+    """The probe says what this torch's torch.mm signature says."""
+    from pml_extras.ops import dispatch
+
+    has = any("out_dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+    assert dispatch.mm_has_out_dtype() == has
+
+
+def test_class_logsumexp_gives_the_dispatch_its_shape(monkeypatch):
+    """The public op passes (B, C, D) to resolve_impl, so "auto" can ask the model."""
+    seen = {}
+
+    def resolve(impl, device, dtype, **kwargs):
+        seen.update(kwargs)
+        return "torch"
+
+    monkeypatch.setattr(class_lse, "resolve_impl", resolve)
+    x, w, target, _ = _problem(7, 12, 50, torch.float32)
+    class_lse.class_logsumexp(x, w, target, "scaled", 8.0)
+    assert seen["shape"] == (7, 50, 12)

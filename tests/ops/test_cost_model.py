@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pml_extras.ops import cost_model as cm
+from pml_extras.ops.cost_model.class_kernels import hybrid_launches
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -389,3 +390,101 @@ def test_benchmark_prints_predictions_beside_measurements():
     t_fwd, f_fwd = prediction("class", 1024, 512, 10**6, "bf16", "fwd", cm.H100_SXM)
     assert f_fwd == pytest.approx(f / 3) and t_fwd < t
     assert math.isfinite(t_fwd)
+
+
+# ------------------------------------------------------------ the hybrid as built
+
+
+def _count_hybrid_launches(op, w_dtype, classes, chunk=64, batch=5, dim=8):
+    """(forward, backward) launches ``class_lse_hybrid`` makes, counted on CPU without
+    running a kernel: every aten op outside the stand-ins below that is not a view or an
+    allocation is one CUDA launch; each library matmul (``_mm32``: one ``torch.mm`` on
+    CUDA) and each Triton launch (``_run``, and ``inverse_norms``) counts one and is not
+    run (the values do not steer the code: only shapes do)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    pytest.importorskip("triton")
+    from pml_extras.ops import class_lse_hybrid as hyb
+
+    count = [0]
+    inside = [False]
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not inside[0] and not func.is_view and not name.startswith("empty"):
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    def stand_in(result):
+        def call(*args, **kwargs):
+            count[0] += 1
+            inside[0] = True
+            try:
+                return result(*args, **kwargs)
+            finally:
+                inside[0] = False
+
+        return call
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(hyb, "_run", stand_in(lambda *a, **k: None))
+    patch.setattr(hyb, "_mm32", stand_in(lambda a, b: torch.zeros(a.shape[0], b.shape[1])))
+    patch.setattr(hyb, "inverse_norms", stand_in(lambda w, op_dtype: torch.ones(w.shape[1])))
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    x = torch.randn(batch, dim, dtype=dt[op] if w_dtype == op else torch.float32)
+    w = torch.randn(dim, classes, dtype=dt[w_dtype])
+    target, row_param = torch.randint(0, classes, (batch,)), torch.zeros(batch)
+    args = (x, w, target, row_param, "circle", 32.0, 0.25)
+    try:
+        with Counter():
+            lse, _ = hyb.forward(*args, op_dtype=dt[op], chunk=chunk)
+            fwd, count[0] = count[0], 0
+            hyb.backward(*args, lse, torch.ones(batch), torch.ones(batch), op_dtype=dt[op],
+                         chunk=chunk)  # fmt: skip
+    finally:
+        patch.undo()
+    return fwd, count[0]
+
+
+@pytest.mark.parametrize(
+    "op,w_dtype", [("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32"), ("fp16", "fp16")]
+)
+def test_hybrid_launch_counts_are_the_codes(op, w_dtype):
+    """The model's launches per chunk (and per call) of the hybrid as built
+    (cost_model.hybrid_launches) are those class_lse_hybrid makes: counted at 1, 2 and 3
+    chunks (the last one partial), the per-chunk part is the difference."""
+    one, two, three = (_count_hybrid_launches(op, w_dtype, c) for c in (64, 128, 150))
+    fwd, bwd, per_call = hybrid_launches(op, w_dtype)
+    assert (two[0] - one[0], two[1] - one[1]) == (fwd, bwd)
+    assert (three[0] - two[0], three[1] - two[1]) == (fwd, bwd)
+    assert one[0] + one[1] - fwd - bwd == per_call
+    # The model charges them: launches of the as-built kernels at 3 chunks.
+    kernels = cm.hybrid_class_kernels(5, 150, 8, op, w_dtype, chunk=64, as_built=True)
+    assert sum(k.launches for k in kernels) == 3 * (fwd + bwd) + per_call
+
+
+def test_hybrid_as_built_is_at_least_the_lean_design():
+    """The as-built hybrid's prediction is never below the lean design's (it does what
+    the lean one does and more), and its lean part is what the issue's hybrid names: six
+    launches per chunk."""
+    for hw in (cm.H100_SXM, cm.H200):
+        for c, w in ((100_000, "bf16"), (10**6, "bf16"), (10**6, "fp32")):
+            lean = cm.hybrid_class_kernels(1024, c, 512, "bf16", w, hw=hw)
+            built = cm.hybrid_class_kernels(1024, c, 512, "bf16", w, hw=hw, as_built=True)
+            assert cm.total(built, hw) > cm.total(lean, hw)
+            assert sum(k.launches for k in lean) == 6 * math.ceil(c / 8192)
+
+
+def test_hybrid_chunk_rule_is_the_codes():
+    """The model's chunk width (cost_model.hybrid_chunk) is class_lse_hybrid's default:
+    8192 classes up to B = 1024, then the float32 raw products held at 32 MB (8M / B)."""
+    pytest.importorskip("triton")
+    from pml_extras.ops import class_lse_hybrid as hyb
+    from pml_extras.ops.cost_model.class_kernels import hybrid_chunk
+
+    for batch in (0, 1, 1000, 1024, 1025, 4096, 16384, 10**6):
+        assert hybrid_chunk(batch) == hyb.default_chunk(batch)
+    assert hybrid_chunk(1024) == 8192 and hybrid_chunk(16384) == 512
+    assert hybrid_chunk(10**6) == 256

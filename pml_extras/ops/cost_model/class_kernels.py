@@ -268,59 +268,141 @@ def class_floor(batch, classes, dim, op="bf16", w_dtype=None, hw=H100_SXM) -> fl
 CUBLAS_FRACTION = 0.8
 
 
+def hybrid_chunk(batch: int) -> int:
+    """Classes per chunk of ``class_lse_hybrid`` (its ``default_chunk``): 8192 up to
+    B = 1024, then 8M / B (the float32 raw products stay at 32 MB, in L2), at least 256."""
+    return max(256, min(8192, (1 << 23) // max(batch, 1)))
+
+
+def hybrid_launches(op: str = "bf16", w_dtype: Optional[str] = None) -> Tuple[int, int, int]:
+    """(forward launches per chunk, backward launches per chunk, launches per call) of
+    ``class_lse_hybrid`` as built; tests/ops/test_cost_model.py counts them in the code.
+
+    Hand count, per chunk. Forward: the matmul raw = x W_c (1) and the epilogue, which
+    folds the chunk into each row's running (max, sum) in place (1): 2. Backward: raw
+    again (1), the epilogue writing G / ||w|| and G / ||x|| rounded to the operands (1),
+    grad x_hat += (G / ||w||) W_c^T as a matmul and an add (2), grad w_hat = x^T (G / ||x||)
+    (1), the radial projection into grad W's slice (1): 6. Both passes: one cast of W's
+    chunk where W is stored in another dtype than the operands (+1 each). float16
+    operands keep the PyTorch path's scaled rounding in PyTorch (``_half_glue``): G and
+    G / ||x|| each scaled by their row / column maximum and rounded (abs, amax, clamp,
+    divide, round, widen: 6 each, +1 narrowing each for the matmul), W_hat built and
+    rounded (3), G / ||x|| (1), the two matmuls (2), the two scalings of the products
+    back (2) and the add (1): 23 in place of the lean two matmuls and add, +20.
+    Per call (forward + backward), not hand-derived but counted by the test: the inverse
+    norms of W (a kernel each pass), the operands (x rounded, its norms, each pass), the
+    running pair's setup and the final log, the target cosine (forward) and its gradient
+    (backward: index_select, normalisation, index_add), the projection of grad x_hat:
+    75 to 83 small launches."""
+    w_dtype = w_dtype or op
+    cast = 1 if w_dtype != op else 0
+    fwd, bwd = 2 + cast, 6 + cast
+    if op == "fp16":
+        bwd += 20
+    # 16-bit operands round x (1 launch per pass) and cast grad x back (1) where float32
+    # ones do not; a cast W adds its rounding to the target column's gradient (2).
+    per_call = 75 + (6 if op != "fp32" else 0) + 2 * cast
+    return fwd, bwd, per_call
+
+
 def hybrid_class_kernels(
     batch: int,
     classes: int,
     dim: int,
     op: str = "bf16",
     w_dtype: Optional[str] = None,
-    chunk: int = 8192,
+    chunk: Optional[int] = None,
     hw: Hardware = H100_SXM,
     as_built: bool = False,
 ) -> List[KernelCost]:
     """The alternative the issue names: per chunk of ``chunk`` classes, cuBLAS matmuls
     (float32 logits S = x W_c, in L2 when B * chunk * 4 bytes fits: 32 MB at B = 1024)
-    and one fused Triton epilogue per pass over S. Forward: S, epilogue (max, sum-exp).
-    Backward: S again, epilogue (G, rounded to the operand dtype, and the radial term),
-    grad W_c = x^T G, grad x += G W_c^T. Not built: the model ranks it below a fused
-    design (the logits and G cross L2 as float32 / 16-bit tensors, and each chunk costs
-    six launches).
+    and one fused Triton epilogue per pass over S.
 
-    ``as_built``: add the PyTorch glue of ``class_lse_hybrid`` as it is (a functional
-    version, not a tuned one): per chunk about 15 launches in the forward and 30 in the
-    backward (W chunk rounding, its norms and W_hat, G's roundings and scalings, the
-    radial projection), about 10 passes over the W chunk and 6 over the float32
-    (B, chunk) G tensor, all through L2 (chunks of W also from HBM)."""
+    ``as_built`` False (the lean design): forward S, epilogue (max, sum-exp); backward S
+    again, epilogue (G, rounded to the operand dtype, and the radial term), grad W_c =
+    x^T G, grad x += G W_c^T: six launches per chunk, W read as it is stored.
+
+    ``as_built`` True: ``class_lse_hybrid`` as it is (:func:`hybrid_launches`): the lean
+    launches plus, per chunk, the add of grad x's matmul into the accumulator, the radial
+    projection as a kernel of its own (it reads grad w_hat back, float32, and W's chunk),
+    the epilogue writing two rounded operands (G / ||w||, G / ||x||), a cast of W's chunk
+    per pass where W is stored wider (float32 W under autocast: the matmuls then read the
+    16-bit copy), float16's PyTorch glue, and per call the inverse norms of W (one pass
+    over W each way) and the small PyTorch ops."""
     w_dtype = w_dtype or op
+    chunk = chunk or hybrid_chunk(batch)
     e, ew = DTYPE_BYTES[op], DTYPE_BYTES[w_dtype]
     n = math.ceil(classes / chunk)
     bc = batch * classes
     mm = 2.0 * bc * dim / CUBLAS_FRACTION
     w_bytes = classes * dim * ew
 
-    def k(name, flops=0.0, l2=0.0, hbm=0.0, alu=0.0, sfu=0.0):
-        return KernelCost(name, 8 * hw.sms, 4, 128, 0, flops, op, hbm, l2, l2, alu, sfu,
-                          launches=n)  # fmt: skip
+    def k(name, flops=0.0, l2=0.0, hbm=0.0, alu=0.0, sfu=0.0, launches=n, programs=None):
+        return KernelCost(name, programs or 8 * hw.sms, 4, 128, 0, flops, op, hbm, l2, l2, alu,
+                          sfu, launches=launches)  # fmt: skip
 
-    return [
-        k("hybrid: S = x W (fwd)", mm, 4.0 * bc + w_bytes, w_bytes),
-        k("hybrid: epilogue (fwd)", l2=4.0 * bc, alu=ALU_PER_LOGIT_CLASS_FWD * bc, sfu=bc),
-        k("hybrid: S = x W (bwd)", mm, 4.0 * bc + w_bytes, w_bytes),
-        k("hybrid: epilogue (bwd)", l2=(4.0 + e) * bc, alu=ALU_PER_LOGIT_CLASS_BWD * bc, sfu=bc),
-        k("hybrid: grad W = x^T G", mm, e * bc + w_bytes, w_bytes),
-        k("hybrid: grad x += G W^T", mm, e * bc + w_bytes, w_bytes),
-    ] + (
-        [
-            dataclasses.replace(
-                k(
-                    "hybrid: PyTorch glue (as built)",
-                    l2=10.0 * w_bytes + 24.0 * bc,
-                    hbm=10.0 * w_bytes,
-                    alu=12.0 * bc,
-                ),
-                launches=44 * n,
-            )  # fmt: skip
+    if not as_built:
+        return [
+            k("hybrid: S = x W (fwd)", mm, 4.0 * bc + w_bytes, w_bytes),
+            k("hybrid: epilogue (fwd)", l2=4.0 * bc, alu=ALU_PER_LOGIT_CLASS_FWD * bc, sfu=bc),
+            k("hybrid: S = x W (bwd)", mm, 4.0 * bc + w_bytes, w_bytes),
+            k(
+                "hybrid: epilogue (bwd)",
+                l2=(4.0 + e) * bc,
+                alu=ALU_PER_LOGIT_CLASS_BWD * bc,
+                sfu=bc,
+            ),  # fmt: skip
+            k("hybrid: grad W = x^T G", mm, e * bc + w_bytes, w_bytes),
+            k("hybrid: grad x += G W^T", mm, e * bc + w_bytes, w_bytes),
         ]
-        if as_built
-        else []
-    )
+    fwd_launches, bwd_launches, per_call = hybrid_launches(op, w_dtype)
+    cast = w_dtype != op
+    w_op = classes * dim * e  # W's chunks as the matmuls read them
+    # The matmuls read W from HBM when they read it as stored; after a cast they read the
+    # 16-bit copy the cast just wrote (in L2). The cast reads W from HBM.
+    w_hbm = 0.0 if cast else w_bytes
+    x_reads = n * batch * dim * e  # x (or x^T) once per matmul per chunk, from L2
+    acc_x = n * batch * dim * 4  # one (B, D) float32 grad x partial per chunk
+    out = []
+    if cast:
+        out.append(k("hybrid: W chunk cast (fwd)", l2=w_bytes + w_op, hbm=w_bytes))
+    out += [
+        k("hybrid: S = x W (fwd)", mm, 4.0 * bc + w_op + x_reads, w_hbm),
+        # The epilogue also reads and writes the (B,) running (max, sum) per chunk.
+        k("hybrid: epilogue (fwd)", l2=4.0 * bc + 16.0 * n * batch,
+          alu=ALU_PER_LOGIT_CLASS_FWD * bc, sfu=bc, programs=math.ceil(batch / 2)),  # 2-row blocks
+    ]  # fmt: skip
+    if cast:
+        out.append(k("hybrid: W chunk cast (bwd)", l2=w_bytes + w_op, hbm=w_bytes))
+    g_bytes = 2.0 * e * bc  # G / ||w|| and G / ||x||, both in the operand dtype
+    out += [
+        k("hybrid: S = x W (bwd)", mm, 4.0 * bc + w_op + x_reads, w_hbm),
+        # ALU: the backward count has one rounding; the second operand adds a scale and
+        # a rounding per logit (2).
+        k("hybrid: epilogue (bwd)", l2=4.0 * bc + g_bytes,
+          alu=(ALU_PER_LOGIT_CLASS_BWD + 2) * bc, sfu=bc),
+        k("hybrid: grad x part = (G/||w||) W^T", mm, e * bc + w_op + acc_x),
+        k("hybrid: grad x += part", l2=3.0 * acc_x),
+        k("hybrid: grad w_hat = x^T (G/||x||)", mm, e * bc + x_reads + 4.0 * classes * dim),
+        # Two passes over D: grad w_hat (float32) and W twice, grad W written once. W's
+        # chunk is taken from HBM again (the chunk's S, two G operands and grad w_hat,
+        # 80 MB at B = 1024, D = 512 in bf16, have passed through the 50 MB L2 since the
+        # matmuls read it); grad W goes to HBM. 16 columns per program.
+        k("hybrid: radial projection", l2=8.0 * classes * dim + 3.0 * w_bytes,
+          hbm=2.0 * w_bytes, alu=6.0 * classes * dim, programs=math.ceil(chunk / 16)),
+    ]  # fmt: skip
+    if op == "fp16":  # _half_glue: ~10 passes over the float32 (B, chunk) G, W_hat built
+        out.append(
+            k(
+                "hybrid: float16 PyTorch glue",
+                l2=40.0 * bc + 4.0 * w_op,
+                alu=12.0 * bc,
+                launches=20 * n,
+            )  # fmt: skip
+        )
+    out.append(
+        k("hybrid: inverse norms + small PyTorch ops", l2=2.0 * w_bytes + 8.0 * classes,
+          hbm=2.0 * w_bytes, launches=per_call, programs=math.ceil(classes / 256))
+    )  # fmt: skip
+    return out
