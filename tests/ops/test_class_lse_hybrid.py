@@ -114,36 +114,6 @@ _GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: CLASS_KERNEL[torch.bfloat16][
 _FP16_GRAD_RTOL = 1e-3
 
 
-def _interpreter_truncates() -> bool:
-    """Whether this Triton interpreter truncates float32 -> bfloat16 casts (triton 3.9's
-    does; a GPU rounds to nearest even). Then the in-kernel roundings of the bf16 tests
-    differ from torch's by up to one bf16 ulp, beyond the bound above."""
-    if not INTERPRET or hyb is None:
-        return False
-    import triton.language as tl
-
-    @triton.jit
-    def cast(X, Y):
-        tl.store(Y, tl.load(X).to(tl.bfloat16))
-
-    x = torch.tensor([1.0 + 2.0**-8 + 2.0**-12])  # nearest bf16: 1 + 2^-7
-    y = torch.empty(1, dtype=torch.bfloat16)
-    cast[(1,)](x, y)
-    return bool(y.item() != x.bfloat16().item())
-
-
-# float32 W rounded to bf16 operands (autocast) inside the kernels (W's norms, the
-# radial projection) and by torch (the matmul's cast) disagree on a truncating
-# interpreter (measured: 0.28 relative on grad W); another branch patches the
-# interpreter to round to nearest even, as the GPU does. Strict: once it rounds, the
-# test must pass and this marker goes.
-needs_rounding_casts = pytest.mark.xfail(
-    _interpreter_truncates(),
-    reason="the Triton interpreter truncates float32 -> bfloat16 (the GPU rounds)",
-    strict=True,
-)
-
-
 @interpreted
 class TestInterpretedHybrid:
     @pytest.mark.parametrize("kind,p0,p1", KINDS, ids=[k[0] for k in KINDS])
@@ -163,7 +133,6 @@ class TestInterpretedHybrid:
         ref, ours = _both(x, w, target, row_param, kind, p0, p1, chunk=128)
         _close(ref, ours, 2e-5, _FP16_GRAD_RTOL)
 
-    @needs_rounding_casts
     def test_tensor_p1_and_autocast(self):
         """CurricularFace's t as a 0-d tensor, under autocast (fp32 inputs, bf16 operands)."""
         x, w, target, row_param = _problem(41, 33, 401, torch.float32)
