@@ -67,6 +67,9 @@ IMPLS = ("auto", "torch", "triton", "hybrid")
 # it has never run on a GPU: the choice is the model's until measurements exist).
 HYBRID_FAMILIES = ("class_lse",)
 HYBRID_MODULE = "pml_extras.ops.class_lse_hybrid"
+# The self-check of the hybrid's own kernels (kernel_check runs the class problems
+# through impl="hybrid"); keyed apart from the fused kernels' "class_lse".
+HYBRID_CHECK = "class_lse_hybrid"
 FAMILIES = ("class_lse", "pair_circle")
 # The Triton module each family launches (what a failed import names).
 KERNEL_MODULES = {
@@ -190,9 +193,9 @@ def resolve_impl(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
         return "torch"
-    if impl == "hybrid":
-        return _resolve_hybrid(device, dtype, family)
     operand = dtype if operand is None else operand
+    if impl == "hybrid":
+        return _resolve_hybrid(device, dtype, family, operand, storage)
     if impl == "auto":
         if not _triton_device(device) or dtype == torch.float64:
             return "torch"
@@ -207,8 +210,12 @@ def resolve_impl(
             and shape is not None
             and device.type == "cuda"  # never the interpreter: CPU "auto" is torch
             and _hybrid_runs(device)
+            and model_choice(shape, operand, storage, _gpu_name(device)) == "hybrid"
+            # Its own kernels (the epilogues) self-checked on this device first; if they
+            # fail, the fused kernels (checked above) run instead.
+            and _kernels_trusted(HYBRID_CHECK, device, operand, storage, raise_=False)
         ):
-            return model_choice(shape, operand, storage, _gpu_name(device))
+            return "hybrid"
         return "triton"
     if not triton_available(device, family):
         raise RuntimeError(
@@ -221,7 +228,7 @@ def resolve_impl(
     return "triton"
 
 
-def _resolve_hybrid(device: torch.device, dtype: Optional[torch.dtype], family) -> str:
+def _resolve_hybrid(device: torch.device, dtype, family, operand, storage) -> str:
     if family not in HYBRID_FAMILIES:
         raise ValueError(f"impl='hybrid' exists for {HYBRID_FAMILIES} only, not {family!r}")
     if not triton_available(device, family):
@@ -238,6 +245,9 @@ def _resolve_hybrid(device: torch.device, dtype: Optional[torch.dtype], family) 
         )
     if dtype == torch.float64:
         raise TypeError("impl='hybrid' computes in float32; float64 needs impl='torch'")
+    # As impl="triton": self-checked on a CUDA device (the interpreter: the test hook).
+    if _triton_device(device):
+        _kernels_trusted(HYBRID_CHECK, device, operand, storage, raise_=True)
     return "hybrid"
 
 
@@ -383,14 +393,17 @@ def _kernels_trusted(family, device: torch.device, operand, storage, raise_: boo
         f"pml_extras kernel self-check: {result.describe()} Please report this to the "
         "pml-extras issue tracker with this message."
     )
+    hybrid = family == HYBRID_CHECK
     if raise_:
         raise KernelCheckError(
-            f"{report} impl='triton' was requested, so this is an error; impl='auto' "
-            "would use the PyTorch path here."
+            f"{report} impl='{'hybrid' if hybrid else 'triton'}' was requested, so this is "
+            f"an error; impl='auto' would use the "
+            f"{'fused Triton kernels' if hybrid else 'PyTorch path'} here."
         )
     if first_warning:
+        instead = "the fused Triton kernels" if hybrid else "the PyTorch path"
         _warn(
-            f"{report} impl='auto' uses the PyTorch path for {family} on {result.device} "
+            f"{report} impl='auto' uses {instead} for {family} on {result.device} "
             f"with {result.dtype} operands in this process (slower, correct).",
             KernelCheckWarning,
         )

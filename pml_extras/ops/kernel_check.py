@@ -399,7 +399,13 @@ def _dense_masks(mined, rows: int):
 _RUNNERS: Dict[str, Callable[..., Dict[str, Tensor]]] = {
     "class_lse": _class_run,
     "pair_circle": _pair_run,
+    # The class hybrid (class_lse_hybrid: library matmuls + fused Triton epilogues): the
+    # class problems through impl="hybrid", before impl="auto" picks it.
+    "class_lse_hybrid": _class_run,
 }
+# The implementation each family's check runs against impl="torch".
+IMPL_UNDER_CHECK = {"class_lse_hybrid": "hybrid"}
+CLASS_FAMILIES = ("class_lse", "class_lse_hybrid")  # the ones with proxies W
 
 
 def _compare(got: Dict[str, Tensor], want: Dict[str, Tensor]) -> Tuple[float, str, Dict]:
@@ -437,14 +443,14 @@ def run_kernel_check(
         device = torch.device("cuda", torch.cuda.current_device())
     tf32 = dtype == torch.float32 and tf32_enabled()
     tol = tolerance(family, dtype, tf32)
-    storage = torch.float32 if storage is None or family != "class_lse" else storage
+    storage = torch.float32 if storage is None or family not in CLASS_FAMILIES else storage
     if storage not in CHECK_DTYPES:
         raise TypeError(f"W stored as {storage} has no Triton path; expected one of {CHECK_DTYPES}")
     info = dict(
         family=family,
         device=str(device),
         dtype=dtype_label(dtype, tf32),
-        storage=dtype_label(storage) if family == "class_lse" else "",
+        storage=dtype_label(storage) if family in CLASS_FAMILIES else "",
         tolerance=tol,
         device_name=device_description(device),
         versions=versions(),
@@ -458,7 +464,7 @@ def run_kernel_check(
         with _on_device(device), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                got = run("triton", device, dtype, storage)
+                got = run(IMPL_UNDER_CHECK.get(family, "triton"), device, dtype, storage)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # launch errors surface here
             except Exception as exc:

@@ -56,7 +56,7 @@ def test_interpreter_child():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"interpreted hybrid tests failed:\n{out[-6000:]}"
     passed = re.search(r"(\d+) passed", out.strip().splitlines()[-1])
-    assert passed and int(passed.group(1)) >= 19, out[-3000:]
+    assert passed and int(passed.group(1)) >= 20, out[-3000:]
 
 
 def _problem(batch, dim, classes, dtype, seed=0):
@@ -162,6 +162,24 @@ class TestInterpretedHybrid:
                               chunk=100)  # fmt: skip
         assert torch.allclose(gx.double(), xr.grad, rtol=1e-4, atol=1e-5)
         assert torch.allclose(gw.double(), wr.grad, rtol=1e-4, atol=1e-5)
+
+    def test_self_check_runs_the_hybrid(self, monkeypatch):
+        """The self-check of the hybrid (family "class_lse_hybrid", what "auto" runs before
+        it picks the hybrid on a GPU) runs the class problems through the hybrid's own
+        kernels and passes here, on the interpreter (bf16: float32 would add 9 s)."""
+        from pml_extras.ops import kernel_check
+
+        calls = []
+        real = hyb.forward
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(hyb, "forward", counted)
+        result = kernel_check.run_kernel_check("class_lse_hybrid", "cpu", torch.bfloat16)
+        assert result.passed, result.describe()
+        assert calls and result.family == "class_lse_hybrid" and result.storage
 
     @settings(max_examples=6, deadline=None)
     @given(chunk=st.integers(1, 300), batch=st.integers(1, 20))
@@ -314,6 +332,34 @@ def test_auto_needs_the_class_kernels_self_check(fake_gpu, monkeypatch):
     monkeypatch.setattr(selfcheck, "run_kernel_check", lambda *args: failed)
     with pytest.warns(fake_gpu.KernelCheckWarning):
         assert _auto(fake_gpu, HYBRID_SHAPE) == "torch"
+
+
+def test_auto_keeps_the_fused_kernels_when_the_hybrid_fails_its_check(fake_gpu, monkeypatch):
+    """The hybrid's own kernels are self-checked (family "class_lse_hybrid") before "auto"
+    picks it: where that check fails, "auto" runs the fused kernels (which passed) and
+    warns once naming them; impl="hybrid" raises. Where the model prefers the fused
+    kernels, the hybrid's check never runs."""
+    from pml_extras.ops import kernel_check as selfcheck
+
+    families = []
+    failed = SimpleNamespace(passed=False, describe=lambda: "stand-in failure.",
+                             device="cuda:0", dtype="bfloat16")  # fmt: skip
+
+    def check(family, *args):
+        families.append(family)
+        return failed if family == "class_lse_hybrid" else SimpleNamespace(passed=True)
+
+    monkeypatch.setattr(selfcheck, "run_kernel_check", check)
+    assert _auto(fake_gpu, FUSED_SHAPE) == "triton"
+    assert families == ["class_lse"]
+    with pytest.warns(fake_gpu.KernelCheckWarning, match="uses the fused Triton kernels"):
+        assert _auto(fake_gpu, HYBRID_SHAPE) == "triton"
+    assert families == ["class_lse", "class_lse_hybrid"]
+    with pytest.raises(fake_gpu.KernelCheckError, match="impl='hybrid' was requested"):
+        fake_gpu.resolve_impl(
+            "hybrid", CUDA0, torch.bfloat16, family="class_lse", operand=torch.bfloat16,
+            storage=torch.bfloat16,
+        )  # fmt: skip
 
 
 def test_mm_out_dtype_probe_matches_this_torch():
