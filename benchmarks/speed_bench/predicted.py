@@ -24,20 +24,39 @@ _OPERANDS: Dict[str, Tuple[str, str]] = {
     "autocast_fp16": ("fp16", "fp32"),
 }
 TRITON_PROVIDERS = {
-    "class": ("sparse_circle_triton", "curricular_triton", "arcface_triton", "cosface_triton"),
+    "class": (
+        "sparse_circle_triton",
+        "curricular_triton",
+        "arcface_triton",
+        "cosface_triton",
+        "sparse_circle_hybrid",
+    ),
     "pair": ("pair_circle_all",),
 }
 
 
 def prediction(
-    level: str, batch: int, dim: int, classes: Optional[int], dtype: str, mode: str, hw
+    level: str,
+    batch: int,
+    dim: int,
+    classes: Optional[int],
+    dtype: str,
+    mode: str,
+    hw,
+    hybrid: bool = False,
 ) -> Optional[Tuple[float, float]]:
     """(predicted kernel seconds, predicted floor seconds) of one setup, or None where the
-    model has no answer (float64, or a level it does not model)."""
+    model has no answer (float64, or a level it does not model). ``hybrid``: the class
+    hybrid as built (``impl="hybrid"``) instead of the fused kernels."""
     if dtype not in _OPERANDS:
         return None
     op, w = _OPERANDS[dtype]
-    if level == "class" and classes:
+    if hybrid and not (level == "class" and classes and mode == "fwd+bwd"):
+        return None  # the model's hybrid: class level, fwd+bwd (launches not split by pass)
+    if hybrid:
+        kernels = cm.hybrid_class_kernels(batch, classes, dim, op, w, hw=hw, as_built=True)
+        floor = cm.class_floor(batch, classes, dim, op, w, hw)
+    elif level == "class" and classes:
         kernels = cm.class_kernels(batch, classes, dim, op, w, cm.CURRENT_CLASS, hw)
         floor = cm.class_floor(batch, classes, dim, op, w, hw)
     elif level == "pair":
@@ -73,6 +92,11 @@ def predicted_lines(rows: List[dict], measured_on_gpu: bool) -> List[str]:
             f"- {level} B={batch} D={dim} C={classes or '-'} {dtype} {mode}: PREDICTED "
             f"(cost model, design {_design(level)}): {text}"
         )
+        hybrid = prediction(level, batch, dim, classes, dtype, mode, cm.H100_SXM, hybrid=True)
+        # fwd+bwd only: the model's hybrid launches are not split by pass.
+        if mode == "fwd+bwd" and hybrid is not None and "sparse_circle_hybrid" in provs:
+            t, f = hybrid
+            line += f"; hybrid as built: H100 {t * 1e3:.3f} ms (x{t / f:.2f})"
         floor = provs.get(FLOOR)
         if measured_on_gpu and floor is not None and floor.get("time_ms"):
             measured = [

@@ -206,6 +206,20 @@ def _has_triton(device: torch.device) -> Optional[str]:
     return None
 
 
+def _has_hybrid(device: torch.device) -> Optional[str]:
+    """impl='hybrid' (class only): the fused epilogues need Triton; on CUDA its matmuls
+    need torch.mm(..., out_dtype=)."""
+    reason = _has_triton(device)
+    if reason is None:
+        from pml_extras.ops.dispatch import mm_has_out_dtype
+
+        if device.type == "cuda" and not mm_has_out_dtype():
+            return (
+                f"impl='hybrid' needs torch.mm(out_dtype=), which torch {torch.__version__} lacks"
+            )
+    return reason
+
+
 def _has_pair_triton(device: torch.device) -> Optional[str]:
     reason = _has_pair_circle() or _has_triton(device)
     if reason is None:
@@ -248,6 +262,15 @@ PROVIDERS: Dict[str, Provider] = {
             0,
             "ours: SparseCircleLoss(impl='triton')",
             _has_triton,
+            blockwise=True,
+        ),
+        Provider(
+            "sparse_circle_hybrid",
+            "class",
+            _sparse_circle("hybrid"),
+            0,
+            "ours: SparseCircleLoss(impl='hybrid'): library matmuls + fused epilogues",
+            _has_hybrid,
             blockwise=True,
         ),
         Provider(

@@ -67,6 +67,7 @@ PRESETS = {
         "pair_dtype": ["bf16"],
         "providers": [
             "sparse_circle_triton",
+            "sparse_circle_hybrid",  # the second class implementation, same run, same floor
             "curricular_triton",
             "arcface_triton",
             "cosface_triton",

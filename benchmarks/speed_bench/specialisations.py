@@ -25,7 +25,11 @@ import inspect
 from collections import Counter
 from typing import Dict, Iterable, List, Optional, Tuple
 
-KERNEL_MODULES = ("pml_extras.ops.class_lse_triton", "pml_extras.ops.pair_circle_triton")
+KERNEL_MODULES = (
+    "pml_extras.ops.class_lse_triton",
+    "pml_extras.ops.class_lse_hybrid_kernels",
+    "pml_extras.ops.pair_circle_triton",
+)
 # Launch options that select a separate compilation.
 _OPTIONS = ("num_warps", "num_stages", "num_ctas")
 

@@ -297,12 +297,32 @@ def test_autocast_and_bf16_rows(tmp_path):
         assert row["warmup_s"] > 0 or row["provider"] == "floor"
 
 
+def test_hybrid_provider_says_where_it_cannot_run(monkeypatch):
+    """sparse_circle_hybrid: SparseCircleLoss(impl="hybrid"); skipped on CPU without the
+    interpreter (a Triton device is needed), and on CUDA where torch.mm lacks out_dtype."""
+    from speed_bench import providers
+
+    from pml_extras.ops import dispatch
+
+    p = providers.PROVIDERS["sparse_circle_hybrid"]
+    assert p.level == "class" and "impl='hybrid'" in p.description
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert "CUDA" in p.check(torch.device("cpu"))
+    monkeypatch.setattr(providers, "_has_triton", lambda device: None)
+    monkeypatch.setattr(dispatch, "mm_has_out_dtype", lambda: False)
+    assert "out_dtype" in p.check(torch.device("cuda"))
+    monkeypatch.setattr(dispatch, "mm_has_out_dtype", lambda: True)
+    assert p.check(torch.device("cuda")) is None
+
+
 def test_quick_preset_and_overrides():
     args = speed.parse_args(["--preset", "quick"])
     assert (args.B, args.D, args.C) == ([1024], [512], [100_000, 1_000_000])
     assert args.dtype == ["bf16", "autocast_bf16"] and args.pair_dtype == ["bf16"]
     assert args.check and args.count_specialisations and args.modes == ["fwd+bwd"]
     assert set(args.providers) >= {"sparse_circle_triton", "pair_circle_triton"}
+    # Both class implementations in one run, against one floor (issue 21).
+    assert "sparse_circle_hybrid" in args.providers
     from speed_bench.setups import build_setups
 
     setups = build_setups(args, torch.device("cuda"))

@@ -390,6 +390,18 @@ def test_benchmark_prints_predictions_beside_measurements():
     t_fwd, f_fwd = prediction("class", 1024, 512, 10**6, "bf16", "fwd", cm.H100_SXM)
     assert f_fwd == pytest.approx(f / 3) and t_fwd < t
     assert math.isfinite(t_fwd)
+    # The hybrid, measured in the same run against the same floor: its as-built prediction
+    # and its measurement on the class line (fwd+bwd only: the model does not split it).
+    rows.append(row("sparse_circle_hybrid", "class", "bf16", 12.0))
+    lines = predicted_lines(rows, measured_on_gpu=True)
+    th, fh = prediction("class", 1024, 512, 10**6, "bf16", "fwd+bwd", cm.H100_SXM, hybrid=True)
+    want = cm.total(cm.hybrid_class_kernels(1024, 10**6, 512, "bf16", "bf16", as_built=True),
+                    cm.H100_SXM)  # fmt: skip
+    assert th == pytest.approx(want) and fh == f and th != t
+    assert f"hybrid as built: H100 {th * 1e3:.3f} ms (x{th / fh:.2f})" in lines[0]
+    assert "sparse_circle_hybrid 12.00 ms (x3.00)" in lines[0]
+    assert prediction("class", 1024, 512, 10**6, "bf16", "fwd", cm.H100_SXM, hybrid=True) is None
+    assert prediction("pair", 16384, 512, None, "bf16", "fwd+bwd", cm.H100_SXM, hybrid=True) is None
 
 
 # ------------------------------------------------------------ the hybrid as built
