@@ -107,7 +107,13 @@ def _class_variants():
             ptrs[name] = "*fp32"
         resident = cfg.fwd_resident and d_group >= 512
         fwd = dict(common, NEED_U=True, BLOCK_M=cfg.block_m, RESIDENT=resident, P_SIDE=resident)
-        bwd = dict(common, RESCALE=False, BLOCK_M=clt._bwd_block_m(cfg), RESIDENT=d_group >= 512)
+        bwd = dict(
+            common,
+            RESCALE=False,
+            BLOCK_M=clt._bwd_block_m(cfg),
+            BLOCK_C=clt._bwd_block_c(cfg, tl.bfloat16),
+            RESIDENT=d_group >= 512,
+        )
         # The no-grad forward, and the K-loop forward (D split over programs, or
         # BlockConfig(fwd_resident=False)) at the same tiles.
         nograd = dict(fwd, NEED_U=False, RESIDENT=d_group >= 512, P_SIDE=False)
