@@ -150,8 +150,17 @@ def bwd_w_kernel(
             radial_part = tl.sum(g * raw, axis=0)
             # grad_w_hat_j = sum_i G_ij x_hat_i = sum_i (G_ij / ||x_i||) x_i: the raw x tile.
             g = g * rx[:, None]
+            if CLASS_MAJOR:
+                # Rounded here, so the tile crosses to G^T's layout (through shared memory:
+                # each warpgroup needs all of it) as bf16, not float32: stmatrix once,
+                # ldmatrix twice, 24 KB a 64 x 64 step instead of 48 KB, and 8 KB less
+                # shared memory.
+                g = g.to(OP_DTYPE).to(DOT_DTYPE)
         else:
-            g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            if CLASS_MAJOR:
+                g = tl.zeros([BLOCK_M, BLOCK_C], dtype=DOT_DTYPE)
+            else:
+                g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
             radial_part = tl.zeros([BLOCK_C], dtype=tl.float32)
         radial += radial_part
         if RESCALE:
@@ -163,7 +172,6 @@ def bwd_w_kernel(
             part = tl.dot(tl.trans(x_group), g, input_precision=PRECISION)
             acc += part * g_max[None, :]
         elif CLASS_MAJOR:
-            g = g.to(OP_DTYPE).to(DOT_DTYPE)
             acc = tl.dot(tl.trans(g), x_group, acc, input_precision=PRECISION)
         else:
             g = g.to(OP_DTYPE).to(DOT_DTYPE)
