@@ -30,9 +30,10 @@ Modules
     program holds its W tile (loaded once when all of D fits one group) and walks all
     row blocks ``bwd_block_m`` rows at a time, each x block loaded once for both dots:
     recompute the logits, G = exp(z - lse) g'(c) grad_lse (target column masked),
-    accumulate x^T G (D_GROUP x BLOCK_C float32) and the radial term
-    r_j = sum_i G_ij raw_ij, then write grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j||
-    once: no atomics, no second pass.
+    accumulate x^T G (D_GROUP x BLOCK_C float32; for bf16 operands its transpose, with
+    ``bwd_block_c`` classes) and the radial term r_j = sum_i G_ij raw_ij, then write
+    grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once (bf16: on the tensor cores):
+    no atomics, no second pass.
 
 D handling: the second-stage accumulators (u: BLOCK_M x D, x^T G: D x BLOCK_C) hold all
 of D when the padded D is at most ``d_group`` (512; 256 for float32 operands). Larger D
@@ -98,9 +99,9 @@ class BlockConfig:
     """Tile sizes. All must be powers of two; on a GPU ``tl.dot`` also needs >= 16.
 
     The defaults were chosen by compiling for sm_90 (D = 512, bf16) and reading ptxas's
-    register / spill counts: 64 x 32 tiles with all of D per program fit in 255 registers
-    without spills to speak of, 64 x 64 tiles or 16 warps spill (float32 operands spill
-    unless D is split at 256). They are not timed.
+    register / spill counts: 64 x 32 forward tiles and 64 x 64 bf16 backward steps with
+    all of D per program fit in 255 registers without spills to speak of; larger tiles or
+    16 warps spill (float32 operands spill unless D is split at 256). They are not timed.
     """
 
     block_m: int = 64  # rows per tile
