@@ -74,7 +74,7 @@ V2 = ClassDesign(name="v2", bwd_block_m=32, bwd_resident=True)
 # layout with the softmax in a branch of its own (see class_lse_triton_bwd); without it,
 # the tile is computed by both warpgroups and spills 464 B.
 V2_BWD64 = ClassDesign(name="v2-bwd64", bwd_block_m=64, bwd_resident=True)
-# The kernels as built now (the default BlockConfig): v2-bwd64 with the forward's x block
+# The previous default (v2-cm's forward): v2-bwd64 with the forward's x block
 # resident as well and each W tile loaded once for both of its dots (1/||w|| on the P
 # side), all of the softmax in a branch of its own (see class_lse_triton_fwd): the
 # logits dot splits its columns over the two warpgroups (logits_copies 1). 243
@@ -93,9 +93,9 @@ V2_FULL = ClassDesign(
 # (tests/gpu/test_sm90_spills.py). Its G^T x dot reads only x from shared memory and the
 # 64-class steps halve the row-block walks per class: the backward's shared-memory
 # traffic falls by 46 % (90 GB against 167 GB at C = 1M, bf16 W) and its L2 traffic by
-# 47 %; the forward is v2-full's. overlap = 0: the PTX issues
-# no exponential under an open wgmma group (the x^T G group stays open across the next
-# step's loads and logits, then wait_group 0 before the softmax).
+# 47 %; the forward is v2-full's. overlap = 0: the PTX issues no exponential under an
+# open wgmma group (the G^T x group stays open across the next step's loads and logits,
+# then wait_group 0 before the softmax).
 V2_CM = ClassDesign(
     name="v2-cm",
     bwd_block_m=64,
@@ -110,10 +110,12 @@ V2_CM = ClassDesign(
 # x block), 64 x 64 backward steps, 1/||w|| on the P side, and half the softmax hidden
 # under the matmuls. What Triton 3.9 makes of each part (sm_90a, bf16, D = 512; figures
 # in PTXAS_SM90 and docs/kernels/cost_model.md):
-# * the tiles spill: forward 64 x 64 120 B, 64 x 128 (one stage: two do not fit)
-#   1072 B; backward 64 x 64 1992 B, 128 x 64 (one stage) 2312 B. The 64 x 512 float32
-#   accumulator (u, or x^T G at 64 classes) takes 128 of the 255 registers, and a
-#   single-buffered tile goes through registers (no cp.async) on its way to shared memory;
+# * the forward's tiles spill: 64 x 64 120 B, 64 x 128 (one stage: two do not fit)
+#   1072 B. The 64 x 512 float32 accumulator (u, or x^T G at 64 classes) takes 128 of
+#   the 255 registers, and a single-buffered tile goes through registers (no cp.async)
+#   on its way to shared memory. The 64 x 64 backward is built (v2-cm, class-major; as
+#   a D x 64 accumulator it spilled 1992 B), its larger tiles spill (128 x 64, one
+#   stage, 1208 B);
 # * a 64-row logits tile feeding a second dot in the same region is computed by both
 #   warpgroups (see logits_copies); the built kernels move the softmax into a branch to
 #   avoid it. The transposed forward (S^T = W^T x^T, 128 classes along M) avoids it too
