@@ -19,8 +19,9 @@ operand straight from registers and the x block its B operand in shared memory, 
 Jacobian runs on the tensor cores (see ``_jacobian_on_tensor_cores``), with the W tile the
 logits already hold in shared memory as its B operand. At 64 x 64 x 512 this compiles
 with no spills for bf16 and fp32 W (tests/gpu/test_sm90_spills.py); the (D x BLOCK_C)
-accumulator with the Jacobian in registers spilled 1992 B (bf16 W), because the float32 W
-tile it loads sits next to the 128-register accumulator. float32 and float16 operands
+accumulator with the Jacobian in registers spilled 1992 B (bf16 W): the float32 W tile
+it loads sits next to the 128-register accumulator, and the store's indices, shared with
+the W load, are held across the loop. float32 and float16 operands
 keep that layout (64 x 32 steps): it is what compiles best for them (float16 needs a
 second accumulator for its per-step scale; IEEE float32 dots run on FMA units).
 Imports only the tile helpers.
@@ -227,7 +228,7 @@ def _jacobian_on_tensor_cores(acc, w_tile, inv, r, OP_DTYPE, DOT_DTYPE, PRECISIO
     chained into the accumulator (-1 and the operand-dtype W are exact in any dot dtype,
     the products exact, the sum float32), and the two scalings are per-row multiplies in
     place (2 rows per thread in this layout). Neither needs W as a float32 register tile
-    next to the accumulator (the reason 64-class tiles spilled 1992 B). A dot with
+    next to the accumulator (most of the 1992 B the 64-class tiles spilled). A dot with
     diag(d) instead would round d to the operand dtype (bf16: 8 bits), or need three
     chained dots (d split in three bf16 parts), which Triton 3.9 compiles with the
     accumulator in two layouts and converts between them (31 KB of spills).
@@ -235,7 +236,7 @@ def _jacobian_on_tensor_cores(acc, w_tile, inv, r, OP_DTYPE, DOT_DTYPE, PRECISIO
     A row with d_j = 0, or with |d_j| under the smallest normal float32 or so small that
     acc_j inv_j / d_j could overflow, takes d_j = 0 (grad_j = inv_j acc_j): its
     correction |d_j w_j| is then under 2^-126 ||w_j|| (absolute), or under 2^-126 ||w_j||
-    times the row's largest entry."""
+    times the row's largest entry of inv_j acc_j."""
     d = r * inv * inv
     amax = tl.max(tl.abs(acc), axis=1) * inv
     ad = tl.abs(d)
