@@ -30,9 +30,10 @@ Modules
     program holds its W tile (loaded once when all of D fits one group) and walks all
     row blocks ``bwd_block_m`` rows at a time, each x block loaded once for both dots:
     recompute the logits, G = exp(z - lse) g'(c) grad_lse (target column masked),
-    accumulate x^T G (D_GROUP x BLOCK_C float32) and the radial term
-    r_j = sum_i G_ij raw_ij, then write grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j||
-    once: no atomics, no second pass.
+    accumulate x^T G (D_GROUP x BLOCK_C float32; for bf16 operands its transpose, with
+    ``bwd_block_c`` classes) and the radial term r_j = sum_i G_ij raw_ij, then write
+    grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once (bf16: on the tensor cores):
+    no atomics, no second pass.
 
 D handling: the second-stage accumulators (u: BLOCK_M x D, x^T G: D x BLOCK_C) hold all
 of D when the padded D is at most ``d_group`` (512; 256 for float32 operands). Larger D
@@ -98,9 +99,9 @@ class BlockConfig:
     """Tile sizes. All must be powers of two; on a GPU ``tl.dot`` also needs >= 16.
 
     The defaults were chosen by compiling for sm_90 (D = 512, bf16) and reading ptxas's
-    register / spill counts: 64 x 32 tiles with all of D per program fit in 255 registers
-    without spills to speak of, 64 x 64 tiles or 16 warps spill (float32 operands spill
-    unless D is split at 256). They are not timed.
+    register / spill counts: 64 x 32 forward tiles and 64 x 64 bf16 backward steps with
+    all of D per program fit in 255 registers without spills to speak of; larger tiles or
+    16 warps spill (float32 operands spill unless D is split at 256). They are not timed.
     """
 
     block_m: int = 64  # rows per tile
@@ -115,9 +116,14 @@ class BlockConfig:
     num_stages: int = 2
     # Rows per step of the backward; None: block_m (64). With all of D in one group the
     # backward holds its W tile and a whole (rows x D) x block: at 64 rows both of its
-    # dots run on wgmma and nothing spills (255 registers, bf16, D = 512; the softmax in
-    # its own branch, see class_lse_triton_bwd); at 32 the logits dot ran on mma.sync.
+    # dots run on wgmma and nothing spills (the softmax in its own branch, see
+    # class_lse_triton_bwd); at 32 the logits dot ran on mma.sync.
     bwd_block_m: Optional[int] = None
+    # Classes per backward tile for bfloat16 operands; None: twice block_c (64). The
+    # bf16 backward accumulates (x^T G)^T, BLOCK_C rows: under 64 its x^T G dot runs on
+    # mma.sync. At 64 x 64 x 512: 254 registers (255 with fp32 W), no spills, all dots on
+    # wgmma. float32 and float16 operands use block_c (see class_lse_triton_bwd).
+    bwd_block_c: Optional[int] = None
     # The forward with u loads its x block once per program and each W tile once for
     # both dots when all of D fits one group (the no-grad forward always does): 243
     # registers, no spills (bf16, D = 512; 88 B with fp32 W). False: the K-loop logits
@@ -142,12 +148,20 @@ def _check_config(cfg: BlockConfig) -> None:
     names = [f.name for f in dataclasses.fields(cfg) if f.name.startswith(("block_", "d_group"))]
     check_tile_sizes(cfg, names, True, INTERPRETED)
     check_tile_sizes(cfg, ["norm_block_c", "norm_block_d"], False, INTERPRETED)
-    if cfg.bwd_block_m is not None:
-        check_tile_sizes(cfg, ["bwd_block_m"], True, INTERPRETED)
+    for name in ("bwd_block_m", "bwd_block_c"):
+        if getattr(cfg, name) is not None:
+            check_tile_sizes(cfg, [name], True, INTERPRETED)
 
 
 def _bwd_block_m(cfg: BlockConfig) -> int:
     return cfg.block_m if cfg.bwd_block_m is None else cfg.bwd_block_m
+
+
+def _bwd_block_c(cfg: BlockConfig, op) -> int:
+    """Classes per backward tile for Triton operand dtype ``op``."""
+    if op != tl.bfloat16:
+        return cfg.block_c
+    return 2 * cfg.block_c if cfg.bwd_block_c is None else cfg.bwd_block_c
 
 
 def _d_layout(d: int, cfg: BlockConfig, fp32: bool) -> Tuple[int, int, int]:
@@ -404,8 +418,8 @@ def _bwd_w_impl(
     op, dot, precision = operand_types(x_op.dtype, INTERPRETED, "class_logsumexp")
     block_d, d_group, n_groups = _d_layout(d, cfg, op == tl.float32)
     p1_ptr, p1_value, p1_is_ptr = _p1_args(p1, x_op.device)
-    block_m = _bwd_block_m(cfg)
-    grid = (triton.cdiv(num_classes, cfg.block_c), n_groups)
+    block_m, block_c = _bwd_block_m(cfg), _bwd_block_c(cfg, op)
+    grid = (triton.cdiv(num_classes, block_c), n_groups)
     with launch_device(x_op):
         _bwd_w_kernel[grid](
             x_op,
@@ -436,7 +450,7 @@ def _bwd_w_impl(
             PRECISION=precision,
             RESCALE=op == tl.float16,
             BLOCK_M=block_m,
-            BLOCK_C=cfg.block_c,
+            BLOCK_C=block_c,
             BLOCK_D=block_d,
             D_GROUP=d_group,
             RESIDENT=d_group >= d,

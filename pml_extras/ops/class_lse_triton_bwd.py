@@ -3,16 +3,27 @@
 Grid (class tiles, D groups). Each program holds its BLOCK_C-class tile of W and walks
 all row blocks, BLOCK_M rows at a time: recompute the logits, G = exp(z - lse) * g'(c) *
 grad_lse (target column masked; no mask at the clamp), accumulate x^T G in registers
-(D_GROUP x BLOCK_C float32) and the radial term r_j = sum_i G_ij raw_ij
-(= <grad_w_hat_j, w_hat_j>, so it needs no full-D accumulator), then write
-grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once: no atomics, no second pass.
+(float32, all of the D group for every class of the tile) and the radial term
+r_j = sum_i G_ij raw_ij (= <grad_w_hat_j, w_hat_j>, so it needs no full-D accumulator),
+then write grad_w_j = (grad_w_hat_j - w_hat_j r_j) / ||w_j|| once: no atomics, no
+second pass.
 
 ``RESIDENT`` (all of D in one group, the production case): the W tile is loaded once per
-program and each x block once for both dots; at the default 64 x 32 steps both dots run
-on wgmma (bf16, D = 512: 255 registers, no spills, x double-buffered by cp.async).
-Otherwise the logits are a K-loop over D (each D slice program recomputing them).
-``RESCALE`` (float16 operands): each column of G is scaled into [-1, 1] before rounding
-and the scale applied to the float32 product.
+program and each x block once for both dots. Otherwise the logits are a K-loop over D
+(each D slice program recomputing them). ``RESCALE`` (float16 operands): each column of
+G is scaled into [-1, 1] before rounding and the scale applied to the float32 product.
+
+bfloat16 operands (``CLASS_MAJOR``, the production case: 64 x 64 steps by default)
+accumulate the transpose, (x^T G)^T = G^T x, a (BLOCK_C x D) tile: G^T is wgmma's A
+operand straight from registers and the x block its B operand in shared memory, and the
+Jacobian runs on the tensor cores (see ``_jacobian_on_tensor_cores``), with the W tile the
+logits already hold in shared memory as its B operand. At 64 x 64 x 512 this compiles
+with no spills for bf16 and fp32 W (tests/gpu/test_sm90_spills.py); the (D x BLOCK_C)
+accumulator with the Jacobian in registers spilled 1992 B (bf16 W): the float32 W tile
+it loads sits next to the 128-register accumulator, and the store's indices, shared with
+the W load, are held across the loop. float32 and float16 operands
+keep that layout (64 x 32 steps): it is what compiles best for them (float16 needs a
+second accumulator for its per-step scale; IEEE float32 dots run on FMA units).
 Imports only the tile helpers.
 """
 
@@ -75,9 +86,16 @@ def bwd_w_kernel(
     w_mask = dg_ok[:, None] & col_ok[None, :]
     if RESIDENT:
         w_dot = tl.load(w_ptrs, mask=w_mask, other=0.0).to(OP_DTYPE).to(DOT_DTYPE)
-    acc = tl.zeros([D_GROUP, BLOCK_C], dtype=tl.float32)
+    # bfloat16: the transposed accumulator and the Jacobian on the tensor cores (above).
+    CLASS_MAJOR: tl.constexpr = OP_DTYPE == tl.bfloat16
+    if CLASS_MAJOR:
+        acc = tl.zeros([BLOCK_C, D_GROUP], dtype=tl.float32)
+    else:
+        acc = tl.zeros([D_GROUP, BLOCK_C], dtype=tl.float32)
     radial = tl.zeros([BLOCK_C], dtype=tl.float32)
+    steps = 0  # row blocks walked (the epilogue's ``zero``, below)
     for r0 in range(0, B, BLOCK_M):
+        steps += 1
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < B
         tgt = tl.load(TGT + rows, mask=row_ok, other=-1)
@@ -133,8 +151,17 @@ def bwd_w_kernel(
             radial_part = tl.sum(g * raw, axis=0)
             # grad_w_hat_j = sum_i G_ij x_hat_i = sum_i (G_ij / ||x_i||) x_i: the raw x tile.
             g = g * rx[:, None]
+            if CLASS_MAJOR:
+                # Rounded here, so the tile crosses to G^T's layout (through shared memory:
+                # each warpgroup needs all of it) as bf16, not float32: stmatrix once,
+                # ldmatrix twice, 24 KB a 64 x 64 step instead of 48 KB, and 8 KB less
+                # shared memory.
+                g = g.to(OP_DTYPE).to(DOT_DTYPE)
         else:
-            g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+            if CLASS_MAJOR:
+                g = tl.zeros([BLOCK_M, BLOCK_C], dtype=DOT_DTYPE)
+            else:
+                g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
             radial_part = tl.zeros([BLOCK_C], dtype=tl.float32)
         radial += radial_part
         if RESCALE:
@@ -145,19 +172,81 @@ def bwd_w_kernel(
             g = (g / g_max[None, :]).to(OP_DTYPE).to(DOT_DTYPE)
             part = tl.dot(tl.trans(x_group), g, input_precision=PRECISION)
             acc += part * g_max[None, :]
+        elif CLASS_MAJOR:
+            acc = tl.dot(tl.trans(g), x_group, acc, input_precision=PRECISION)
         else:
             g = g.to(OP_DTYPE).to(DOT_DTYPE)
             acc = tl.dot(tl.trans(x_group), g, acc, input_precision=PRECISION)
-    # Normalisation Jacobian: (I - w_hat w_hat^T) / ||w||.
-    # W loaded again for the Jacobian rather than kept live in registers through the loop.
-    w_group = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    w_hat = w_group.to(OP_DTYPE).to(tl.float32) * inv[None, :]
-    grad = (acc - w_hat * radial[None, :]) * inv[None, :]
-    tl.store(
-        GW + dg.to(tl.int64)[:, None] * stride_gd + cols.to(tl.int64)[None, :] * stride_gc,
-        grad.to(GW.dtype.element_ty),
-        mask=dg_ok[:, None] & col_ok[None, :],
-    )
+    if CLASS_MAJOR:
+        # The store's indices are computed after the loop from ``zero`` (0, but not to the
+        # compiler), before the Jacobian. With the W load's indices they are computed
+        # before the loop and held in registers across it: 116 B of spills (bf16 W) /
+        # 260 B (fp32 W) at 64 x 64 x 512 on sm_90a; with ``cols + zero`` 0 / 20 B; with
+        # these indices after the Jacobian 220 / 224 B. 1 / ||w|| is the loop's ``inv``
+        # (reloading it after the loop in the accumulator's layout: 48 / 48 B).
+        zero = steps - tl.cdiv(B, BLOCK_M)
+        if RESIDENT:
+            w_epi = w_dot
+        else:
+            w_epi = tl.load(w_ptrs, mask=w_mask, other=0.0).to(OP_DTYPE).to(DOT_DTYPE)
+        cols_out = (pid_c * BLOCK_C + zero) + tl.arange(0, BLOCK_C)
+        dg_out = (pid_g * D_GROUP + zero) + tl.arange(0, D_GROUP)
+        acc = _jacobian_on_tensor_cores(acc, w_epi, inv, radial, OP_DTYPE, DOT_DTYPE,
+                                        PRECISION, BLOCK_C)  # fmt: skip
+        tl.store(
+            GW
+            + dg_out.to(tl.int64)[None, :] * stride_gd
+            + cols_out.to(tl.int64)[:, None] * stride_gc,
+            acc.to(GW.dtype.element_ty),
+            mask=(dg_out < D)[None, :] & (cols_out < C)[:, None],
+        )
+    else:
+        # Normalisation Jacobian: (I - w_hat w_hat^T) / ||w||.
+        # W loaded again for the Jacobian rather than kept live in registers through the loop.
+        w_group = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        w_hat = w_group.to(OP_DTYPE).to(tl.float32) * inv[None, :]
+        grad = (acc - w_hat * radial[None, :]) * inv[None, :]
+        tl.store(
+            GW + dg.to(tl.int64)[:, None] * stride_gd + cols.to(tl.int64)[None, :] * stride_gc,
+            grad.to(GW.dtype.element_ty),
+            mask=dg_ok[:, None] & col_ok[None, :],
+        )
+
+
+# Smallest normal float32: 1 / d stays finite for |d| at or above it.
+_TINY = tl.constexpr(1.1754943508222875e-38)
+
+
+@triton.jit
+def _jacobian_on_tensor_cores(acc, w_tile, inv, r, OP_DTYPE, DOT_DTYPE, PRECISION, BLOCK_C):
+    """grad_j = (acc_j - w_hat_j r_j) / ||w_j|| = inv_j acc_j - d_j w_j, d = r inv^2, for
+    the (BLOCK_C x D) accumulator ``acc`` (x^T G, transposed), the inverse norms ``inv``,
+    the radial terms ``r`` and the W tile ``w_tile`` (D x BLOCK_C, the operand dtype) the
+    logits already hold in shared memory.
+
+    Computed as (acc_j inv_j / d_j - w_j) d_j: the subtraction is a dot, diag(-1) @ W^T,
+    chained into the accumulator (-1 and the operand-dtype W are exact in any dot dtype,
+    the products exact, the sum float32), and the two scalings are per-row multiplies in
+    place (2 rows per thread in this layout). Neither needs W as a float32 register tile
+    next to the accumulator (most of the 1992 B the 64-class tiles spilled). A dot with
+    diag(d) instead would round d to the operand dtype (bf16: 8 bits), or need three
+    chained dots (d split in three bf16 parts), which Triton 3.9 compiles with the
+    accumulator in two layouts and converts between them (31 KB of spills).
+
+    A row with d_j = 0, or with |d_j| under the smallest normal float32 or so small that
+    acc_j inv_j / d_j could overflow, takes d_j = 0 (grad_j = inv_j acc_j): its
+    correction |d_j w_j| is then under 2^-126 ||w_j|| (absolute), or under 2^-126 ||w_j||
+    times the row's largest entry of inv_j acc_j."""
+    d = r * inv * inv
+    amax = tl.max(tl.abs(acc), axis=1) * inv
+    ad = tl.abs(d)
+    use = (ad >= _TINY) & (amax * _TINY < ad)
+    d_safe = tl.where(use, d, 1.0)
+    acc = acc * tl.where(use, inv / d_safe, inv)[:, None]
+    eye = tl.arange(0, BLOCK_C)[:, None] == tl.arange(0, BLOCK_C)[None, :]
+    minus_one = tl.where(eye & use[:, None], -1.0, 0.0).to(OP_DTYPE).to(DOT_DTYPE)
+    acc = tl.dot(minus_one, tl.trans(w_tile), acc, input_precision=PRECISION)
+    return acc * d_safe[:, None]
 
 
 __all__ = ["bwd_w_kernel"]

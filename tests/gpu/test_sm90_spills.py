@@ -107,7 +107,13 @@ def _class_variants():
             ptrs[name] = "*fp32"
         resident = cfg.fwd_resident and d_group >= 512
         fwd = dict(common, NEED_U=True, BLOCK_M=cfg.block_m, RESIDENT=resident, P_SIDE=resident)
-        bwd = dict(common, RESCALE=False, BLOCK_M=clt._bwd_block_m(cfg), RESIDENT=d_group >= 512)
+        bwd = dict(
+            common,
+            RESCALE=False,
+            BLOCK_M=clt._bwd_block_m(cfg),
+            BLOCK_C=clt._bwd_block_c(cfg, tl.bfloat16),
+            RESIDENT=d_group >= 512,
+        )
         # The no-grad forward, and the K-loop forward (D split over programs, or
         # BlockConfig(fwd_resident=False)) at the same tiles.
         nograd = dict(fwd, NEED_U=False, RESIDENT=d_group >= 512, P_SIDE=False)
@@ -271,16 +277,18 @@ def test_class_overlap_in_the_model_is_what_the_ptx_does():
         )
 
 
-# The larger class tiles the cost model's v3 asks for, as the kernels compile them today:
-# (name, kernel, tile constexprs, num_stages). Two stages of a 128-class W tile (or a
-# 128-row x block) next to the resident operand pass the 227 KB of shared memory, so
-# those compile single-buffered: the tile then goes through registers, next to the
-# 128-register accumulator.
+# The class tiles beyond the defaults (forward 64 x 32, bf16 backward 64 x 64), as the
+# kernels compile them today: (name, kernel, tile constexprs, num_stages). Two stages of
+# a 128-class W tile (or a 128-row x block) next to the resident operand pass the 227 KB
+# of shared memory, so those compile single-buffered: the tile then goes through
+# registers, next to the 128-register accumulator. The backward's 64 x 64 with one stage
+# (its x block through registers) and 32 x 64 (its logits on mma.sync) spill too.
 _LARGER_TILES = (
     ("class_fwd 64x64", "fwd", dict(BLOCK_M=64, BLOCK_C=64), 2),
     ("class_fwd 64x128", "fwd", dict(BLOCK_M=64, BLOCK_C=128), 1),
-    ("class_bwd 64x64", "bwd", dict(BLOCK_M=64, BLOCK_C=64), 2),
+    ("class_bwd 64x64", "bwd", dict(BLOCK_M=64, BLOCK_C=64), 1),
     ("class_bwd 128x64", "bwd", dict(BLOCK_M=128, BLOCK_C=64), 1),
+    ("class_bwd 64x128", "bwd", dict(BLOCK_M=64, BLOCK_C=128), 1),
     ("class_bwd 32x64", "bwd", dict(BLOCK_M=32, BLOCK_C=64), 2),
 )
 
@@ -292,8 +300,9 @@ _LARGER_TILES = (
 def test_larger_class_tiles_still_spill():
     """The figures behind docs/kernels/cost_model.md's "what Triton 3.9 builds": every
     larger tile of the class kernels (bf16 operands and W, D = 512) spills, which is why
-    the defaults stay at 64 x 32 / 32 x 32. Fails when one stops spilling: then it is
-    buildable, and the design (BlockConfig, the model's CURRENT_CLASS) should move."""
+    the defaults stay at 64 x 32 (forward) and 64 x 64 (bf16 backward, two stages). Fails
+    when one stops spilling: then it is buildable, and the design (BlockConfig, the
+    model's CURRENT_CLASS) should move."""
     nvidia_backend_or_skip()
     variants = {name: param.values for name, param in _variant_names()}
     fwd, bwd = variants["class_fwd-Wbf16"], variants["class_bwd-Wbf16"]

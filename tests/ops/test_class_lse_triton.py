@@ -54,6 +54,7 @@ from pml_extras.ops.tolerances import CLASS_KERNEL, CLASS_MODULE_HALF  # noqa: E
 
 _INTERPRETED_MODULES = (
     "ops/test_class_lse_gpu_path.py",
+    "ops/test_class_bwd_jacobian.py",
     "losses/test_margin_losses.py",
     "losses/test_impl_hybrid.py",
     "ops/test_pair_circle_triton.py",

@@ -30,17 +30,57 @@ PTXAS_SM90: Dict[Tuple[str, str, str, str], Tuple[int, int, int]] = {
     ("class_fwd", "v2-full", "bf16", "fp32"): (255, 88, 172160),
     ("class_bwd", "v2-full", "bf16", "bf16"): (255, 0, 169472),
     ("class_bwd", "v2-full", "bf16", "fp32"): (255, 0, 169472),
+    # v2-cm (the default since this branch): v2-full's forward; the bf16 backward at
+    # 64 x 64, class-major, its Jacobian on the tensor cores (test_sm90_spills.py:
+    # class_bwd, 40 wgmma, 0 mma.sync).
+    ("class_fwd", "v2-cm", "bf16", "bf16"): (243, 0, 139392),
+    ("class_fwd", "v2-cm", "bf16", "fp32"): (255, 88, 172160),
+    ("class_bwd", "v2-cm", "bf16", "bf16"): (255, 0, 206336),
+    ("class_bwd", "v2-cm", "bf16", "fp32"): (255, 0, 206336),
     # The no-grad forward (resident, NEED_U=False; not in the training model)
     ("class_fwd_nograd", "v2-full", "bf16", "bf16"): (117, 0, 131584),
     ("class_fwd_nograd", "v2-full", "bf16", "fp32"): (165, 0, 163840),
-    # Larger tiles, as v3 would need them (none built: all spill; bf16 W, the kernels as
-    # built; PML_EXTRAS_COMPILE_ALL=1 pytest -s tests/gpu/test_sm90_spills.py -k larger).
-    # Design names are the tiles (rows x classes).
+    # Larger tiles, as v3 would need them (bf16 W; PML_EXTRAS_COMPILE_ALL=1 pytest -s
+    # tests/gpu/test_sm90_spills.py -k larger). Design names are the tiles (rows x
+    # classes). The forward as built:
     ("class_fwd", "64x64", "bf16", "bf16"): (255, 120, 213248),
     ("class_fwd", "64x128 (1 stage)", "bf16", "bf16"): (255, 1072, 229376),
+    # The backward before v2-cm (a D x BLOCK_C accumulator, the Jacobian in registers):
     ("class_bwd", "64x64", "bf16", "bf16"): (255, 1992, 206336),
+    ("class_bwd", "64x64", "bf16", "fp32"): (255, 2968, 206336),
     ("class_bwd", "128x64 (1 stage)", "bf16", "bf16"): (255, 2312, 212992),
     ("class_bwd", "32x64", "bf16", "bf16"): (255, 1292, 103168),
+    # The v2-cm backward (class-major) at other tiles:
+    ("class_bwd", "v2-cm 64x64 (1 stage)", "bf16", "bf16"): (255, 228, 139264),
+    ("class_bwd", "v2-cm 64x64 (1 stage)", "bf16", "fp32"): (255, 256, 139264),
+    ("class_bwd", "v2-cm 128x64 (1 stage)", "bf16", "bf16"): (255, 1208, 212992),
+    ("class_bwd", "v2-cm 128x64 (1 stage)", "bf16", "fp32"): (255, 1248, 212992),
+    ("class_bwd", "v2-cm 64x128 (1 stage)", "bf16", "bf16"): (255, 9968, 212992),
+    ("class_bwd", "v2-cm 64x128 (1 stage)", "bf16", "fp32"): (255, 6852, 212992),
+    ("class_bwd", "v2-cm 32x64", "bf16", "bf16"): (255, 160, 103168),
+    ("class_bwd", "v2-cm 32x64", "bf16", "fp32"): (255, 2424, 131072),
+    # The steps from the 64 x 64 backward above to v2-cm (64 x 64, 2 stages; experiments,
+    # only the last kept; docs/kernels/cost_model.md tells each one):
+    # 1. the Jacobian on the tensor cores, acc -= W diag(r / ||w||), d split into three
+    #    bf16 terms (three chained dots), the D x BLOCK_C accumulator kept:
+    ("class_bwd", "64x64 tc-jacobian", "bf16", "bf16"): (255, 156, 206336),
+    ("class_bwd", "64x64 tc-jacobian", "bf16", "fp32"): (255, 2128, 206336),
+    # 2. 1 / ||w|| folded into G (no column scale at the end):
+    ("class_bwd", "64x64 tc-jacobian, inv in G", "bf16", "bf16"): (255, 48, 206336),
+    ("class_bwd", "64x64 tc-jacobian, inv in G", "bf16", "fp32"): (255, 1840, 206336),
+    # 3. the store's indices from an opaque zero after the loop; fp32 W still spills: its
+    #    W tile enters the Jacobian's dot as a register A operand held across the loop
+    #    (Triton keeps A in registers when it is not a plain load):
+    ("class_bwd", "64x64 tc-jacobian, zero", "bf16", "bf16"): (255, 0, 206336),
+    ("class_bwd", "64x64 tc-jacobian, zero", "bf16", "fp32"): (255, 1144, 206336),
+    # 4. class-major (G^T x), W^T the B operand of the Jacobian; three chained dots get
+    #    the accumulator in two warp layouts:
+    ("class_bwd", "64x64 class-major, 3 dots", "bf16", "bf16"): (255, 31272, 214528),
+    ("class_bwd", "64x64 class-major, 3 dots", "bf16", "fp32"): (255, 31076, 214528),
+    # 5. one dot, diag(-1) @ W^T, between two row scalings (v2-cm, G rounded after the
+    #    move to G^T's layout; its rounding before the move: v2-cm above):
+    ("class_bwd", "64x64 class-major", "bf16", "bf16"): (255, 0, 214528),
+    ("class_bwd", "64x64 class-major", "bf16", "fp32"): (255, 0, 214528),
     # The 64 x 32 backward with its softmax inline (before the branch): 464 B.
     ("class_bwd", "64x32 (softmax inline)", "bf16", "bf16"): (255, 464, 169472),
     # pair kernels as they are (bf16, self-comparison with labels)

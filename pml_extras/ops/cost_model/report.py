@@ -10,6 +10,7 @@ from .class_kernels import (
     V1,
     V2,
     V2_BWD64,
+    V2_CM,
     V2_FULL,
     V3,
     ClassDesign,
@@ -28,7 +29,7 @@ CLASS_CASES = (
     ("B=1024 D=512 C=1M autocast (fp32 W)", 1024, 1_000_000, 512, "bf16", "fp32"),
 )
 PAIR_CASES = (("B=16384 D=512 bf16", 16384, 512, "bf16"),)
-CLASS_DESIGNS = (V1, V2, V2_BWD64, V2_FULL, V3)
+CLASS_DESIGNS = (V1, V2, V2_BWD64, V2_FULL, V2_CM, V3)
 PAIR_DESIGNS = (PAIR_V1, PAIR_V2_BUILT, PAIR_V2)
 
 
