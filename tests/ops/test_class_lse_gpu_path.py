@@ -100,6 +100,8 @@ def test_kernels_compile_for_sm90(dtype, d, need_u):
                 common,
                 RESCALE=dtype == "fp16",
                 BLOCK_M=clt._bwd_block_m(cfg),
+                # The launcher's tile: 64 classes for bf16 operands, block_c otherwise.
+                BLOCK_C=clt._bwd_block_c(cfg, op),
                 RESIDENT=d_group >= d,
             ),
         ),

@@ -229,9 +229,9 @@ def test_hybrid_needs_a_triton_device():
 
 CUDA0 = torch.device("cuda", 0)
 # (B, C, D) where the model predicts the fused kernels faster (the case) and
-# where it predicts the hybrid faster (D = 2048: the fused kernels split D over programs
-# and recompute the logits per slice); bf16 operands and W.
-FUSED_SHAPE, HYBRID_SHAPE = (1024, 100_000, 512), (1024, 100_000, 2048)
+# where it predicts the hybrid faster (few classes, a large batch: the fused backward runs
+# one program per 64-class tile, 16 programs for 1000 classes); bf16 operands and W.
+FUSED_SHAPE, HYBRID_SHAPE = (1024, 100_000, 512), (16384, 1000, 2048)
 
 
 @pytest.fixture
