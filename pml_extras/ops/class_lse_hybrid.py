@@ -32,8 +32,9 @@ float32 G and the rounding, W_hat and the scalings are PyTorch, as in
 
 ``impl="hybrid"`` selects it; ``impl="auto"`` on CUDA picks it where the cost model
 (``cost_model.hybrid_class_kernels(..., as_built=True)``) predicts it faster than the
-fused kernels as built for the call's shapes and dtypes (``dispatch``). It has not run
-on a GPU yet.
+fused kernels as built for the call's shapes and dtypes (``dispatch``), and only once its
+kernels have passed their own self-check on the device (``kernel_check`` family
+``class_lse_hybrid``). It has not run on a GPU yet.
 """
 
 from __future__ import annotations
