@@ -36,9 +36,10 @@ collectives, so ranks never wait on each other for it.
 call's ``shape`` (B, C, D), the hybrid (library matmuls + fused epilogues) where the
 cost model (:mod:`~pml_extras.ops.cost_model`, the H100 figures unless the device name
 says H200) predicts it faster than the fused kernels as built, and where it can run
-(its module imports, ``torch.mm`` takes ``out_dtype``); cached per (B, C, D, operand
-dtype, W dtype, GPU). These are predictions, never measurements. Without a shape
-(direct callers), Triton.
+(its module imports, ``torch.mm`` takes ``out_dtype``) and once its own kernels have
+passed their self-check on the device (family ``class_lse_hybrid``; if they fail, the
+fused kernels); cached per (B, C, D, operand dtype, W dtype, GPU). These are
+predictions, never measurements. Without a shape (direct callers), Triton.
 
 Test hook (private): ``_interpreter_as_device = True`` makes ``"auto"`` treat a CPU tensor
 under ``TRITON_INTERPRET=1`` as a Triton device, so that CI runs this whole path (check,
@@ -263,8 +264,9 @@ def mm_has_out_dtype() -> bool:
 
 
 def _hybrid_runs(device: torch.device) -> bool:
-    """Whether "auto" may pick the hybrid on ``device``: its module imports (the fused
-    kernels, whose self-check it shares, already passed) and torch.mm has out_dtype."""
+    """Whether "auto" may consider the hybrid on ``device``: its module imports and
+    torch.mm has out_dtype (its own self-check, ``HYBRID_CHECK``, runs only where the
+    model then prefers it)."""
     return mm_has_out_dtype() and _import_error(device, "hybrid") is None
 
 
