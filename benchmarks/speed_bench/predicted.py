@@ -53,11 +53,11 @@ def prediction(
     op, w = _OPERANDS[dtype]
     if hybrid and not (level == "class" and classes and mode == "fwd+bwd"):
         return None  # the model's hybrid: class level, fwd+bwd (launches not split by pass)
-    if hybrid:
-        kernels = cm.hybrid_class_kernels(batch, classes, dim, op, w, hw=hw, as_built=True)
-        floor = cm.class_floor(batch, classes, dim, op, w, hw)
-    elif level == "class" and classes:
-        kernels = cm.class_kernels(batch, classes, dim, op, w, cm.CURRENT_CLASS, hw)
+    if level == "class" and classes:
+        if hybrid:
+            kernels = cm.hybrid_class_kernels(batch, classes, dim, op, w, hw=hw, as_built=True)
+        else:
+            kernels = cm.class_kernels(batch, classes, dim, op, w, cm.CURRENT_CLASS, hw)
         floor = cm.class_floor(batch, classes, dim, op, w, hw)
     elif level == "pair":
         kernels = cm.pair_kernels(batch, dim, op, cm.CURRENT_PAIR, hw)
